@@ -1,0 +1,179 @@
+"""AdamW parameter groups: weight-decay exclusion and BEiT-style layer-wise learning-rate decay.
+
+FD pre-training (distillation) uses plain AdamW with weight decay on the matrices only. FD fine-tuning follows
+BEiT (Bao et al., arXiv 2106.08254, Sec. 2.6 / appendix; FD paper Sec. 4 and its appendix tables): every ViT
+block gets its own learning rate that shrinks geometrically with its distance from the head,
+
+    lr_of_group = lr * lr_scale,    lr_scale = layer_decay ** (num_layers + 1 - layer)
+
+where ``layer`` is :func:`layer_id` of the parameter: 0 for the patch embedding (and the tokens / tables that
+live before the first block), ``i + 1`` for ``blocks.{i}``, and ``num_layers + 1`` for everything after the
+last block (final norm, fc_norm, head, FD projection), which therefore gets ``lr_scale == 1``.
+
+The ``lr_scale`` key is read by :class:`fd_ref.schedule.WarmupCosine` on every step.
+
+Names are matched after stripping wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from
+``torch.compile``, ``student.`` from the distillation wrapper), so the same rules apply to a bare ViT and to a
+wrapped one.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fd_ref.errors import UserError
+
+__all__ = ["strip_prefix", "no_weight_decay", "layer_id", "param_groups", "build_optimizer"]
+
+_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "student.")
+
+# Exact (prefix-stripped) names that never get weight decay even though they are not 1-D.
+_NO_DECAY_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token"})
+
+# Name endings of relative position bias tables (ours and timm's), excluded from weight decay.
+_TABLE_SUFFIXES: tuple[str, ...] = ("rel_pos_bias.table", "relative_position_bias_table")
+
+# Exact (prefix-stripped) names that belong to layer 0 (before the first block).
+_LAYER0_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token", "rel_pos_bias.table"})
+
+
+def strip_prefix(name: str) -> str:
+    """Remove any leading wrapper prefixes (``module.``, ``_orig_mod.``, ``student.``), repeatedly.
+
+    >>> strip_prefix("module.student.blocks.0.attn.qkv.weight")
+    'blocks.0.attn.qkv.weight'
+    """
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """True if the parameter ``name`` must be excluded from weight decay.
+
+    Excluded: biases (including ``q_bias`` / ``v_bias``), every parameter with ``param.ndim <= 1`` (norm
+    weights, layer-scale ``gamma``), ``cls_token``, ``pos_embed`` (and ``mask_token``), and relative position
+    bias tables (``rel_pos_bias.table``, timm's ``relative_position_bias_table``), as in BEiT / FD.
+    """
+    short = strip_prefix(name)
+    if param.ndim <= 1 or short.endswith("bias") or short in _NO_DECAY_NAMES:
+        return True
+    return short.endswith(_TABLE_SUFFIXES)
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer index of a parameter for layer-wise lr decay, in ``0 .. num_layers + 1``.
+
+    ``patch_embed.*``, ``cls_token``, ``pos_embed`` and the shared ``rel_pos_bias.table`` -> 0;
+    ``blocks.{i}.*`` -> ``i + 1``; everything else (``norm``, ``fc_norm``, ``head``, ``projection``) ->
+    ``num_layers + 1``.
+    """
+    short = strip_prefix(name)
+    if short in _LAYER0_NAMES or short.startswith("patch_embed."):
+        return 0
+    if short.startswith("blocks."):
+        index_text = short.split(".", 2)[1]
+        if not index_text.isdigit():
+            raise UserError(f"parameter {name!r} has no block index after 'blocks.'; "
+                            "name ViT blocks 'blocks.{i}.*'")
+        index = int(index_text)
+        if index >= num_layers:
+            raise UserError(f"parameter {name!r} is in block {index} but num_layers={num_layers}; "
+                            "pass the model's real depth as num_layers")
+        return index + 1
+    return num_layers + 1
+
+
+def _infer_num_layers(model: nn.Module) -> int:
+    """Depth of the ViT: one more than the largest ``blocks.{i}`` index among all parameter names."""
+    indices = [int(parts[1]) for name, _ in model.named_parameters()
+               if (parts := strip_prefix(name).split(".", 2))[0] == "blocks" and len(parts) > 1
+               and parts[1].isdigit()]
+    if not indices:
+        raise UserError("layer_decay needs num_layers but the model has no 'blocks.{i}' parameters; "
+                        "pass num_layers explicitly or drop layer_decay")
+    return max(indices) + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 num_layers: int | None = None) -> list[dict[str, Any]]:
+    """Split the trainable parameters of ``model`` into AdamW parameter groups.
+
+    Frozen parameters (``requires_grad == False``) are left out. Each group is a dict with ``params``,
+    ``param_names``, ``weight_decay`` (``weight_decay`` or ``0.0`` per :func:`no_weight_decay`), ``lr_scale``
+    and ``name`` (for logging). Empty groups are dropped.
+
+    Without ``layer_decay``: groups ``"decay"`` and ``"no_decay"``, both with ``lr_scale = 1.0``.
+
+    With ``layer_decay``: one group per (layer, decay) pair, named ``"layer{layer}_decay"`` /
+    ``"layer{layer}_no_decay"``, with (BEiT Sec. 2.6, FD Sec. 4)
+
+        lr_scale = layer_decay ** (num_layers + 1 - layer),    layer = layer_id(name, num_layers)
+
+    ``num_layers`` defaults to the number of ``blocks.{i}`` in ``model``.
+    """
+    if weight_decay < 0:
+        raise UserError(f"weight_decay must be >= 0, got {weight_decay}; pass a non-negative value")
+    if layer_decay is not None:
+        if not 0.0 < layer_decay <= 1.0:
+            raise UserError(f"layer_decay must be in (0, 1], got {layer_decay}; e.g. 0.65 for ViT-B")
+        if num_layers is None:
+            num_layers = _infer_num_layers(model)
+        if num_layers < 1:
+            raise UserError(f"num_layers must be >= 1, got {num_layers}; pass the ViT depth")
+
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip_decay = no_weight_decay(name, param)
+        suffix = "no_decay" if skip_decay else "decay"
+        if layer_decay is None:
+            key, group_name, lr_scale = (0, skip_decay), suffix, 1.0
+        else:
+            assert num_layers is not None
+            layer = layer_id(name, num_layers)
+            key, group_name = (layer, skip_decay), f"layer{layer}_{suffix}"
+            lr_scale = float(layer_decay ** (num_layers + 1 - layer))
+        if key not in groups:
+            groups[key] = {"name": group_name, "params": [], "param_names": [],
+                           "weight_decay": 0.0 if skip_decay else float(weight_decay), "lr_scale": lr_scale}
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+
+    if not groups:
+        raise UserError("the model has no trainable parameters; unfreeze something before building an optimizer")
+    return [groups[key] for key in sorted(groups)]
+
+
+def _all_on_cuda(params: Iterable[torch.Tensor]) -> bool:
+    return all(p.is_cuda and p.is_floating_point() for p in params)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    layer_decay: float | None = None, num_layers: int | None = None,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter) over :func:`param_groups`; each group starts at ``lr * lr_scale``.
+
+    ``fused=None`` picks the fused CUDA kernel when every trainable parameter is on CUDA and the multi-tensor
+    (``foreach``) implementation otherwise. The learning rate is normally driven afterwards by
+    :class:`fd_ref.schedule.WarmupCosine`.
+    """
+    if lr <= 0:
+        raise UserError(f"lr must be > 0, got {lr}; pass a positive learning rate")
+    groups = param_groups(model, weight_decay, layer_decay=layer_decay, num_layers=num_layers)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    if fused is None:
+        fused = _all_on_cuda(p for group in groups for p in group["params"])
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)

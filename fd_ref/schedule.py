@@ -1,0 +1,113 @@
+"""Per-iteration learning-rate schedule: linear warm-up then cosine decay (as in BEiT / FD), and lr scaling.
+
+FD (Wei et al., arXiv 2205.14141, Sec. 4 and appendix) trains with AdamW, a linear warm-up and a cosine
+schedule, updated every iteration, with the base learning rate given for a total batch of 512 and scaled
+linearly with the batch (:func:`scale_lr`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fd_ref.errors import UserError
+
+__all__ = ["lr_at", "WarmupCosine", "scale_lr"]
+
+
+def _check_hparams(base_lr: float, total_steps: int, warmup_steps: int, min_lr: float, warmup_lr: float) -> None:
+    if total_steps < 1:
+        raise UserError(f"total_steps must be >= 1, got {total_steps}; check epochs and the data size")
+    if not 0 <= warmup_steps <= total_steps:
+        raise UserError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}; "
+                        "use fewer warm-up epochs than epochs")
+    if not 0.0 <= min_lr <= base_lr:
+        raise UserError(f"need 0 <= min_lr <= base_lr, got min_lr={min_lr}, base_lr={base_lr}; fix the lr settings")
+    if warmup_lr < 0.0:
+        raise UserError(f"warmup_lr must be >= 0, got {warmup_lr}; fix the lr settings")
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float,
+          warmup_lr: float = 0.0) -> float:
+    """Learning rate at iteration ``step`` (0-based).
+
+    Warm-up, for ``step < warmup_steps``:
+
+        lr = warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+
+    Cosine, for ``warmup_steps <= step <= total_steps``, with ``t = (step - warmup_steps) / (total_steps -
+    warmup_steps)``:
+
+        lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + cos(pi * t))
+
+    and ``lr = min_lr`` for ``step >= total_steps``. So ``lr_at(0) == warmup_lr`` (if there is warm-up),
+    ``lr_at(warmup_steps) == base_lr`` (if ``warmup_steps < total_steps``) and ``lr_at(total_steps) == min_lr``.
+    """
+    _check_hparams(base_lr, total_steps, warmup_steps, min_lr, warmup_lr)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step >= total_steps:
+        return float(min_lr)
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    t = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+class WarmupCosine:
+    """Sets ``group["lr"] = lr_at(step, ...) * group.get("lr_scale", 1.0)`` for every optimizer param group.
+
+    The learning rate of step 0 is applied on construction; each :meth:`step` advances by one iteration.
+    Usage per iteration: ``optimizer.step(); scheduler.step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
+                 min_lr: float, warmup_lr: float = 0.0) -> None:
+        _check_hparams(base_lr, total_steps, warmup_steps, min_lr, warmup_lr)
+        self.optimizer = optimizer
+        self.base_lr = float(base_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.min_lr = float(min_lr)
+        self.warmup_lr = float(warmup_lr)
+        self.step_count = 0
+        self.last_lr = self._apply()
+
+    def _apply(self) -> float:
+        """Write the current lr into the optimizer; return the unscaled value."""
+        lr = lr_at(self.step_count, base_lr=self.base_lr, total_steps=self.total_steps,
+                   warmup_steps=self.warmup_steps, min_lr=self.min_lr, warmup_lr=self.warmup_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def step(self) -> float:
+        """Advance one iteration, set the new lr on the optimizer and return it (before ``lr_scale``)."""
+        self.step_count += 1
+        self.last_lr = self._apply()
+        return self.last_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter and the hyper-parameters."""
+        return {"step_count": self.step_count, "base_lr": self.base_lr, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "min_lr": self.min_lr, "warmup_lr": self.warmup_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counter and hyper-parameters and re-apply the lr of that step to the optimizer."""
+        _check_hparams(state["base_lr"], state["total_steps"], state["warmup_steps"], state["min_lr"],
+                       state["warmup_lr"])
+        self.step_count = int(state["step_count"])
+        self.base_lr = float(state["base_lr"])
+        self.total_steps = int(state["total_steps"])
+        self.warmup_steps = int(state["warmup_steps"])
+        self.min_lr = float(state["min_lr"])
+        self.warmup_lr = float(state["warmup_lr"])
+        self.last_lr = self._apply()
+
+
+def scale_lr(base_lr_per_512: float, total_batch: int) -> float:
+    """Linear scaling rule: ``lr = base_lr_per_512 * total_batch / 512`` (FD / BEiT convention)."""
+    if total_batch < 1:
+        raise UserError(f"total batch size must be >= 1, got {total_batch}; check batch size and GPU count")
+    return base_lr_per_512 * total_batch / 512

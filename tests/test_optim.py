@@ -1,0 +1,227 @@
+"""Tests for fd_ref.optim: weight-decay exclusion, layer ids, layer-wise lr decay groups, AdamW construction."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fd_ref.errors import UserError
+from fd_ref.optim import build_optimizer, layer_id, no_weight_decay, param_groups, strip_prefix
+
+DIM = 4
+
+
+class _Attn(nn.Module):
+    def __init__(self, per_block_table: bool) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(DIM))
+        self.v_bias = nn.Parameter(torch.zeros(DIM))
+        self.proj = nn.Linear(DIM, DIM)
+        if per_block_table:
+            self.rel_pos_bias = _Table()
+
+
+class _Table(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(5, 2))
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(DIM))
+
+
+class _Block(nn.Module):
+    def __init__(self, per_block_table: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(DIM)
+        self.attn = _Attn(per_block_table)
+        self.ls1 = _Scale()
+        self.norm2 = nn.LayerNorm(DIM)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(DIM, 2 * DIM))
+        self.mlp.add_module("fc2", nn.Linear(2 * DIM, DIM))
+        self.ls2 = _Scale()
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, DIM, 2, 2)
+
+
+class TinyViT(nn.Module):
+    """Stand-in with fd_ref ViT parameter names (does not compute anything)."""
+
+    def __init__(self, depth: int, shared_table: bool = True) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, DIM))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, DIM))
+        self.patch_embed = _PatchEmbed()
+        if shared_table:
+            self.rel_pos_bias = _Table()
+        self.blocks = nn.ModuleList([_Block(per_block_table=not shared_table) for _ in range(depth)])
+        self.norm = nn.LayerNorm(DIM)
+        self.fc_norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, 3)
+
+
+class _Projection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(DIM, DIM, 1)
+
+
+class Distiller(nn.Module):
+    """Stand-in for the distillation wrapper: ``student.*`` plus ``projection.proj.*``."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.student = TinyViT(depth)
+        self.projection = _Projection()
+
+
+def _flatten(groups: list[dict]) -> list[tuple[str, dict]]:
+    return [(name, g) for g in groups for name in g["param_names"]]
+
+
+def test_strip_prefix() -> None:
+    assert strip_prefix("module.student.blocks.0.norm1.weight") == "blocks.0.norm1.weight"
+    assert strip_prefix("_orig_mod.module.head.bias") == "head.bias"
+    assert strip_prefix("projection.proj.weight") == "projection.proj.weight"
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("blocks.0.attn.qkv.weight", (12, 4), False),
+    ("blocks.0.attn.q_bias", (4,), True),
+    ("blocks.0.attn.v_bias", (4,), True),
+    ("blocks.0.attn.proj.bias", (4,), True),
+    ("blocks.0.norm1.weight", (4,), True),
+    ("blocks.0.ls1.gamma", (4,), True),
+    ("cls_token", (1, 1, 4), True),
+    ("student.pos_embed", (1, 5, 4), True),
+    ("rel_pos_bias.table", (5, 2), True),
+    ("blocks.3.attn.rel_pos_bias.table", (5, 2), True),
+    ("blocks.3.attn.relative_position_bias_table", (5, 2), True),
+    ("patch_embed.proj.weight", (4, 3, 2, 2), False),
+    ("module.student.head.weight", (3, 4), False),
+    ("projection.proj.weight", (4, 4, 1, 1), False),
+    ("projection.proj.bias", (4,), True),
+])
+def test_no_weight_decay(name: str, shape: tuple[int, ...], expected: bool) -> None:
+    assert no_weight_decay(name, torch.empty(shape)) is expected
+
+
+@pytest.mark.parametrize("prefix", ["", "student.", "module.", "module.student."])
+def test_layer_id_names(prefix: str) -> None:
+    L = 12
+    cases = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0, "rel_pos_bias.table": 0,
+             "blocks.0.norm1.weight": 1, "blocks.11.mlp.fc2.bias": 12, "blocks.4.attn.rel_pos_bias.table": 5,
+             "norm.weight": 13, "fc_norm.bias": 13, "head.weight": 13}
+    for name, expected in cases.items():
+        assert layer_id(prefix + name, L) == expected, name
+    assert layer_id("projection.proj.weight", L) == L + 1
+
+
+def test_layer_id_rejects_block_beyond_depth() -> None:
+    with pytest.raises(UserError):
+        layer_id("blocks.5.norm1.weight", 5)
+
+
+@given(depth=st.integers(1, 24), i=st.integers(0, 23), j=st.integers(0, 23))
+def test_layer_id_monotone_over_blocks(depth: int, i: int, j: int) -> None:
+    i, j = i % depth, j % depth
+    a = layer_id(f"blocks.{i}.mlp.fc1.weight", depth)
+    b = layer_id(f"student.blocks.{j}.attn.qkv.weight", depth)
+    assert (a < b) == (i < j) and (a == b) == (i == j)
+    assert 0 < a <= depth < layer_id("head.weight", depth)
+
+
+@settings(max_examples=30, deadline=None)
+@given(depth=st.integers(1, 4), decay=st.floats(0.05, 1.0), wd=st.floats(0.0, 0.5),
+       shared_table=st.booleans(), wrapped=st.booleans(), frozen_mask=st.integers(0, 2**16 - 1))
+def test_layer_decay_groups(depth: int, decay: float, wd: float, shared_table: bool, wrapped: bool,
+                            frozen_mask: int) -> None:
+    model: nn.Module = Distiller(depth) if wrapped else TinyViT(depth, shared_table=shared_table)
+    named = list(model.named_parameters())
+    for k, (pname, p) in enumerate(named):  # freeze a pseudo-random subset, but keep the head trainable
+        if (frozen_mask >> (k % 16)) & 1 and "head" not in pname:
+            p.requires_grad_(False)
+    groups = param_groups(model, wd, layer_decay=decay, num_layers=depth)
+
+    # Every trainable parameter exactly once; no frozen parameter anywhere.
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for _, p in named if p.requires_grad}
+    assert all(len(g["params"]) == len(g["param_names"]) > 0 for g in groups)
+
+    for name, g in _flatten(groups):
+        layer = layer_id(name, depth)
+        assert g["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer))
+        assert g["name"].startswith(f"layer{layer}_")
+        short = strip_prefix(name)
+        if short.endswith(("bias", "table", "gamma")) or "norm" in short or short in ("cls_token", "pos_embed"):
+            assert g["weight_decay"] == 0.0 and g["name"].endswith("_no_decay"), name
+        else:
+            assert g["weight_decay"] == wd and not g["name"].endswith("_no_decay"), name
+        if short.startswith("head."):
+            assert g["lr_scale"] == 1.0
+
+    names = [g["name"] for g in groups]
+    assert len(names) == len(set(names))
+
+
+def test_two_groups_without_layer_decay() -> None:
+    model = TinyViT(2)
+    model.head.weight.requires_grad_(False)
+    groups = param_groups(model, 0.05)
+    assert [g["name"] for g in groups] == ["decay", "no_decay"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(g["lr_scale"] == 1.0 for g in groups)
+    decayed = set(groups[0]["param_names"])
+    assert decayed == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                       "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "blocks.1.attn.qkv.weight",
+                       "blocks.1.attn.proj.weight", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"}
+    assert "head.weight" not in groups[1]["param_names"]
+
+
+def test_num_layers_inferred() -> None:
+    explicit = param_groups(Distiller(3), 0.05, layer_decay=0.7, num_layers=3)
+    inferred = param_groups(Distiller(3), 0.05, layer_decay=0.7)
+    assert [(g["name"], g["lr_scale"]) for g in explicit] == [(g["name"], g["lr_scale"]) for g in inferred]
+
+
+def test_user_errors() -> None:
+    model = TinyViT(1)
+    with pytest.raises(UserError):
+        param_groups(model, 0.05, layer_decay=1.5, num_layers=1)
+    with pytest.raises(UserError):
+        param_groups(model, -1.0)
+    with pytest.raises(UserError):
+        param_groups(nn.Linear(2, 2), 0.05, layer_decay=0.7)  # no blocks to infer depth from
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(UserError):
+        param_groups(model, 0.05)
+
+
+def test_build_optimizer_steps() -> None:
+    torch.manual_seed(0)
+    model = TinyViT(2)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, num_layers=2)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["foreach"] and not g["fused"] for g in opt.param_groups)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    loss = sum((p.float() ** 2).sum() for p in model.parameters())
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    state = opt.state_dict()
+    assert {g["name"] for g in state["param_groups"]} == {g["name"] for g in opt.param_groups}

@@ -1,0 +1,109 @@
+"""Tests for fd_ref.schedule: warm-up + cosine lr, the scheduler object and its resume, lr scaling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fd_ref.errors import UserError
+from fd_ref.schedule import WarmupCosine, lr_at, scale_lr
+
+
+@st.composite
+def hparams(draw: st.DrawFn) -> dict:
+    total = draw(st.integers(1, 300))
+    warmup = draw(st.integers(0, total))
+    base = draw(st.floats(1e-6, 1.0))
+    min_lr = draw(st.floats(0.0, 1.0)) * base
+    warmup_lr = draw(st.floats(0.0, 1.0)) * base
+    return {"base_lr": base, "total_steps": total, "warmup_steps": warmup, "min_lr": min_lr,
+            "warmup_lr": warmup_lr}
+
+
+def _curve(h: dict, extra: int = 5) -> list[float]:
+    return [lr_at(s, **h) for s in range(h["total_steps"] + extra)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=hparams())
+def test_schedule_invariants(h: dict) -> None:
+    lrs = _curve(h)
+    total, warmup = h["total_steps"], h["warmup_steps"]
+    tol = 1e-12 * h["base_lr"]
+    if warmup > 0:
+        assert lrs[0] == pytest.approx(h["warmup_lr"], abs=tol)
+        # Linear warm-up: equal increments.
+        steps = [b - a for a, b in zip(lrs[:warmup], lrs[1:warmup + 1])] if warmup < total else []
+        for d in steps:
+            assert d == pytest.approx((h["base_lr"] - h["warmup_lr"]) / warmup, abs=tol)
+    if warmup < total:
+        assert lrs[warmup] == pytest.approx(h["base_lr"], abs=tol)
+        after = lrs[warmup:]
+        assert all(b <= a + tol for a, b in zip(after, after[1:]))  # non-increasing
+    assert lrs[total] == h["min_lr"]
+    assert all(lr == h["min_lr"] for lr in lrs[total:])  # clamped after the end
+    assert all(lr >= h["min_lr"] for lr in lrs[warmup:])
+    assert all(lr >= 0.0 for lr in lrs)
+
+
+def test_known_values() -> None:
+    h = {"base_lr": 1.0, "total_steps": 110, "warmup_steps": 10, "min_lr": 0.0, "warmup_lr": 0.0}
+    assert lr_at(5, **h) == pytest.approx(0.5)
+    assert lr_at(60, **h) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(35, **h) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_bad_hparams() -> None:
+    good = {"base_lr": 1.0, "total_steps": 10, "warmup_steps": 2, "min_lr": 0.0}
+    for bad in ({"total_steps": 0}, {"warmup_steps": 11}, {"min_lr": 2.0}, {"warmup_lr": -1.0}):
+        with pytest.raises(UserError):
+            lr_at(0, **{**good, **bad})
+    with pytest.raises(ValueError):
+        lr_at(-1, **good)
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    return torch.optim.AdamW([{"params": [params[0]], "lr_scale": 0.25},
+                              {"params": [params[1]], "lr_scale": 1.0},
+                              {"params": [params[2]]}], lr=1.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(h=hparams(), cut=st.integers(0, 400))
+def test_scheduler_sets_scaled_lr_and_resumes(h: dict, cut: int) -> None:
+    n = h["total_steps"] + 3
+    cut = cut % n
+    opt = _optimizer()
+    sched = WarmupCosine(opt, **h)
+    seen = [[g["lr"] for g in opt.param_groups]]
+    assert sched.last_lr == lr_at(0, **h)
+    state = None
+    for step in range(1, n):
+        assert sched.step() == lr_at(step, **h) == sched.last_lr
+        assert [g["lr"] for g in opt.param_groups] == [sched.last_lr * 0.25, sched.last_lr, sched.last_lr]
+        seen.append([g["lr"] for g in opt.param_groups])
+        if step == cut:
+            state = sched.state_dict()
+    if state is None:
+        state = WarmupCosine(_optimizer(), **h).state_dict()  # cut == 0: resume from the start
+    # Resume with a fresh optimizer and scheduler built with other hyper-parameters: the state wins.
+    opt2 = _optimizer()
+    other = {"base_lr": 9.0, "total_steps": 7, "warmup_steps": 1, "min_lr": 0.0}
+    resumed = WarmupCosine(opt2, **other)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    assert [g["lr"] for g in opt2.param_groups] == seen[cut]
+    for step in range(cut + 1, n):
+        resumed.step()
+        assert [g["lr"] for g in opt2.param_groups] == seen[step]
+
+
+def test_scale_lr() -> None:
+    assert scale_lr(1.2e-3, 2048) == pytest.approx(4.8e-3)
+    assert scale_lr(1e-3, 512) == 1e-3
+    with pytest.raises(UserError):
+        scale_lr(1e-3, 0)
