@@ -1,0 +1,180 @@
+"""Saving and loading weights safely, and the key conversions FD needs.
+
+- ``save_atomic``: write to a temporary file in the same folder, flush to disk, then rename, so a crash
+  or SIGKILL mid-write never leaves a half-written checkpoint under the real name.
+- ``load_file``: ``torch.load(weights_only=True)`` (a pickle that would run code is refused) or
+  safetensors; every failure becomes one readable :class:`UserError`.
+- ``expand_shared_rpb``: FD's shared relative position bias (one table for the whole student, paper
+  Sec. 3.1) is copied into every block before fine-tuning, where each block then learns its own.
+- ``to_timm_beit`` / ``from_timm_beit``: map an fd_ref ViT state dict to and from timm's ``Beit`` keys,
+  so a distilled student drops into any timm pipeline.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete ``.*.tmp`` files left by an interrupted ``save_atomic``; returns how many."""
+    count = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a .pt/.pth (weights only, never arbitrary code) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path), device=str(map_location))
+        except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+            raise UserError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refused to load {path}: it holds objects other than weights, which could run "
+                        f"code ({first[:160]}); only load checkpoints you trust, re-saved as plain "
+                        f"tensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({first[:160]}); use another "
+                        f"copy or an earlier checkpoint") from None
+
+
+_WRAPPER_KEYS = ("model", "state_dict", "student", "module", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.", "student.", "encoder.")
+
+
+def model_state(obj: Any) -> dict[str, torch.Tensor]:
+    """The model weights inside a loaded checkpoint: unwraps {"model": ...}-style containers and strips
+    the prefixes DDP (``module.``), torch.compile (``_orig_mod.``) and the FD wrapper (``student.``) add."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError("checkpoint holds no state dict of tensors (expected a dict of weights, or one "
+                        "under 'model' / 'state_dict')")
+    out = {}
+    for key, value in obj.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "model",
+                 ignore: tuple[str, ...] = ()) -> str:
+    """Load ``state`` into ``model`` non-strictly, refusing shape mismatches, and return a one-paragraph
+    summary of missing / unexpected keys (keys matching a regex in ``ignore`` are dropped silently)."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not any(re.fullmatch(p, k) for p in ignore)}
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise UserError(f"{what} checkpoint is for another architecture: {len(mismatched)} tensors differ "
+                        f"in shape (e.g. {mismatched[0]}); pass the matching --model / --img-size")
+    result = model.load_state_dict(state, strict=False)
+    if not set(state) & set(own):
+        raise UserError(f"{what} checkpoint shares no parameter names with the model; is it the right file?")
+
+    def short(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+    parts = [f"loaded {len(state) - len(result.unexpected_keys)} tensors into the {what}"]
+    if result.missing_keys:
+        parts.append(f"missing (left at init): {short(result.missing_keys)}")
+    if result.unexpected_keys:
+        parts.append(f"unexpected (ignored): {short(result.unexpected_keys)}")
+    return "; ".join(parts)
+
+
+def expand_shared_rpb(state_dict: Mapping[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Replace the shared ``rel_pos_bias.table`` by a copy in every block,
+    ``blocks.{i}.attn.rel_pos_bias.table = rel_pos_bias.table`` for i < depth (fine-tuning, Sec. 3.1)."""
+    out = dict(state_dict)
+    table = out.pop("rel_pos_bias.table", None)
+    if table is None:
+        return out
+    for i in range(depth):
+        out[f"blocks.{i}.attn.rel_pos_bias.table"] = table.clone()
+    return out
+
+
+_TO_BEIT = [
+    (r"rel_pos_bias\.table", "rel_pos_bias.relative_position_bias_table"),
+    (r"blocks\.(\d+)\.attn\.rel_pos_bias\.table", r"blocks.\1.attn.relative_position_bias_table"),
+    (r"blocks\.(\d+)\.ls1\.gamma", r"blocks.\1.gamma_1"),
+    (r"blocks\.(\d+)\.ls2\.gamma", r"blocks.\1.gamma_2"),
+]
+
+
+def to_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fd_ref ViT keys -> timm ``Beit`` keys (the rest already agree)."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _TO_BEIT:
+            if re.fullmatch(pattern, key):
+                key = re.sub(pattern, repl, key)
+                break
+        out[key] = value
+    return out
+
+
+def from_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``Beit`` keys (also the BEiT / FD official release) -> fd_ref ViT keys."""
+    back = [
+        (r"rel_pos_bias\.relative_position_bias_table", "rel_pos_bias.table"),
+        (r"blocks\.(\d+)\.attn\.relative_position_bias_table", r"blocks.\1.attn.rel_pos_bias.table"),
+        (r"blocks\.(\d+)\.gamma_1", r"blocks.\1.ls1.gamma"),
+        (r"blocks\.(\d+)\.gamma_2", r"blocks.\1.ls2.gamma"),
+    ]
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_index") or key.endswith("k_bias"):
+            continue  # derived buffers
+        for pattern, repl in back:
+            if re.fullmatch(pattern, key):
+                key = re.sub(pattern, repl, key)
+                break
+        out[key] = value
+    return out
