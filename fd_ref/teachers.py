@@ -96,6 +96,7 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
         else:
             if not _hub_reachable():  # use the local cache if any, and fail at once instead of retrying
                 os.environ["HF_HUB_OFFLINE"] = "1"
+                _set_hub_offline()
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
     except UserError:
         raise
@@ -113,6 +114,16 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
     return Teacher(model, model.num_features, grid, getattr(model, "num_prefix_tokens", 1),
                    mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
                    name=display)
+
+
+def _set_hub_offline() -> None:
+    """Switch huggingface_hub to offline mode now: it reads HF_HUB_OFFLINE only when first imported (timm
+    imports it), so setting the environment variable later alone would leave it retrying for ~50 s."""
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:
+        return
+    hf_constants.HF_HUB_OFFLINE = True
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -137,9 +148,9 @@ def _checkpoint_filter(timm_name: str):
     return getattr(module, "checkpoint_filter_fn", None)
 
 
-def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str]) -> Teacher:
+def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str], **overrides) -> Teacher:
     if checkpoint is None:
-        model = create_vit(name, img_size=img_size)
+        model = create_vit(name, img_size=img_size, **overrides)
     else:
         blob = load_file(checkpoint)
         config = blob.get("model_config") if isinstance(blob, dict) else None
@@ -149,19 +160,22 @@ def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str]) -> Teac
                                 f"but --img-size is {img_size}; pass --img-size {config.get('img_size')}")
             model = VisionTransformer(**config)
         else:
-            model = create_vit(name, img_size=img_size)
+            model = create_vit(name, img_size=img_size, **overrides)
         state = model_state(blob)
         load_weights(model, state, what=f"teacher {name}")
     return Teacher(model, model.embed_dim, model.grid, model.num_prefix_tokens, name=name)
 
 
-def build_teacher(name: str, img_size: int = 224, checkpoint: Optional[str] = None) -> Teacher:
-    """Build the frozen teacher ``name`` (see the module docstring), optionally from local weights."""
+def build_teacher(name: str, img_size: int = 224, checkpoint: Optional[str] = None, **overrides) -> Teacher:
+    """Build the frozen teacher ``name`` (see the module docstring), optionally from local weights.
+
+    ``overrides`` (e.g. ``patch_size=4, depth=4``) shape an fd_ref preset built without a checkpoint, or
+    from a checkpoint that does not record its architecture; a checkpoint's ``model_config`` wins."""
     if name in PAPER_TEACHERS:
         return _timm_teacher(PAPER_TEACHERS[name], img_size, checkpoint, name)
     if name.startswith("timm:"):
         return _timm_teacher(name[len("timm:"):], img_size, checkpoint, name)
     if name in PRESETS:
-        return _fd_ref_teacher(name, img_size, checkpoint)
+        return _fd_ref_teacher(name, img_size, checkpoint, **overrides)
     raise UserError(f"unknown teacher {name!r}; use one of {', '.join(PAPER_TEACHERS)}, timm:<timm model "
                     f"name>, or an fd_ref preset ({', '.join(PRESETS)})")

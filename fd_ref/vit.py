@@ -154,6 +154,12 @@ class VisionTransformer(nn.Module):
                  global_pool: Literal["cls", "avg"] = "cls", in_chans: int = 3,
                  attn_drop: float = 0.0, head_init_scale: float = 0.001) -> None:
         super().__init__()
+        # The constructor arguments, saved in checkpoints so a model can be rebuilt from its file.
+        self.config = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
+                           pos_embed=pos_embed, num_classes=num_classes, global_pool=global_pool,
+                           in_chans=in_chans, attn_drop=attn_drop, head_init_scale=head_init_scale)
         if pos_embed not in ("shared_rpb", "rpb", "abs"):
             raise ValueError(f"pos_embed must be shared_rpb, rpb or abs, got {pos_embed!r}")
         if global_pool not in ("cls", "avg"):

@@ -1,0 +1,115 @@
+"""Configuration: defaults written at the top of each script, overridden by a YAML file, overridden by
+command-line flags (``--lr 1e-3``, ``--grad-checkpointing`` / ``--no-grad-checkpointing``).
+
+    resolved = defaults  <-  --config file.yaml  <-  explicit flags
+
+Every key of the defaults becomes a flag (underscores as dashes); its type is the default's type. A
+YAML key or flag that names no setting is an error with one line, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    return parse
+
+
+def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str, description: str) -> _Parser:
+    parser = _Parser(prog=prog, description=description,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of settings (flags win)")
+    for key, value in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        helptext = help_text.get(key, "")
+        if isinstance(value, bool):
+            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{helptext} (default: {value})")
+        elif isinstance(value, (list, tuple)):
+            kind = type(value[0]) if value else str
+            parser.add_argument(flag, dest=key, type=kind, nargs="+", default=None,
+                                help=f"{helptext} (default: {value})")
+        elif value is None:
+            parser.add_argument(flag, dest=key, type=_parse_optional(str), default=None,
+                                help=f"{helptext} (default: none)")
+        else:
+            parser.add_argument(flag, dest=key, type=type(value), default=None,
+                                help=f"{helptext} (default: {value})")
+    return parser
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    if default is None or value is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, (list, tuple)):
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+        return type(default)(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"{source}: {key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of setting: value")
+    return data
+
+
+def resolve_config(defaults: dict[str, Any], argv: Sequence[str] | None = None, *,
+                   help_text: dict[str, str] | None = None, prog: str = "", description: str = "") -> dict:
+    """defaults <- YAML (``--config``) <- explicit flags; returns the resolved dict."""
+    parser = build_parser(defaults, help_text or {}, prog or Path(sys.argv[0]).name, description)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    config = dict(defaults)
+    if args.config:
+        for key, value in load_yaml(args.config).items():
+            key = key.replace("-", "_")
+            if key not in defaults:
+                raise UserError(f"config file {args.config}: unknown setting {key!r}")
+            config[key] = _coerce(key, value, defaults[key], args.config)
+    for key, value in vars(args).items():
+        if key != "config" and value is not None:
+            config[key] = value
+    config["config"] = args.config
+    return config
+
+
+def save_yaml(config: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

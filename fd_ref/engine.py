@@ -1,0 +1,381 @@
+"""The one training loop shared by distillation (train.py) and fine-tuning (finetune.py).
+
+A script builds its model, data and optimiser, then hands the loop a ``step_fn(batch) -> loss``. The loop
+owns everything else, identically for both jobs: mixed precision (autocast, a GradScaler only for fp16),
+gradient accumulation (DDP gradient sync only on the last micro-batch), clipping, the per-iteration
+schedule, NaN/Inf handling, progress (tqdm on a terminal, plain lines otherwise), ``log.jsonl``, MFU,
+atomic checkpoints every ``save_every`` steps and at every epoch end, exact resume, and a graceful stop on
+SIGTERM. Only rank 0 writes files.
+
+One optimiser step = ``accum_steps`` micro-batches on each of ``world_size`` ranks, so
+
+    images per step = batch_size * accum_steps * world_size,
+    MFU = flops_per_image * images / step_time / peak_flops.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_file, remove_stale_temporaries, save_atomic
+from .distributed import DistInfo, all_reduce_mean, barrier
+from .errors import UserError
+from .flops import count_flops, peak_flops
+from .sampler import ShardedBatchSampler
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoopSettings:
+    output: str
+    epochs: int
+    batch_size: int
+    accum_steps: int = 1
+    max_steps: int = 0          # stop after this many optimiser steps (0: run all epochs)
+    precision: str = "fp32"
+    clip_grad: float = 0.0      # max global grad norm (0: no clipping)
+    log_every: int = 10
+    save_every: int = 0         # also save every N steps (0: only at epoch ends)
+    nan_policy: str = "stop"    # "stop": end with a message; "skip": drop the step and count it
+    max_skipped: int = 20       # with nan_policy=skip, stop after this many consecutive bad steps
+    best_metric: str = ""       # metric from on_epoch_end to keep best.pt by (higher is better)
+    progress: Optional[bool] = None  # None: a bar on a terminal, plain lines otherwise
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_to_safe(state: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as tensors / plain lists only, so the checkpoint loads with weights_only=True."""
+    np_state = state["numpy"]
+    py_version, py_state, py_gauss = state["python"]
+    out = {"torch": state["torch"],
+           "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+           "python": [py_version, list(py_state), py_gauss]}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def _rng_from_safe(state: dict[str, Any]) -> dict[str, Any]:
+    np_state = state["numpy"]
+    out = {"torch": state["torch"],
+           "numpy": (np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]),
+           "python": (state["python"][0], tuple(state["python"][1]), state["python"][2])}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+class Trainer:
+    """Runs ``step_fn`` over ``loader`` for ``settings.epochs`` epochs (see the module docstring).
+
+    ``state_module`` is what checkpoints keep (its state dict under ``"model"``); ``ddp`` is the
+    DistributedDataParallel wrapper when there is one (for ``no_sync`` during accumulation);
+    ``export(path_folder)`` writes the job's deliverable (e.g. student.pt) next to the checkpoint;
+    ``on_epoch_end(epoch) -> metrics`` runs on every rank after each epoch (e.g. evaluation).
+    """
+
+    def __init__(self, *, step_fn: Callable[[Any], torch.Tensor], state_module: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler, loader, sampler: ShardedBatchSampler,
+                 settings: LoopSettings, info: DistInfo, config: dict, model_config: dict | None = None,
+                 ddp: Optional[nn.Module] = None, export: Optional[Callable[[Path], None]] = None,
+                 on_epoch_end: Optional[Callable[[int], dict]] = None) -> None:
+        self.step_fn, self.state_module, self.optimizer = step_fn, state_module, optimizer
+        self.scheduler, self.loader, self.sampler, self.s, self.info = scheduler, loader, sampler, settings, info
+        self.config, self.model_config, self.ddp = config, model_config or {}, ddp
+        self.export, self.on_epoch_end = export, on_epoch_end
+        if settings.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
+        self.dtype = PRECISIONS[settings.precision]
+        self.device = info.device
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.steps_per_epoch = len(sampler) // settings.accum_steps
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the dataset has {sampler.num_samples} images, fewer than one step needs "
+                            f"(batch {settings.batch_size} x accumulation {settings.accum_steps} x "
+                            f"{info.world_size} ranks); lower --batch-size")
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        if settings.max_steps:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        self.step, self.epoch, self.micro, self.skipped, self.best = 0, 0, 0, 0, -math.inf
+        self.out = Path(settings.output)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.flops_per_image: Optional[float] = None
+        self.peak: Optional[float] = None
+        self._stop_signal: Optional[int] = None
+        self._bar = None
+        self.history: list[dict] = []
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.state_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "step": self.step, "epoch": self.epoch, "micro": self.micro, "best": self.best,
+                "skipped": self.skipped, "rng": _rng_to_safe(capture_rng()), "config": self.config,
+                "model_config": self.model_config}
+
+    def save(self) -> None:
+        if self.info.is_main:
+            save_atomic(self.state_dict(), self.ckpt_path)
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Continue from a checkpoint written by :meth:`save` (model, optimiser, schedule, RNG, position)."""
+        blob = load_file(path, map_location="cpu")
+        missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch") if k not in blob]
+        if missing:
+            raise UserError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
+                            f"pass it as pretrained weights instead")
+        try:
+            self.state_module.load_state_dict(blob["model"])
+            self.optimizer.load_state_dict(blob["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {path} does not match this model/optimiser "
+                            f"({str(e).splitlines()[0][:160]}); use another --output or the original "
+                            f"flags") from None
+        self.scheduler.load_state_dict(blob["scheduler"])
+        if self.scaler and blob.get("scaler"):
+            self.scaler.load_state_dict(blob["scaler"])
+        self.step, self.epoch, self.micro = blob["step"], blob["epoch"], blob.get("micro", 0)
+        self.best, self.skipped = blob.get("best", -math.inf), blob.get("skipped", 0)
+        restore_rng(_rng_from_safe(blob["rng"]))
+        if self.info.is_main:
+            self._trim_log()
+        self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the resumed step (written after the last checkpoint, then lost)."""
+        log = self.out / "log.jsonl"
+        if not log.exists():
+            return
+        kept = [line for line in log.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        tmp = log.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
+
+    # -- output --------------------------------------------------------------------------------------
+    def _print(self, msg: str) -> None:
+        if self.info.is_main:
+            if self._bar is not None:
+                self._bar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.info.is_main:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _measure_flops(self, batch) -> None:
+        """Count one micro-batch's forward+backward FLOPs, leaving no trace: gradients are zeroed and the
+        RNG and buffers (e.g. BatchNorm statistics) restored, so a resumed run stays exact."""
+        def run():
+            with self._autocast():
+                loss = self.step_fn(batch)
+            loss.backward()
+        buffers = {k: v.clone() for k, v in self.state_module.state_dict().items()
+                   if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                self.flops_per_image = count_flops(run) / len(images)
+            except Exception:  # noqa: BLE001 - MFU is best effort (e.g. under torch.compile)
+                self.flops_per_image = 0.0
+        self.peak = peak_flops(self.dtype, self.device)
+        if buffers:
+            self.state_module.load_state_dict(buffers, strict=False)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def fit(self) -> list[dict]:
+        s = self.s
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        show_bar = s.progress if s.progress is not None else sys.stdout.isatty()
+        self._bar = None
+        if show_bar and self.info.is_main:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, unit="step")
+        old_handler = signal.signal(signal.SIGTERM, self._on_signal) if _in_main_thread() else None
+        try:
+            self._run(params)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+            if self._bar is not None:
+                self._bar.close()
+        return self.history
+
+    def _run(self, params: list[torch.Tensor]) -> None:
+        s, accum = self.s, self.s.accum_steps
+        images_per_step = s.batch_size * accum * self.info.world_size
+        t_last, steps_since = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.device)
+        while self.epoch < s.epochs and self.step < self.total_steps:
+            self.sampler.set_epoch(self.epoch, start=self.micro)
+            for batch in self.loader:
+                if self.micro >= self.steps_per_epoch * accum:
+                    break
+                if self.flops_per_image is None and self.peak is None:
+                    self._measure_flops(batch)
+                    t_last = time.perf_counter()
+                last_micro = (self.micro + 1) % accum == 0
+                sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss = self.step_fn(batch) / accum
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum += loss.detach()
+                self.micro += 1
+                if not last_micro:
+                    continue
+                step_loss = loss_sum.clone()
+                loss_sum.zero_()
+                grad_norm = self._optimizer_step(params, step_loss)
+                steps_since += 1
+                if self.step % s.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    self._log_step(step_loss, grad_norm, images_per_step * steps_since / (now - t_last))
+                    t_last, steps_since = now, 0
+                if self._bar is not None:
+                    self._bar.update(1)
+                if s.save_every and self.step % s.save_every == 0:
+                    self.save()
+                if self._stop_signal is not None:
+                    self._stop_on_signal()
+                if self.step >= self.total_steps:
+                    break
+            if self.micro >= self.steps_per_epoch * accum:  # the epoch is complete
+                self.epoch, self.micro = self.epoch + 1, 0
+                self._end_epoch()
+            elif self.step >= self.total_steps:
+                break
+        self.save()
+        if self.export and self.info.is_main:
+            self.export(self.out)
+        barrier()
+
+    def _optimizer_step(self, params: list[torch.Tensor], step_loss: torch.Tensor) -> float:
+        s = self.s
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = s.clip_grad if s.clip_grad > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss_value = float(step_loss)
+        bad = not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(grad_norm))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if s.nan_policy == "skip" and self.skipped < s.max_skipped:
+                self.skipped += 1
+                self._print(f"step {self.step + 1}: loss {loss_value} / grad norm {grad_norm} not finite, "
+                            f"step skipped ({self.skipped} so far)")
+                if self.scaler:
+                    self.scaler.update()
+                return grad_norm
+            where = f"{self.ckpt_path} (step {self._saved_step()})" if self.ckpt_path.exists() else "none yet"
+            raise UserError(f"loss became {loss_value} (grad norm {grad_norm}) at step {self.step + 1}; "
+                            f"training stopped, last good checkpoint: {where}; lower --lr, try "
+                            f"--precision fp32, or --nan-policy skip")
+        self.skipped = 0 if s.nan_policy == "stop" else self.skipped
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return grad_norm
+
+    def _saved_step(self) -> int | str:
+        try:
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["step"]
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    def _log_step(self, step_loss: torch.Tensor, grad_norm: float, img_per_s: float) -> None:
+        loss = float(all_reduce_mean(step_loss)) if self.info.world_size > 1 else float(step_loss)
+        lr = max(g["lr"] for g in self.optimizer.param_groups)
+        record = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "img_per_s": img_per_s, "world_size": self.info.world_size}
+        if self.flops_per_image and self.peak:
+            # every rank runs the same step, so the machine's peak is world_size * one device's peak
+            record["mfu"] = self.flops_per_image * img_per_s / (self.peak * self.info.world_size)
+        if self.skipped:
+            record["skipped_steps"] = self.skipped
+        self._log(record)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}",
+                                  refresh=False)
+        else:
+            mfu = f" | mfu {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
+            self._print(f"step {self.step}/{self.total_steps} | epoch {self.epoch} | loss {loss:.4f} | "
+                        f"lr {lr:.2e} | grad {grad_norm:.3f} | {img_per_s:.1f} img/s{mfu}")
+
+    def _end_epoch(self) -> None:
+        metrics = self.on_epoch_end(self.epoch - 1) if self.on_epoch_end else {}
+        if metrics:
+            self._log({"step": self.step, "epoch": self.epoch - 1, **metrics})
+            self._print(f"epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                if isinstance(v, (int, float))))
+            key = self.s.best_metric
+            if key and key in metrics and metrics[key] > self.best:
+                self.best = metrics[key]
+                if self.info.is_main:
+                    save_atomic({"model": self.state_module.state_dict(), "model_config": self.model_config,
+                                 "metrics": metrics, "epoch": self.epoch - 1}, self.out / "best.pt")
+        self.save()
+        if self.export and self.info.is_main:
+            self.export(self.out)
+
+    def _stop_on_signal(self) -> None:
+        self.save()
+        name = signal.Signals(self._stop_signal).name
+        self._print(f"received {name}: saved {self.ckpt_path} at step {self.step}; run the same command "
+                    f"again to resume")
+        raise SystemExit(128 + self._stop_signal)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()

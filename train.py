@@ -1,0 +1,173 @@
+"""Feature distillation pre-training (paper Sec. 3): a fresh student learns to predict a frozen teacher's
+whitened feature map.
+
+    python train.py                       # quickstart: tiny student and teacher, built-in synthetic images
+    python train.py --config configs/fd_clip_vit_base.yaml --data /data/imagenet/train
+    torchrun --nproc_per_node 8 train.py --config configs/fd_clip_vit_base.yaml --data /data/imagenet/train
+
+Settings: DEFAULTS below <- --config YAML <- flags (``python train.py --help`` lists them all). Outputs in
+--output: checkpoint.pt (resume state), student.pt (what finetune.py loads), config.yaml, log.jsonl.
+Rerunning the same command resumes from checkpoint.pt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fd_ref.checkpoint import save_atomic
+from fd_ref.cli import run_main
+from fd_ref.config import resolve_config, save_yaml
+from fd_ref.data import build_dataset, pretrain_transform
+from fd_ref.distill import FeatureDistillation
+from fd_ref.distributed import init_distributed, seed_everything
+from fd_ref.engine import LoopSettings, Trainer
+from fd_ref.errors import UserError
+from fd_ref.optim import build_optimizer
+from fd_ref.sampler import make_loader
+from fd_ref.schedule import WarmupCosine, scale_lr
+from fd_ref.teachers import build_teacher
+from fd_ref.vit import create_vit
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults: the offline quickstart. The published recipes live in configs/*.yaml.
+DEFAULTS = dict(
+    # data
+    data="synthetic",            # synthetic | cifar10 | cifar100 | path to an ImageFolder (ImageNet train/)
+    synthetic_size=1024,         # images in the built-in synthetic set
+    img_size=32,
+    num_workers=2,
+    # teacher
+    teacher="vit_tiny",          # dino_vit_base | deit_vit_base | clip_vit_base | clip_vit_large | timm:<name> | fd_ref preset
+    teacher_checkpoint=None,     # local weights (.pth/.pt/.safetensors): nothing is downloaded
+    teacher_patch_size=8,        # shape of an fd_ref preset teacher built without a recorded config
+    teacher_depth=4,
+    # student
+    model="vit_tiny",            # vit_tiny | vit_small | vit_base | vit_large | vit_large_patch14
+    patch_size=8,
+    depth=4,                     # override the preset's depth (None: the preset's)
+    embed_dim=None,
+    num_heads=None,
+    pos_embed="shared_rpb",      # shared_rpb (FD) | rpb | abs
+    drop_path=0.1,               # student's maximum drop-path rate (the teacher never drops)
+    layer_scale=0.1,
+    # objective
+    whiten=True,                 # whiten the teacher's features (LayerNorm without affine)
+    beta=2.0,                    # smooth-L1 threshold
+    # optimisation
+    epochs=4,
+    batch_size=64,               # per process, per micro-batch
+    accum_steps=1,
+    lr=1e-3,                     # per 512 images (the paper: 3e-4); scaled by batch_size * accum_steps * world_size / 512
+    min_lr=5e-6,
+    warmup_lr=5e-7,
+    warmup_epochs=1,
+    weight_decay=0.05,
+    clip_grad=3.0,
+    precision="auto",            # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_checkpointing=False,
+    compile=False,
+    nan_policy="stop",           # stop | skip
+    # run
+    output="out/quickstart",
+    resume=None,                 # a checkpoint to continue from (default: --output/checkpoint.pt if present)
+    max_steps=0,                 # stop after this many optimiser steps (0: all epochs)
+    save_every=0,                # also checkpoint every N steps (0: at epoch ends)
+    log_every=10,
+    seed=0,
+    progress=None,               # None: a progress bar on a terminal, plain lines otherwise
+)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def build_student(cfg: dict) -> nn.Module:
+    return create_vit(cfg["model"], img_size=cfg["img_size"], patch_size=cfg["patch_size"],
+                      depth=cfg["depth"], embed_dim=cfg["embed_dim"], num_heads=cfg["num_heads"],
+                      drop_path_rate=cfg["drop_path"], pos_embed=cfg["pos_embed"],
+                      layer_scale_init=cfg["layer_scale"], num_classes=0)
+
+
+def main(argv=None) -> None:
+    cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0])
+    info = init_distributed()
+    seed_everything(cfg["seed"], info.rank)
+    precision = resolve_precision(cfg["precision"], info.device)
+    if cfg["nan_policy"] not in ("stop", "skip"):
+        raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
+
+    dataset = build_dataset(cfg["data"], train=True, transform=pretrain_transform(cfg["img_size"]),
+                            synthetic_size=cfg["synthetic_size"], synthetic_image_size=cfg["img_size"],
+                            seed=cfg["seed"])
+    teacher = build_teacher(cfg["teacher"], img_size=cfg["img_size"], checkpoint=cfg["teacher_checkpoint"],
+                            patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"])
+    student = build_student(cfg)
+    model = FeatureDistillation(student, teacher, beta=cfg["beta"], whiten_target=cfg["whiten"])
+    model.to(info.device)
+    if precision == "bf16" and info.device.type == "cuda":
+        teacher.to(torch.bfloat16)  # the frozen teacher runs in bf16 outright: no autocast casts, half the memory
+    if cfg["grad_checkpointing"]:
+        student.set_grad_checkpointing(True)
+    trainable = nn.ModuleDict({"student": student, "projection": model.projection})
+
+    ddp = None
+    forward = model
+    if info.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False)
+        forward = ddp
+    if cfg["compile"]:
+        forward = torch.compile(forward)
+
+    total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
+    lr = scale_lr(cfg["lr"], total_batch)
+    optimizer = build_optimizer(trainable, lr=lr, weight_decay=cfg["weight_decay"])
+    loader, sampler = make_loader(dataset, cfg["batch_size"], seed=cfg["seed"], shuffle=True,
+                                  rank=info.rank, world_size=info.world_size, num_workers=cfg["num_workers"],
+                                  pin_memory=info.device.type == "cuda")
+    settings = LoopSettings(output=cfg["output"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                            accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], precision=precision,
+                            clip_grad=cfg["clip_grad"], log_every=cfg["log_every"],
+                            save_every=cfg["save_every"], nan_policy=cfg["nan_policy"],
+                            progress=cfg["progress"])
+    steps_per_epoch = len(sampler) // cfg["accum_steps"]
+    scheduler = WarmupCosine(optimizer, base_lr=lr, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
+                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"], min_lr=cfg["min_lr"],
+                             warmup_lr=cfg["warmup_lr"])
+
+    def step_fn(batch) -> torch.Tensor:
+        images = batch[0].to(info.device, non_blocking=True)
+        return forward(images)
+
+    def export(folder: Path) -> None:
+        save_atomic({"model": student.state_dict(), "model_config": student.config,
+                     "teacher": cfg["teacher"]}, folder / "student.pt")
+
+    trainer = Trainer(step_fn=step_fn, state_module=trainable, optimizer=optimizer, scheduler=scheduler,
+                      loader=loader, sampler=sampler, settings=settings, info=info, config=cfg,
+                      model_config=student.config, ddp=ddp, export=export)
+    resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
+    if cfg["resume"] or Path(resume).exists():
+        trainer.resume(resume)
+    if info.is_main:
+        Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
+        save_yaml({**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
+                   "lr_scaled": lr}, Path(cfg["output"]) / "config.yaml")
+        n_student = sum(p.numel() for p in student.parameters())
+        print(f"distilling {cfg['teacher']} ({teacher.embed_dim}-d, grid {teacher.grid}) into {cfg['model']} "
+              f"({n_student / 1e6:.1f}M params, grid {student.grid}) on {len(dataset)} images, "
+              f"{info.world_size} process(es), {precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
+    trainer.fit()
+    if info.is_main:
+        print(f"done: {Path(cfg['output']) / 'student.pt'}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
