@@ -178,3 +178,48 @@ def from_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
                 break
         out[key] = value
     return out
+
+
+def from_timm_vit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``VisionTransformer`` keys (DeiT, DINO, ...) -> fd_ref ViT keys.
+
+    timm's ViT has one bias for q, k and v; fd_ref keeps q and v biases only. Dropping the k bias is
+    exact: it adds q_i . b_k to every logit of query i, a constant that the softmax over j cancels.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.bias", key)
+        if m:
+            q, _k, v = value.chunk(3)
+            out[f"blocks.{m.group(1)}.attn.q_bias"] = q
+            out[f"blocks.{m.group(1)}.attn.v_bias"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def to_fd_ref_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported layout (fd_ref, timm Beit / BEiT release, timm ViT) -> fd_ref ViT keys."""
+    keys = set(state_dict)
+    if any(k.endswith(("gamma_1", "relative_position_bias_table")) for k in keys):
+        return from_timm_beit(state_dict)
+    if any(k.endswith("attn.qkv.bias") for k in keys):
+        return from_timm_vit(state_dict)
+    return dict(state_dict)
+
+
+def load_vit(path: str | os.PathLike, **overrides):
+    """Rebuild an fd_ref ViT from a file that records its ``model_config`` (student.pt, best.pt,
+    checkpoint.pt of train.py / finetune.py) and load its weights; ``overrides`` change constructor
+    arguments (e.g. ``num_classes``). Returns ``(model, summary)``."""
+    from .vit import VisionTransformer
+
+    blob = load_file(path)
+    config = blob.get("model_config") if isinstance(blob, Mapping) else None
+    if not config:
+        raise UserError(f"{path} does not record its architecture (no model_config); build the model "
+                        f"with --model and load it as --pretrained instead")
+    model = VisionTransformer(**{**config, **overrides})
+    summary = load_weights(model, to_fd_ref_keys(model_state(blob)), what=Path(path).name,
+                           ignore=(r"projection\..*",))
+    return model, summary
