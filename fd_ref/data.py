@@ -1,0 +1,716 @@
+"""Datasets, transforms, Mixup/CutMix and loaders.
+
+What lives here:
+
+* :class:`SyntheticImages` -- a tiny built-in, procedurally generated classification set so that every
+  script runs (and learns something) with no download at all.
+* :class:`RobustImageFolder` -- an ``ImageFolder`` that never crashes on a bad file and converts every
+  image mode (grayscale, CMYK, palette, alpha, 16-bit) to 8-bit RGB correctly.
+* :func:`build_dataset` -- ``synthetic`` / ``cifar10`` / ``cifar100`` / a folder path -> a ``Dataset``.
+* The three transform pipelines of the paper: pre-training (Sec. 3 / App. A: RandomResizedCrop + flip only,
+  one crop shared by teacher and student), fine-tuning (the BEiT/MAE recipe: RandAugment(9, 0.5), random
+  erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1) and evaluation (resize + center crop).
+* :class:`MixupCutmix` and :func:`soft_target_cross_entropy` for fine-tuning.
+* :func:`split_indices` and :func:`build_loader` (seeded, resumable epoch order, DDP aware).
+"""
+from __future__ import annotations
+
+import colorsys
+import logging
+import math
+import os
+import threading
+import urllib.error
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from fd_ref.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: File name endings that :class:`RobustImageFolder` treats as images (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+)
+
+Transform = Callable[[Any], Any]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Synthetic images
+# ---------------------------------------------------------------------------------------------------------
+
+_PATTERNS: tuple[str, ...] = ("vstripes", "hstripes", "checker", "rings")
+
+
+class SyntheticImages(Dataset):
+    """A deterministic, procedurally generated image classification set (no download needed).
+
+    Class ``c`` fixes a *hue* (``c / num_classes`` of the colour wheel) and a *pattern* (vertical stripes,
+    horizontal stripes, checkerboard or concentric rings, ``c % 4``), so classes with neighbouring hues
+    differ in pattern. Each image then draws, from a
+    generator seeded by ``(seed, index)``: the pattern's frequency and phase, the rings' centre, the
+    colour's exact hue / saturation / value, a dark background colour, a randomly placed occluding
+    rectangle and pixel noise. Class structure depends only on ``(c, num_classes)``, never on ``seed``, so
+    sets built with different seeds share their classes but not their images. Both cues survive horizontal
+    flips and crops, so a tiny ViT learns it well above chance in minutes on a CPU.
+
+    Labels are ``index % num_classes`` (balanced). Items are ``(PIL RGB image, int label)``, or
+    ``(transform(image), label)`` when a transform is given. Images are generated on the fly in
+    ``__getitem__`` (numpy, well under a millisecond at 32 px).
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        num_classes: int = 10,
+        image_size: int = 32,
+        seed: int = 0,
+        transform: Transform | None = None,
+    ) -> None:
+        if num_images < 1:
+            raise UserError(f"synthetic dataset needs at least 1 image, got {num_images}; pass a positive size")
+        if num_classes < 2:
+            raise UserError(f"synthetic dataset needs at least 2 classes, got {num_classes}; pass 2 or more")
+        if image_size < 8:
+            raise UserError(f"synthetic image size must be at least 8 pixels, got {image_size}; pass 8 or more")
+        self.num_images = num_images
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.seed = seed
+        self.transform = transform
+        self._hues = [c / num_classes for c in range(num_classes)]
+        self.classes: list[str] = [
+            f"{_PATTERNS[c % len(_PATTERNS)]}_hue{round(360 * self._hues[c]):03d}" for c in range(num_classes)
+        ]
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    @property
+    def targets(self) -> list[int]:
+        """All labels, in index order (like torchvision datasets)."""
+        return [i % self.num_classes for i in range(self.num_images)]
+
+    def generate(self, index: int) -> tuple[Image.Image, int]:
+        """Return image ``index`` and its label, before any transform."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        label = index % self.num_classes
+        rng = np.random.default_rng([self.seed, index])
+        s = self.image_size
+        v, u = np.meshgrid(np.arange(s) / s, np.arange(s) / s, indexing="ij")  # rows (v), columns (u) in [0, 1)
+        freq = rng.uniform(2.5, 4.5)  # cycles per image side
+        phase = rng.uniform(0.0, 2 * math.pi, size=2)
+        pattern = _PATTERNS[label % len(_PATTERNS)]
+        if pattern == "vstripes":
+            wave = np.sin(2 * math.pi * freq * u + phase[0])
+        elif pattern == "hstripes":
+            wave = np.sin(2 * math.pi * freq * v + phase[0])
+        elif pattern == "checker":
+            wave = np.sin(2 * math.pi * freq * u + phase[0]) * np.sin(2 * math.pi * freq * v + phase[1])
+            wave = np.clip(2.0 * wave, -1.0, 1.0)
+        else:  # rings around a random centre
+            cu, cv = rng.uniform(0.2, 0.8, size=2)
+            wave = np.sin(2 * math.pi * freq * np.hypot(u - cu, v - cv) + phase[0])
+        weight = (0.5 + 0.5 * wave)[..., None]  # [s, s, 1] in [0, 1]
+
+        hue = (self._hues[label] + rng.normal(0.0, 0.02)) % 1.0
+        fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0)))
+        bg = rng.uniform(0.0, 0.35) + rng.uniform(-0.05, 0.05, size=3)
+        img = bg * (1.0 - weight) + fg * weight
+
+        # A randomly placed occluder of random colour covering at most ~1/4 of the image.
+        h, w = rng.integers(s // 8, s // 2 + 1, size=2)
+        y0, x0 = rng.integers(0, s - h + 1), rng.integers(0, s - w + 1)
+        img[y0:y0 + h, x0:x0 + w] = rng.uniform(0.0, 1.0, size=3)
+
+        img = img + rng.normal(0.0, 0.06, size=img.shape)
+        pixels = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, mode="RGB"), label
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.generate(index)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Robust image folder
+# ---------------------------------------------------------------------------------------------------------
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageSkipped(Exception):
+    """Raised by :func:`load_rgb` for an image we refuse to decode (e.g. too many pixels)."""
+
+
+def _open_unlimited(path: str | os.PathLike[str]) -> Image.Image:
+    """``Image.open`` with PIL's decompression-bomb check switched off; :func:`load_rgb` applies its own."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB.
+
+    * 16-bit / 32-bit integer grayscale (``I;16*``, ``I``): values are taken as 16-bit (clipped to
+      ``[0, 65535]``) and *scaled* to 8 bits (``round(v / 257)``: 65535 -> 255, 32768 -> 128), not clipped.
+    * Float (``F``): values in ``[0, 1]`` if the maximum is at most 1, else in ``[0, 255]``.
+    * Anything with transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent colour) is composited
+      onto white, so transparent areas do not turn into whatever colour hides under alpha 0.
+    * Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) goes through PIL's ``convert("RGB")``.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.float64)
+        gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        values = np.nan_to_num(values)
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        gray = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(
+    path: str | os.PathLike[str], *, max_pixels: int = 178_956_970, downscale_pixels: int = 4096 * 4096
+) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image.
+
+    Large images: PIL's own decompression-bomb limit is bypassed and replaced by ours. An image with more
+    than ``downscale_pixels`` pixels is shrunk by an integer factor to at most that many: JPEGs cheaply
+    while decoding (``Image.draft``, DCT scaling), other formats with ``Image.reduce`` after decoding. An
+    image that would still need more than ``max_pixels`` pixels decoded raises :class:`ImageSkipped`.
+    Corrupt, truncated or unknown files raise whatever PIL raises (``OSError``, ``SyntaxError``, ...).
+    """
+    with _open_unlimited(path) as image:
+        width, height = image.size
+        if width * height > downscale_pixels:
+            factor = math.sqrt(width * height / downscale_pixels)
+            image.draft(None, (max(1, int(width / factor)), max(1, int(height / factor))))  # JPEG only
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageSkipped(f"{width}x{height} pixels is more than the limit of {max_pixels}")
+        image.load()
+        rgb = to_rgb(image)
+    pixels = rgb.width * rgb.height
+    if pixels > downscale_pixels:
+        rgb = rgb.reduce(math.ceil(math.sqrt(pixels / downscale_pixels)))
+    return rgb
+
+
+def _class_folders(root: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``root``."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+class RobustImageFolder(Dataset):
+    """Like ``torchvision.datasets.ImageFolder`` (``root/<class>/**/<image>``), but never crashes on a file.
+
+    * Bad files (unreadable, corrupt, truncated, zero bytes, too large) are found *when loaded*: the
+      failure is logged once per file, counted in :attr:`num_skipped`, and the next readable sample is
+      returned instead (``index + 1``, ``index + 2``, ... wrapping around), so a ``DataLoader`` keeps going.
+      With ``DataLoader`` workers the count lives in each worker process; the main process only sees the
+      files it loaded itself.
+    * :meth:`scan` (or ``verify=True``) checks every file upfront (``Image.verify()`` and a full decode) and
+      drops the bad ones; it returns how many. Affordable for small datasets only.
+    * Every image mode becomes 8-bit RGB (see :func:`to_rgb`); large images are downscaled or skipped (see
+      :func:`load_rgb`).
+    * Classes are all non-hidden sub-folders, sorted, even empty ones (so train and val folders with the
+      same class folders agree on label indices). Hidden files and non-image extensions are ignored.
+    * A missing folder, a folder without class sub-folders or without any image raises :class:`UserError`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform: Transform | None = None,
+        *,
+        verify: bool = False,
+        max_pixels: int = 178_956_970,
+        downscale_pixels: int = 4096 * 4096,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.downscale_pixels = downscale_pixels
+        if not self.root.is_dir():
+            raise UserError(
+                f"image folder {self.root} does not exist or is not a folder; pass an existing folder laid out "
+                "as <root>/<class>/<image>"
+            )
+        self.classes: list[str] = _class_folders(self.root)
+        if not self.classes:
+            raise UserError(
+                f"image folder {self.root} has no class sub-folders; lay it out as <root>/<class>/<image>"
+            )
+        self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for name in self.classes:
+            for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for filename in sorted(filenames):
+                    if not filename.startswith(".") and filename.lower().endswith(IMAGE_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, filename), self.class_to_idx[name]))
+        if not self.samples:
+            raise UserError(
+                f"image folder {self.root} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
+                "its class sub-folders); check the path"
+            )
+        self._bad: set[str] = set()
+        if verify:
+            self.scan()
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every sample, in index order."""
+        return [label for _, label in self.samples]
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct bad files this process has met (while loading or in :meth:`scan`)."""
+        return len(self._bad)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, path: str) -> Image.Image:
+        """Decode one file into RGB (raises on a bad file)."""
+        return load_rgb(path, max_pixels=self.max_pixels, downscale_pixels=self.downscale_pixels)
+
+    def _try_load(self, path: str) -> Image.Image | None:
+        """Decode ``path``; on failure log (once per file), count it, and return ``None``."""
+        if path in self._bad:
+            return None
+        try:
+            return self.load(path)
+        except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file"
+            self._bad.add(path)
+            log.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        for offset in range(n):
+            path, label = self.samples[(index + offset) % n]
+            image = self._try_load(path)
+            if image is not None:
+                return (self.transform(image) if self.transform is not None else image), label
+        raise UserError(f"none of the {n} images in {self.root} can be read; check the files")
+
+    def scan(self) -> int:
+        """Check every file now (``Image.verify()`` plus a full decode), drop the bad ones, return how many."""
+        good: list[tuple[str, int]] = []
+        dropped = 0
+        for path, label in self.samples:
+            ok = path not in self._bad
+            if ok:
+                try:
+                    with _open_unlimited(path) as image:
+                        image.verify()
+                except Exception as err:  # noqa: BLE001
+                    self._bad.add(path)
+                    log.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+                    ok = False
+            ok = ok and self._try_load(path) is not None
+            if ok:
+                good.append((path, label))
+            else:
+                dropped += 1
+        self.samples = good
+        if not self.samples:
+            raise UserError(f"none of the images in {self.root} can be read; check the files")
+        return dropped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset factory and splits
+# ---------------------------------------------------------------------------------------------------------
+
+_CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def _build_cifar(name: str, train: bool, transform: Transform | None, root_cache: Path) -> Dataset:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _CIFAR[name])
+    try:
+        return cls(root=str(root_cache), train=train, transform=transform, download=False)
+    except (RuntimeError, OSError):
+        pass  # not downloaded yet
+    try:
+        return cls(root=str(root_cache), train=train, transform=transform, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError, ValueError) as err:
+        raise UserError(
+            f"could not download {name} into {root_cache} ({type(err).__name__}: {err}); when offline, pass an "
+            "ImageFolder path (<root>/<class>/<image> or <root>/train + <root>/val) with --data instead"
+        ) from err
+
+
+def build_dataset(
+    data: str,
+    train: bool,
+    transform: Transform | None,
+    *,
+    root_cache: str | os.PathLike[str] = "~/.cache/fd_ref",
+    synthetic_size: int = 5000,
+    synthetic_val_size: int | None = None,
+    synthetic_classes: int = 10,
+    synthetic_image_size: int = 32,
+    seed: int = 0,
+    verify: bool = False,
+) -> Dataset:
+    """Build the train (``train=True``) or validation dataset named by ``data``.
+
+    ``data`` is one of
+
+    * ``synthetic``: :class:`SyntheticImages` with ``synthetic_size`` training images and
+      ``synthetic_val_size`` (default ``synthetic_size // 5``, at least 1) validation images. Train uses
+      seed ``2 * seed`` and val ``2 * seed + 1``, so their images never coincide.
+    * ``cifar10`` / ``cifar100``: torchvision's CIFAR, downloaded into ``root_cache`` if needed; failing
+      to download (offline) raises :class:`UserError` pointing to ``--data <folder>``.
+    * a folder path: if it has a ``train/`` sub-folder, ``train/`` is the training set and ``val/`` the
+      validation set (ImageNet layout; both must have the same class folders). If it has ``train/`` but no
+      ``val/``, or no ``train/`` at all, the one folder is returned for both, and the caller should carve a
+      validation split with :func:`split_indices`. Folders are :class:`RobustImageFolder`\\ s (``verify``
+      is passed on).
+
+    The names ``synthetic``, ``cifar10``, ``cifar100`` (case-insensitive) win over same-named folders.
+    """
+    name = data.strip().lower()
+    if name == "synthetic":
+        if train:
+            return SyntheticImages(synthetic_size, synthetic_classes, synthetic_image_size, 2 * seed, transform)
+        val_size = synthetic_val_size if synthetic_val_size is not None else max(1, synthetic_size // 5)
+        return SyntheticImages(val_size, synthetic_classes, synthetic_image_size, 2 * seed + 1, transform)
+    if name in _CIFAR:
+        return _build_cifar(name, train, transform, Path(root_cache).expanduser())
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"--data {data!r} is neither synthetic, cifar10, cifar100 nor an existing folder; pass one of those"
+        )
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir():
+        return RobustImageFolder(root, transform, verify=verify)
+    if train or not val_dir.is_dir():
+        return RobustImageFolder(train_dir, transform, verify=verify)
+    dataset = RobustImageFolder(val_dir, transform, verify=verify)
+    if dataset.classes != _class_folders(train_dir):
+        raise UserError(
+            f"{val_dir} and {train_dir} have different class folders, so their labels would not match; "
+            "give both the same class sub-folders"
+        )
+    return dataset
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` into (train, val) index lists: shuffle with ``seed``, the last ``val_size`` are val.
+
+    Deterministic for given arguments; the two lists are disjoint, cover ``range(n)`` and are each sorted.
+    """
+    if n < 0 or not 0 <= val_size <= n:
+        raise UserError(f"cannot take {val_size} validation images out of {n}; pass a size between 0 and {n}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).tolist()
+    return sorted(order[: n - val_size]), sorted(order[n - val_size:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------------------
+
+_BICUBIC = v2.InterpolationMode.BICUBIC
+#: RandAugment fill for pixels uncovered by geometric ops: the ImageNet mean in 8 bits (as timm does).
+_FILL_U8 = [round(255 * m) for m in IMAGENET_MEAN]
+
+
+def _to_normalized_tensor() -> list[Any]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def pretrain_transform(size: int) -> v2.Compose:
+    """Pre-training (distillation) augmentation: RandomResizedCrop(0.08-1, bicubic) + flip + normalize.
+
+    FD uses only this light augmentation (Sec. 3, App. A). The dataset yields one crop per image and the
+    training loop feeds *the same tensor* to teacher and student. Output: float32 ``[3, size, size]``.
+    """
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *_to_normalized_tensor(),
+    ])
+
+
+class RandAugmentMstd(torch.nn.Module):
+    """timm-style ``rand-m{magnitude}-mstd{mstd}`` built from torchvision's RandAugment ops.
+
+    torchvision's ``RandAugment`` has one fixed magnitude and always applies its ops. timm's (used by the
+    BEiT/MAE/FD fine-tuning recipes) instead, for each of ``num_ops`` ops picked with replacement, applies
+    it with probability ``op_prob`` (0.5) at a magnitude drawn from ``N(magnitude, mstd)`` clipped to
+    ``[0, 10]``, on a 0-10 scale. We reproduce that by running ``num_ops`` single-op torchvision
+    ``RandAugment`` passes, each with its own magnitude drawn per op and image, mapped onto 101 magnitude
+    bins (``round(10 * m)``, so ``m = 9`` is 90% of each op's maximum strength, as in timm). The op set is
+    torchvision's (it has ``Identity`` and lacks timm's ``Invert``/``SolarizeAdd``), so this is close to,
+    not identical with, timm. All randomness comes from ``torch``'s generator.
+    """
+
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, mstd: float = 0.5, op_prob: float = 0.5) -> None:
+        super().__init__()
+        self.num_ops, self.magnitude, self.mstd, self.op_prob = num_ops, magnitude, mstd, op_prob
+
+    def forward(self, image: Any) -> Any:
+        for _ in range(self.num_ops):
+            if torch.rand(()).item() >= self.op_prob:
+                continue
+            m = self.magnitude + self.mstd * torch.randn(()).item() if self.mstd > 0 else self.magnitude
+            bin_index = round(10 * min(max(m, 0.0), 10.0))
+            op = v2.RandAugment(
+                num_ops=1, magnitude=bin_index, num_magnitude_bins=101,
+                interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL_U8,
+            )
+            image = op(image)
+        return image
+
+    def extra_repr(self) -> str:
+        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, mstd={self.mstd}, op_prob={self.op_prob}"
+
+
+def finetune_transform(
+    size: int,
+    *,
+    randaug_magnitude: float = 9,
+    randaug_mstd: float = 0.5,
+    color_jitter: float = 0.4,
+    random_erasing: float = 0.25,
+) -> v2.Compose:
+    """Fine-tuning augmentation (BEiT/MAE recipe that FD follows for fine-tuning, App. A).
+
+    RandomResizedCrop(0.08-1, bicubic) + flip, then :class:`RandAugmentMstd` (2 ops, magnitude
+    ``randaug_magnitude`` with std ``randaug_mstd``), ``ColorJitter(color_jitter)`` on brightness, contrast
+    and saturation, normalize, and ``RandomErasing(p=random_erasing)`` filling the box with per-pixel normal
+    noise (timm's "pixel" mode). A value of 0 disables that piece.
+
+    Note: timm skips color jitter whenever RandAugment is on, so the reference BEiT/MAE runs effectively use
+    none; pass ``color_jitter=0`` to match them exactly.
+    """
+    steps: list[Any] = [
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    # RandAugment and ColorJitter run on the PIL image when given one (several times faster than on tensors).
+    if randaug_magnitude > 0:
+        steps.append(RandAugmentMstd(num_ops=2, magnitude=randaug_magnitude, mstd=randaug_mstd))
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    steps += _to_normalized_tensor()
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random"))
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int, crop_pct: float = 0.875) -> v2.Compose:
+    """Evaluation: resize the short side to ``int(size / crop_pct)`` (bicubic), center-crop ``size``, normalize."""
+    if not 0 < crop_pct <= 1:
+        raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}; 0.875 is the usual value")
+    return v2.Compose([
+        v2.Resize(int(size / crop_pct), interpolation=_BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        *_to_normalized_tensor(),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixup / CutMix and the soft-target loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MixupCutmix:
+    """Batch-level Mixup / CutMix with label smoothing (timm ``Mixup`` in "batch" mode), torch RNG only.
+
+    For each batch: if both alphas are positive, CutMix is chosen with probability ``switch_prob``, else
+    Mixup; an alpha of 0 disables its branch; with both 0 only label smoothing is applied. ``lam`` is drawn
+    from ``Beta(alpha, alpha)`` and each image is mixed with the batch flipped along its first dimension
+    (``images.flip(0)``). CutMix pastes a box of area ~``(1 - lam)`` (random centre, clipped to the image)
+    and then sets ``lam`` to the exact kept area. Targets are ``lam * smooth(y) + (1 - lam) * smooth(y.flip)``
+    with ``smooth(y) = one_hot(y) * (1 - eps) + eps / num_classes``, so every row sums to 1.
+    The input tensors are not modified. Deterministic under ``torch.manual_seed``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        if num_classes < 1:
+            raise UserError(f"num_classes must be positive, got {num_classes}")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise UserError(f"mixup/cutmix alphas must be >= 0 (0 disables), got {mixup_alpha}, {cutmix_alpha}")
+        if not 0 <= switch_prob <= 1:
+            raise UserError(f"mixup/cutmix switch probability must be in [0, 1], got {switch_prob}")
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing}")
+        self.num_classes = num_classes
+        self.mixup_alpha = mixup_alpha
+        self.cutmix_alpha = cutmix_alpha
+        self.switch_prob = switch_prob
+        self.label_smoothing = label_smoothing
+
+    def smooth_one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed one-hot rows ``[B, num_classes]`` (float32)."""
+        off = self.label_smoothing / self.num_classes
+        one_hot = F.one_hot(labels.long(), self.num_classes).float()
+        return one_hot * (1.0 - self.label_smoothing) + off
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not images.is_floating_point() or images.dim() != 4:
+            raise ValueError(f"expected float images [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        use_mixup, use_cutmix = self.mixup_alpha > 0, self.cutmix_alpha > 0
+        if use_mixup and use_cutmix:
+            use_cutmix = bool(torch.rand(()).item() < self.switch_prob)
+            use_mixup = not use_cutmix
+        lam = 1.0
+        if use_cutmix:
+            lam = float(torch.distributions.Beta(self.cutmix_alpha, self.cutmix_alpha).sample())
+            images, lam = self._cutmix(images, lam)
+        elif use_mixup:
+            lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+            images = images * lam + images.flip(0) * (1.0 - lam)
+        targets = self.smooth_one_hot(labels.to(images.device))
+        if lam < 1.0:
+            targets = targets * lam + targets.flip(0) * (1.0 - lam)
+        return images, targets
+
+    @staticmethod
+    def _cutmix(images: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+        """Paste a box of ``images.flip(0)`` into a copy of ``images``; return it and the kept-area ``lam``."""
+        height, width = images.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * cut), int(width * cut)
+        cy = int(torch.randint(0, height, ()).item())
+        cx = int(torch.randint(0, width, ()).item())
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed = images.clone()
+        mixed[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
+        return mixed, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum_k targets[k] * log_softmax(logits)[k]`` (computed in float32)."""
+    return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler[int]):
+    """Single-process sampler whose order depends only on ``(seed, epoch)`` (``set_epoch`` like DDP's).
+
+    Makes the data order of epoch ``e`` identical whether or not training was interrupted and resumed.
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int,
+    seed: int,
+    distributed: bool = False,
+) -> tuple[DataLoader, EpochSampler | torch.utils.data.DistributedSampler]:
+    """A seeded ``DataLoader`` and its sampler; call ``sampler.set_epoch(epoch)`` before each epoch.
+
+    With ``distributed=True`` and ``torch.distributed`` initialised, a ``DistributedSampler`` shards the data
+    (padding by repetition so every rank gets the same count); otherwise an :class:`EpochSampler`. The
+    order of each epoch depends only on ``(seed, epoch)``; worker seeds come from a generator seeded with
+    ``seed``. Workers are persistent when ``num_workers > 0``; memory is pinned when CUDA is available.
+
+    Policy for tiny datasets: if ``drop_last`` is set but one process gets fewer than ``batch_size``
+    samples, the loader would yield no batch at all, so ``drop_last`` is turned off (with a warning) and a
+    single smaller batch is produced per epoch.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"number of data workers must be >= 0, got {num_workers}")
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        raise UserError("the dataset is empty; check --data")
+    sampler: EpochSampler | torch.utils.data.DistributedSampler
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    else:
+        sampler = EpochSampler(size, shuffle=shuffle, seed=seed)
+    if drop_last and len(sampler) < batch_size:
+        log.warning(
+            "batch size %d is larger than the %d samples per process; using drop_last=False so that each "
+            "epoch still has one (smaller) batch", batch_size, len(sampler),
+        )
+        drop_last = False
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+__all__: Sequence[str] = (
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SyntheticImages", "RobustImageFolder", "ImageSkipped",
+    "load_rgb", "to_rgb", "build_dataset", "split_indices", "pretrain_transform", "finetune_transform",
+    "eval_transform", "RandAugmentMstd", "MixupCutmix", "soft_target_cross_entropy", "EpochSampler",
+    "build_loader",
+)
