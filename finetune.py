@@ -1,0 +1,319 @@
+"""Fine-tuning and linear probing (paper Sec. 4): where the value of feature distillation is measured.
+
+    python finetune.py                   # quickstart: fine-tune out/quickstart/student.pt on the synthetic set
+    python finetune.py --from-scratch    # the same model trained from random weights (a supervised baseline)
+    python finetune.py --linear-probe    # frozen backbone, BatchNorm + linear head
+    torchrun --nproc_per_node 8 finetune.py --config configs/ft_clip_vit_base.yaml \
+        --pretrained out/fd_clip_vit_base/student.pt --data /data/imagenet
+
+Settings: DEFAULTS below <- --config YAML <- flags (``python finetune.py --help``). Outputs in --output:
+checkpoint.pt (resume state), best.pt (best validation top-1), config.yaml, log.jsonl, results.json.
+The loop is fd_ref.engine.Trainer, the same one train.py runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fd_ref.checkpoint import (expand_shared_rpb, load_file, load_weights, model_state, save_atomic,
+                               to_fd_ref_keys)
+from fd_ref.cli import run_main
+from fd_ref.config import resolve_config, save_yaml
+from fd_ref.data import MixupCutmix, eval_transform, finetune_transform, soft_target_cross_entropy
+from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everything
+from fd_ref.engine import LoopSettings, Trainer
+from fd_ref.errors import UserError
+from fd_ref.optim import build_optimizer
+from fd_ref.position import resize_relative_position_bias_table
+from fd_ref.sampler import make_loader
+from fd_ref.schedule import WarmupCosine, scale_lr
+from fd_ref.splits import train_val_datasets
+from fd_ref.vit import PRESETS, VisionTransformer
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults: the offline quickstart, fine-tuning the student that `python train.py` wrote.
+DEFAULTS = dict(
+    # data
+    data="synthetic",            # synthetic | cifar10 | cifar100 | folder with train/ and val/ (or use --val-split)
+    synthetic_size=1024,
+    num_classes=10,
+    img_size=32,
+    val_split=0,                 # hold out this many training images as validation (folders without val/)
+    split_seed=0,                # the hold-out is fixed by this seed, not by --seed
+    train_subset=0,              # train on a fixed random subset of this size (0: all)
+    num_workers=2,
+    # model
+    pretrained="out/quickstart/student.pt",  # fd_ref student.pt / best.pt, timm ViT or BEiT weights
+    from_scratch=False,          # ignore --pretrained: random initialisation
+    linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head
+    model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch)
+    patch_size=8,
+    depth=4,
+    embed_dim=None,
+    num_heads=None,
+    pos_embed="rpb",             # from scratch: rpb | abs | shared_rpb (pretrained FD students become rpb)
+    drop_path=0.1,
+    layer_scale=0.1,
+    # recipe (the FD / BEiT fine-tuning recipe)
+    epochs=5,
+    batch_size=64,
+    accum_steps=1,
+    lr=1.25e-3,                  # per 512 images
+    min_lr=2.5e-7,
+    warmup_lr=0.0,
+    warmup_epochs=1,
+    layer_decay=0.6,             # lr scale decay^(L+1-layer); 1.0 switches it off
+    weight_decay=0.05,
+    clip_grad=0.0,
+    label_smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    mix_switch_prob=0.5,
+    randaug_magnitude=9.0,
+    randaug_mstd=0.5,
+    color_jitter=0.4,
+    random_erasing=0.25,
+    crop_pct=0.875,              # evaluation: resize to img_size / crop_pct, centre crop img_size
+    precision="auto",
+    grad_checkpointing=False,
+    compile=False,
+    nan_policy="stop",
+    # run
+    output="out/quickstart_ft",
+    resume=None,
+    eval_only=False,
+    max_steps=0,
+    save_every=0,
+    log_every=10,
+    seed=0,
+    progress=None,
+)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LinearProbe(nn.Module):
+    """Frozen backbone; mean of its final-norm patch tokens -> BatchNorm1d(affine=False) -> Linear."""
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.bn = nn.BatchNorm1d(backbone.embed_dim, affine=False)
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.config = {**backbone.config, "linear_probe": True}
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.backbone.eval()  # a frozen backbone: no drop path, no dropout
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = self.backbone.forward_features(x)
+        return self.head(self.bn(tokens[:, self.backbone.num_prefix_tokens:].mean(1)))
+
+
+def adapt_state(state: dict, model: VisionTransformer, source_config: dict | None) -> dict:
+    """Turn a pretrained state into one for ``model``: fd_ref keys, the shared RPB copied into every
+    block, relative position tables and absolute position embeddings resized to the model's grid."""
+    state = to_fd_ref_keys(state)
+    if "rel_pos_bias.table" in state and model.pos_embed_type == "rpb":
+        state = expand_shared_rpb(state, model.depth)
+    old = tuple([source_config["img_size"] // source_config["patch_size"]] * 2) if source_config else None
+    for key, value in list(state.items()):
+        if key.endswith("rel_pos_bias.table"):
+            h = w = None
+            if old is None:  # infer the grid from the table's length: (2H-1)^2 + 3 rows
+                side = int(round((value.shape[0] - 3) ** 0.5))
+                h = w = (side + 1) // 2
+            grid = old or (h, w)
+            if tuple(grid) != tuple(model.grid):
+                state[key] = resize_relative_position_bias_table(value, grid, model.grid)
+        elif key == "pos_embed" and model.pos_embed is not None and value.shape != model.pos_embed.shape:
+            cls, patches = value[:, :1], value[:, 1:]
+            side = int(round(patches.shape[1] ** 0.5))
+            img = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            img = F.interpolate(img, size=model.grid, mode="bicubic", align_corners=False)
+            state[key] = torch.cat([cls, img.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+    return state
+
+
+def build_model(cfg: dict) -> tuple[nn.Module, str]:
+    """The network to fine-tune and a one-paragraph summary of what was loaded."""
+    probe = cfg["linear_probe"]
+    if cfg["from_scratch"] or not cfg["pretrained"]:
+        if probe:
+            raise UserError("--linear-probe needs --pretrained weights (a frozen random backbone is no probe)")
+        if cfg["model"] not in PRESETS:
+            raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[cfg["model"]]
+        model = VisionTransformer(**{**preset, **{k: cfg[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
+                                                  if cfg[k] is not None}},
+                                  img_size=cfg["img_size"], pos_embed=cfg["pos_embed"],
+                                  drop_path_rate=cfg["drop_path"], layer_scale_init=cfg["layer_scale"],
+                                  num_classes=cfg["num_classes"], global_pool="avg")
+        return model, "random initialisation (from scratch)"
+    path = cfg["pretrained"]
+    if not Path(path).exists():
+        raise UserError(f"pretrained weights {path} not found; run `python train.py` first, pass "
+                        f"--pretrained PATH, or --from-scratch")
+    blob = load_file(path)
+    source = blob.get("model_config") if isinstance(blob, dict) else None
+    if source:
+        arch = {k: source[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                                       "layer_scale_init")}
+        pos = source["pos_embed"]
+    else:
+        if cfg["model"] not in PRESETS:
+            raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
+        arch = {**PRESETS[cfg["model"]], **{k: cfg[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
+                                           if cfg[k] is not None}, "layer_scale_init": cfg["layer_scale"]}
+        state_keys = set(model_state(blob))
+        pos = "abs" if "pos_embed" in state_keys else "shared_rpb" if any(
+            k.endswith("rel_pos_bias.relative_position_bias_table") or k == "rel_pos_bias.table"
+            for k in state_keys) else "rpb"
+    if probe:
+        model = VisionTransformer(**arch, img_size=cfg["img_size"], pos_embed=pos, num_classes=0,
+                                  global_pool="cls")
+    else:
+        model = VisionTransformer(**arch, img_size=cfg["img_size"], drop_path_rate=cfg["drop_path"],
+                                  pos_embed="rpb" if pos == "shared_rpb" else pos,
+                                  num_classes=cfg["num_classes"], global_pool="avg")
+    state = adapt_state(model_state(blob), model, source)
+    # a pretrained head of another task and the FD projection are never loaded; mean pooling drops `norm`
+    ignore = (r"head\..*", r"projection\..*", r"fc_norm\..*") + (() if probe else (r"norm\..*",))
+    summary = load_weights(model, state, what=f"model from {path}", ignore=ignore)
+    if probe:
+        model = LinearProbe(model, cfg["num_classes"])
+    return model, summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        totals[0] += (top5[:, 0] == labels).sum()
+        totals[1] += (top5 == labels[:, None]).any(1).sum()
+        totals[2] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        totals[3] += len(labels)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    n = max(totals[3].item(), 1)
+    return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
+            "val_loss": totals[2].item() / n}
+
+
+def main(argv=None) -> dict:
+    cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0])
+    info = init_distributed()
+    seed_everything(cfg["seed"], info.rank)
+    precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
+
+    train_tf = finetune_transform(cfg["img_size"], randaug_magnitude=cfg["randaug_magnitude"],
+                                  randaug_mstd=cfg["randaug_mstd"], color_jitter=cfg["color_jitter"],
+                                  random_erasing=cfg["random_erasing"])
+    if cfg["linear_probe"]:  # the paper's linear probe: light augmentation only
+        train_tf = finetune_transform(cfg["img_size"], randaug_magnitude=0, color_jitter=0, random_erasing=0)
+    train_set, val_set = train_val_datasets(
+        cfg["data"], train_tf, eval_transform(cfg["img_size"], cfg["crop_pct"]), val_split=cfg["val_split"],
+        split_seed=cfg["split_seed"], train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"],
+        img_size=cfg["img_size"], seed=cfg["seed"])
+
+    model, summary = build_model(cfg)
+    model.to(info.device)
+    if info.is_main:
+        print(summary, flush=True)
+    if cfg["grad_checkpointing"] and isinstance(model, VisionTransformer):
+        model.set_grad_checkpointing(True)
+    ddp, forward = None, model
+    if info.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        forward = ddp
+    if cfg["compile"]:
+        forward = torch.compile(forward)
+
+    total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
+    lr = scale_lr(cfg["lr"], total_batch)
+    if cfg["linear_probe"]:
+        optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"])
+    else:
+        layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
+        optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay,
+                                    num_layers=model.depth)
+    loader, sampler = make_loader(train_set, cfg["batch_size"], seed=cfg["seed"], shuffle=True, rank=info.rank,
+                                  world_size=info.world_size, num_workers=cfg["num_workers"],
+                                  pin_memory=info.device.type == "cuda")
+    val_loader, _ = make_loader(val_set, cfg["batch_size"], seed=cfg["seed"], shuffle=False, rank=info.rank,
+                                world_size=info.world_size, num_workers=cfg["num_workers"], drop_last=False)
+    steps_per_epoch = len(sampler) // cfg["accum_steps"]
+    scheduler = WarmupCosine(optimizer, base_lr=lr, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
+                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"], min_lr=cfg["min_lr"],
+                             warmup_lr=cfg["warmup_lr"])
+    mixing = cfg["mixup"] > 0 or cfg["cutmix"] > 0
+    mix = MixupCutmix(cfg["num_classes"], cfg["mixup"], cfg["cutmix"], cfg["mix_switch_prob"],
+                      cfg["label_smoothing"]) if mixing and not cfg["linear_probe"] else None
+
+    def step_fn(batch) -> torch.Tensor:
+        images = batch[0].to(info.device, non_blocking=True)
+        labels = batch[1].to(info.device, non_blocking=True)
+        if mix is not None:
+            images, targets = mix(images, labels)
+            return soft_target_cross_entropy(forward(images), targets)
+        return F.cross_entropy(forward(images).float(), labels, label_smoothing=cfg["label_smoothing"])
+
+    settings = LoopSettings(output=cfg["output"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                            accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], precision=precision,
+                            clip_grad=cfg["clip_grad"], log_every=cfg["log_every"], save_every=cfg["save_every"],
+                            nan_policy=cfg["nan_policy"], best_metric="top1", progress=cfg["progress"])
+    trainer = Trainer(step_fn=step_fn, state_module=model, optimizer=optimizer, scheduler=scheduler,
+                      loader=loader, sampler=sampler, settings=settings, info=info, config=cfg,
+                      model_config=model.config, ddp=ddp,
+                      on_epoch_end=lambda epoch: evaluate(model, val_loader, info.device, trainer._autocast))
+    resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
+    if cfg["resume"] or Path(resume).exists():
+        trainer.resume(resume)
+
+    if cfg["eval_only"]:
+        metrics = evaluate(model, val_loader, info.device, trainer._autocast)
+        if info.is_main:
+            print(json.dumps(metrics), flush=True)
+        return metrics
+
+    if info.is_main:
+        Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
+        save_yaml({**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
+                   "lr_scaled": lr}, Path(cfg["output"]) / "config.yaml")
+        mode = "linear probe" if cfg["linear_probe"] else "from scratch" if cfg["from_scratch"] else "fine-tune"
+        print(f"{mode}: {len(train_set)} train / {len(val_set)} val images, {info.world_size} process(es), "
+              f"{precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
+    history = trainer.fit()
+    evals = [h for h in history if "top1" in h]
+    final = evaluate(model, val_loader, info.device, trainer._autocast)
+    results = {"final": final, "best_top1": max([h["top1"] for h in evals], default=final["top1"]),
+               "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]
+               else cfg["pretrained"], "mode": "linear_probe" if cfg["linear_probe"] else "finetune"}
+    if info.is_main:
+        tmp = Path(cfg["output"]) / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(Path(cfg["output"]) / "results.json")
+        print(f"top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  (best top-1 "
+              f"{results['best_top1']:.2f}%)  -> {Path(cfg['output']) / 'results.json'}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)
