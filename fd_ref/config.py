@@ -31,15 +31,22 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
-    return parse
+def _parse_untyped(text: str):
+    """A flag whose default is None: none/null -> None, true/false -> bool, numbers -> int/float, else str."""
+    if text.lower() in ("none", "null", ""):
+        return None
+    if text.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return _parse_bool(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str, description: str) -> _Parser:
-    parser = _Parser(prog=prog, description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--config", type=str, default=None, help="YAML file of settings (flags win)")
     for key, value in defaults.items():
         flag = "--" + key.replace("_", "-")
@@ -52,7 +59,7 @@ def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str,
             parser.add_argument(flag, dest=key, type=kind, nargs="+", default=None,
                                 help=f"{helptext} (default: {value})")
         elif value is None:
-            parser.add_argument(flag, dest=key, type=_parse_optional(str), default=None,
+            parser.add_argument(flag, dest=key, type=_parse_untyped, default=None,
                                 help=f"{helptext} (default: none)")
         else:
             parser.add_argument(flag, dest=key, type=type(value), default=None,
