@@ -86,6 +86,7 @@ DEFAULTS = dict(
     output="out/quickstart_ft",
     resume=None,
     eval_only=False,
+    eval_every=1,                # evaluate every N epochs (and always after the last)
     max_steps=0,
     save_every=0,
     log_every=10,
@@ -279,10 +280,15 @@ def main(argv=None) -> dict:
                             accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], precision=precision,
                             clip_grad=cfg["clip_grad"], log_every=cfg["log_every"], save_every=cfg["save_every"],
                             nan_policy=cfg["nan_policy"], best_metric="top1", progress=cfg["progress"])
+    def on_epoch_end(epoch: int) -> dict:
+        if (epoch + 1) % max(1, cfg["eval_every"]) and epoch + 1 != cfg["epochs"]:
+            return {}
+        return evaluate(model, val_loader, info.device, trainer._autocast)
+
     trainer = Trainer(step_fn=step_fn, state_module=model, optimizer=optimizer, scheduler=scheduler,
                       loader=loader, sampler=sampler, settings=settings, info=info, config=cfg,
                       model_config=model.config, ddp=ddp,
-                      on_epoch_end=lambda epoch: evaluate(model, val_loader, info.device, trainer._autocast))
+                      on_epoch_end=on_epoch_end)
     resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
     if cfg["resume"] or Path(resume).exists():
         trainer.resume(resume)
@@ -302,7 +308,8 @@ def main(argv=None) -> dict:
               f"{precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
     history = trainer.fit()
     evals = [h for h in history if "top1" in h]
-    final = evaluate(model, val_loader, info.device, trainer._autocast)
+    final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
+        model, val_loader, info.device, trainer._autocast)
     results = {"final": final, "best_top1": max([h["top1"] for h in evals], default=final["top1"]),
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]
                else cfg["pretrained"], "mode": "linear_probe" if cfg["linear_probe"] else "finetune"}

@@ -19,7 +19,7 @@ import torch.nn as nn
 from fd_ref.checkpoint import save_atomic
 from fd_ref.cli import run_main
 from fd_ref.config import resolve_config, save_yaml
-from fd_ref.data import build_dataset, pretrain_transform
+from fd_ref.data import pretrain_transform
 from fd_ref.distill import FeatureDistillation
 from fd_ref.distributed import init_distributed, seed_everything
 from fd_ref.engine import LoopSettings, Trainer
@@ -27,6 +27,7 @@ from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lr
+from fd_ref.splits import train_val_datasets
 from fd_ref.teachers import build_teacher
 from fd_ref.vit import create_vit
 
@@ -37,6 +38,9 @@ DEFAULTS = dict(
     data="synthetic",            # synthetic | cifar10 | cifar100 | path to an ImageFolder (ImageNet train/)
     synthetic_size=1024,         # images in the built-in synthetic set
     img_size=32,
+    val_split=0,                 # leave out this many images (the validation hold-out finetune.py uses)
+    split_seed=0,                # the hold-out is fixed by this seed, not by --seed
+    train_subset=0,              # distil on a fixed random subset of this size (0: all)
     num_workers=2,
     # teacher
     teacher="vit_tiny",          # dino_vit_base | deit_vit_base | clip_vit_base | clip_vit_large | timm:<name> | fd_ref preset
@@ -102,9 +106,11 @@ def main(argv=None) -> None:
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
 
-    dataset = build_dataset(cfg["data"], train=True, transform=pretrain_transform(cfg["img_size"]),
-                            synthetic_size=cfg["synthetic_size"], synthetic_image_size=cfg["img_size"],
-                            seed=cfg["seed"])
+    dataset, _ = train_val_datasets(cfg["data"], pretrain_transform(cfg["img_size"]), None,
+                                    val_split=cfg["val_split"], split_seed=cfg["split_seed"],
+                                    train_subset=cfg["train_subset"], need_val=False,
+                                    synthetic_size=cfg["synthetic_size"], img_size=cfg["img_size"],
+                                    seed=cfg["seed"])
     teacher = build_teacher(cfg["teacher"], img_size=cfg["img_size"], checkpoint=cfg["teacher_checkpoint"],
                             patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"])
     student = build_student(cfg)
