@@ -11,7 +11,7 @@ What lives here:
   one crop shared by teacher and student), fine-tuning (the BEiT/MAE recipe: RandAugment(9, 0.5), random
   erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1) and evaluation (resize + center crop).
 * :class:`MixupCutmix` and :func:`soft_target_cross_entropy` for fine-tuning.
-* :func:`split_indices` and :func:`build_loader` (seeded, resumable epoch order, DDP aware).
+* :func:`split_indices` (fixed-seed hold-outs). Batching lives in :mod:`fd_ref.sampler`.
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ import os
 import threading
 import urllib.error
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from fd_ref.errors import UserError
@@ -234,8 +234,8 @@ class RobustImageFolder(Dataset):
     * Bad files (unreadable, corrupt, truncated, zero bytes, too large) are found *when loaded*: the
       failure is logged once per file, counted in :attr:`num_skipped`, and the next readable sample is
       returned instead (``index + 1``, ``index + 2``, ... wrapping around), so a ``DataLoader`` keeps going.
-      With ``DataLoader`` workers the count lives in each worker process; the main process only sees the
-      files it loaded itself.
+      The count is kept in shared memory (one byte per file), so it includes the files that
+      ``DataLoader`` worker processes met (each file counted once).
     * :meth:`scan` (or ``verify=True``) checks every file upfront (``Image.verify()`` and a full decode) and
       drops the bad ones; it returns how many. Affordable for small datasets only.
     * Every image mode becomes 8-bit RGB (see :func:`to_rgb`); large images are downscaled or skipped (see
@@ -282,6 +282,9 @@ class RobustImageFolder(Dataset):
                 "its class sub-folders); check the path"
             )
         self._bad: set[str] = set()
+        self._scan_dropped = 0
+        # one flag per sample, in shared memory: loader workers' skips count in the main process too
+        self._bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
         if verify:
             self.scan()
 
@@ -292,8 +295,8 @@ class RobustImageFolder(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        """How many distinct bad files this process has met (while loading or in :meth:`scan`)."""
-        return len(self._bad)
+        """How many distinct bad files were met (while loading, also in loader workers, or in :meth:`scan`)."""
+        return self._scan_dropped + int(self._bad_flags.sum())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -302,14 +305,16 @@ class RobustImageFolder(Dataset):
         """Decode one file into RGB (raises on a bad file)."""
         return load_rgb(path, max_pixels=self.max_pixels, downscale_pixels=self.downscale_pixels)
 
-    def _try_load(self, path: str) -> Image.Image | None:
-        """Decode ``path``; on failure log (once per file), count it, and return ``None``."""
+    def _try_load(self, path: str, index: int | None = None) -> Image.Image | None:
+        """Decode ``path`` (sample ``index``); on failure log (once per file), count it, return ``None``."""
         if path in self._bad:
             return None
         try:
             return self.load(path)
         except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file"
             self._bad.add(path)
+            if index is not None:
+                self._bad_flags[index] = 1
             log.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
             return None
 
@@ -317,7 +322,7 @@ class RobustImageFolder(Dataset):
         n = len(self.samples)
         for offset in range(n):
             path, label = self.samples[(index + offset) % n]
-            image = self._try_load(path)
+            image = self._try_load(path, (index + offset) % n)
             if image is not None:
                 return (self.transform(image) if self.transform is not None else image), label
         raise UserError(f"none of the {n} images in {self.root} can be read; check the files")
@@ -342,6 +347,9 @@ class RobustImageFolder(Dataset):
             else:
                 dropped += 1
         self.samples = good
+        # the dropped files (also those flagged while loading) are counted here; the flags restart
+        self._scan_dropped += dropped
+        self._bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
         if not self.samples:
             raise UserError(f"none of the images in {self.root} can be read; check the files")
         return dropped
@@ -627,90 +635,3 @@ class MixupCutmix:
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum_k targets[k] * log_softmax(logits)[k]`` (computed in float32)."""
     return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loaders
-# ---------------------------------------------------------------------------------------------------------
-
-
-class EpochSampler(Sampler[int]):
-    """Single-process sampler whose order depends only on ``(seed, epoch)`` (``set_epoch`` like DDP's).
-
-    Makes the data order of epoch ``e`` identical whether or not training was interrupted and resumed.
-    """
-
-    def __init__(self, size: int, *, shuffle: bool, seed: int) -> None:
-        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.size))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def build_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    drop_last: bool,
-    num_workers: int,
-    seed: int,
-    distributed: bool = False,
-) -> tuple[DataLoader, EpochSampler | torch.utils.data.DistributedSampler]:
-    """A seeded ``DataLoader`` and its sampler; call ``sampler.set_epoch(epoch)`` before each epoch.
-
-    With ``distributed=True`` and ``torch.distributed`` initialised, a ``DistributedSampler`` shards the data
-    (padding by repetition so every rank gets the same count); otherwise an :class:`EpochSampler`. The
-    order of each epoch depends only on ``(seed, epoch)``; worker seeds come from a generator seeded with
-    ``seed``. Workers are persistent when ``num_workers > 0``; memory is pinned when CUDA is available.
-
-    Policy for tiny datasets: if ``drop_last`` is set but one process gets fewer than ``batch_size``
-    samples, the loader would yield no batch at all, so ``drop_last`` is turned off (with a warning) and a
-    single smaller batch is produced per epoch.
-    """
-    if batch_size < 1:
-        raise UserError(f"batch size must be positive, got {batch_size}")
-    if num_workers < 0:
-        raise UserError(f"number of data workers must be >= 0, got {num_workers}")
-    size = len(dataset)  # type: ignore[arg-type]
-    if size == 0:
-        raise UserError("the dataset is empty; check --data")
-    sampler: EpochSampler | torch.utils.data.DistributedSampler
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-    else:
-        sampler = EpochSampler(size, shuffle=shuffle, seed=seed)
-    if drop_last and len(sampler) < batch_size:
-        log.warning(
-            "batch size %d is larger than the %d samples per process; using drop_last=False so that each "
-            "epoch still has one (smaller) batch", batch_size, len(sampler),
-        )
-        drop_last = False
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return loader, sampler
-
-
-__all__: Sequence[str] = (
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SyntheticImages", "RobustImageFolder", "ImageSkipped",
-    "load_rgb", "to_rgb", "build_dataset", "split_indices", "pretrain_transform", "finetune_transform",
-    "eval_transform", "RandAugmentMstd", "MixupCutmix", "soft_target_cross_entropy", "EpochSampler",
-    "build_loader",
-)

@@ -16,13 +16,11 @@ from PIL import Image
 
 from fd_ref import data
 from fd_ref.data import (
-    EpochSampler,
     MixupCutmix,
     RandAugmentMstd,
     RobustImageFolder,
     SyntheticImages,
     build_dataset,
-    build_loader,
     eval_transform,
     finetune_transform,
     pretrain_transform,
@@ -30,6 +28,7 @@ from fd_ref.data import (
     split_indices,
 )
 from fd_ref.errors import UserError
+from fd_ref.sampler import make_loader
 
 # ------------------------------------------------------------------------------------------------ synthetic
 
@@ -195,7 +194,7 @@ def test_robust_folder_scan_and_verify(tmp_path: Path) -> None:
 def test_robust_folder_in_dataloader(tmp_path: Path) -> None:
     _make_folder(tmp_path)
     ds = RobustImageFolder(tmp_path, transform=eval_transform(16))
-    loader, _ = build_loader(ds, 4, shuffle=True, drop_last=False, num_workers=0, seed=0)
+    loader, _ = make_loader(ds, 4, shuffle=True, drop_last=False, num_workers=0, seed=0)
     seen = sum(x.shape[0] for x, _ in loader)
     assert seen == len(ds)
 
@@ -419,40 +418,3 @@ def test_soft_target_cross_entropy_matches_hard_ce() -> None:
     smoothed = MixupCutmix(7, 0, 0, label_smoothing=0.1).smooth_one_hot(labels)
     expected_ls = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
     assert torch.allclose(soft_target_cross_entropy(logits, smoothed), expected_ls, atol=1e-6)
-
-
-# ------------------------------------------------------------------------------------------------ loaders
-
-
-def test_build_loader_seeded_and_resumable() -> None:
-    ds = SyntheticImages(12, image_size=8, transform=eval_transform(8))
-
-    def epoch_labels(seed: int, epoch: int) -> list[int]:
-        loader, sampler = build_loader(ds, 4, shuffle=True, drop_last=True, num_workers=0, seed=seed)
-        sampler.set_epoch(epoch)
-        return [int(y) for _, ys in loader for y in ys]
-
-    assert epoch_labels(0, 3) == epoch_labels(0, 3)
-    assert epoch_labels(0, 3) != epoch_labels(0, 4)
-    assert sorted(epoch_labels(0, 0)) == sorted(ds.targets)
-    loader, sampler = build_loader(ds, 5, shuffle=False, drop_last=True, num_workers=0, seed=0)
-    assert isinstance(sampler, EpochSampler) and len(loader) == 2
-
-
-def test_build_loader_batch_larger_than_dataset(caplog: pytest.LogCaptureFixture) -> None:
-    ds = SyntheticImages(3, image_size=8, transform=eval_transform(8))
-    with caplog.at_level(logging.WARNING, logger="fd_ref.data"):
-        loader, _ = build_loader(ds, 8, shuffle=True, drop_last=True, num_workers=0, seed=0)
-    batches = list(loader)
-    assert len(batches) == 1 and batches[0][0].shape[0] == 3
-    assert any("drop_last=False" in r.getMessage() for r in caplog.records)
-    with pytest.raises(UserError):
-        build_loader(ds, 0, shuffle=True, drop_last=False, num_workers=0, seed=0)
-
-
-def test_build_loader_with_worker() -> None:
-    ds = SyntheticImages(6, image_size=8, transform=pretrain_transform(8))
-    loader, sampler = build_loader(ds, 3, shuffle=True, drop_last=False, num_workers=1, seed=0)
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        assert sum(x.shape[0] for x, _ in loader) == 6
