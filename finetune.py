@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fd_ref.checkpoint import (expand_shared_rpb, load_file, load_weights, model_state, save_atomic,
                                to_fd_ref_keys)
 from fd_ref.cli import run_main
-from fd_ref.config import resolve_config, save_yaml
+from fd_ref.config import help_from_source, resolve_config, save_yaml
 from fd_ref.data import MixupCutmix, eval_transform, finetune_transform, soft_target_cross_entropy
 from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everything
 from fd_ref.engine import LoopSettings, Trainer
@@ -125,7 +125,8 @@ def adapt_state(state: dict, model: VisionTransformer, source_config: dict | Non
     state = to_fd_ref_keys(state)
     if "rel_pos_bias.table" in state and model.pos_embed_type == "rpb":
         state = expand_shared_rpb(state, model.depth)
-    old = tuple([source_config["img_size"] // source_config["patch_size"]] * 2) if source_config else None
+    old = (tuple([source_config["img_size"] // source_config["patch_size"]] * 2)
+           if source_config and {"img_size", "patch_size"} <= set(source_config) else None)
     for key, value in list(state.items()):
         if key.endswith("rel_pos_bias.table"):
             h = w = None
@@ -165,10 +166,10 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
                         f"--pretrained PATH, or --from-scratch")
     blob = load_file(path)
     source = blob.get("model_config") if isinstance(blob, dict) else None
-    if source:
+    if source:  # an older model_config may lack some keys: those take the constructor's defaults
         arch = {k: source[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                                       "layer_scale_init")}
-        pos = source["pos_embed"]
+                                       "layer_scale_init") if k in source}
+        pos = source.get("pos_embed", "shared_rpb")
     else:
         if cfg["model"] not in PRESETS:
             raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
@@ -218,7 +219,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
 
 
 def main(argv=None) -> dict:
-    cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0])
+    cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0],
+                         help_text=help_from_source(__file__))
     info = init_distributed()
     seed_everything(cfg["seed"], info.rank)
     precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from fd_ref.checkpoint import save_atomic
 from fd_ref.cli import run_main
-from fd_ref.config import resolve_config, save_yaml
+from fd_ref.config import help_from_source, resolve_config, save_yaml
 from fd_ref.data import pretrain_transform
 from fd_ref.distill import FeatureDistillation
 from fd_ref.distributed import init_distributed, seed_everything
@@ -99,7 +99,8 @@ def build_student(cfg: dict) -> nn.Module:
 
 
 def main(argv=None) -> None:
-    cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0])
+    cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
+                         help_text=help_from_source(__file__))
     info = init_distributed()
     seed_everything(cfg["seed"], info.rank)
     precision = resolve_precision(cfg["precision"], info.device)

@@ -86,6 +86,17 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         raise UserError(f"{source}: {key} = {value!r} is not a valid {type(default).__name__}") from None
 
 
+def help_from_source(path: str | Path) -> dict[str, str]:
+    """Flag help taken from the comments beside a script's DEFAULTS entries (``key=value,  # text``)."""
+    import re
+    helps = {}
+    for line in Path(path).read_text().splitlines():
+        m = re.match(r"\s+(\w+)=.*?#\s*(.+)$", line)
+        if m:
+            helps.setdefault(m.group(1), m.group(2).strip())
+    return helps
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
