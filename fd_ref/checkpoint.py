@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +30,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -65,14 +67,27 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refused to load {path}: it holds objects other than weights, which could run "
-                        f"code ({first[:160]}); only load checkpoints you trust, re-saved as plain "
-                        f"tensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({first[:160]}); use another "
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if refused:  # the pickle names a callable (e.g. os.system) that unpickling would call
+            raise UserError(f"refused to load {path}: it holds objects other than weights, which could run "
+                            f"code ({refused[0][:160]}); only load checkpoints you trust, re-saved as plain "
+                            f"tensors") from None
+        raise UserError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt ({_reason(e)}); use "
+                        f"another copy or an earlier checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - any other parse failure: a truncated or damaged file
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({_reason(e)}); use another "
                         f"copy or an earlier checkpoint") from None
+
+
+def _reason(error: Exception) -> str:
+    """The informative part of a loading error: its last meaningful line, first sentence, <= 120 chars."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith(("Weights only load failed", "Check the doc"))]
+    if not lines:
+        return "the file ends too early" if isinstance(error, EOFError) else type(error).__name__
+    text = lines[-1] if "WeightsUnpickler error" in str(error) else lines[0]
+    text = text.split(". ")[0].rstrip(".")[:120]
+    return text if isinstance(error, (RuntimeError, pickle.UnpicklingError)) else f"{type(error).__name__}: {text}"
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "student", "module", "model_ema")

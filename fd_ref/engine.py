@@ -39,6 +39,41 @@ from .sampler import ShardedBatchSampler
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# -- fault injection (tests only) -------------------------------------------------------------------------
+# tests/test_robustness.py simulates failures through these environment variables; unset or empty (the
+# normal case) they do nothing. This is the one place they are read.
+#   FD_TEST_DIE_AT_STEP=k     the process exits abruptly (os._exit(1): no cleanup, like a crash or an OOM
+#                             kill) right after optimiser step k (and its checkpoint, if one is due) ...
+#   FD_TEST_DIE_RANK=r        ... on rank r only (default: every rank)
+#   FD_TEST_NAN_AT_STEPS=a,b  the loss of the a-th, b-th, ... optimiser step attempt (1-based, skipped
+#                             steps included: step + skipped + 1) is replaced by NaN
+@dataclass(frozen=True)
+class FaultInjection:
+    die_at_step: int = 0
+    die_rank: Optional[int] = None
+    nan_at_steps: frozenset = frozenset()
+
+    @classmethod
+    def from_env(cls) -> "FaultInjection":
+        def text(key: str) -> str:
+            return os.environ.get(key, "").strip()
+        try:
+            return cls(die_at_step=int(text("FD_TEST_DIE_AT_STEP") or 0),
+                       die_rank=int(text("FD_TEST_DIE_RANK")) if text("FD_TEST_DIE_RANK") else None,
+                       nan_at_steps=frozenset(int(x) for x in text("FD_TEST_NAN_AT_STEPS").split(",") if x))
+        except ValueError:
+            raise UserError("FD_TEST_DIE_AT_STEP / FD_TEST_DIE_RANK / FD_TEST_NAN_AT_STEPS (test fault "
+                            "injection) must be integers; unset them") from None
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step in self.nan_at_steps else loss
+
+    def maybe_die(self, step: int, rank: int) -> None:
+        if step == self.die_at_step and self.die_rank in (None, rank):
+            print(f"fault injection: rank {rank} exits abruptly after step {step}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
 @dataclass
 class LoopSettings:
     output: str
@@ -125,6 +160,8 @@ class Trainer:
         if settings.max_steps:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.step, self.epoch, self.micro, self.skipped, self.best = 0, 0, 0, 0, -math.inf
+        self.bad_in_row = 0  # consecutive non-finite steps (nan_policy="skip" stops at max_skipped)
+        self.faults = FaultInjection.from_env()
         self.out = Path(settings.output)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.flops_per_image: Optional[float] = None
@@ -165,7 +202,10 @@ class Trainer:
             self.scaler.load_state_dict(blob["scaler"])
         self.step, self.epoch, self.micro = blob["step"], blob["epoch"], blob.get("micro", 0)
         self.best, self.skipped = blob.get("best", -math.inf), blob.get("skipped", 0)
-        restore_rng(_rng_from_safe(blob["rng"]))
+        if "rng" in blob:
+            restore_rng(_rng_from_safe(blob["rng"]))
+        else:  # an older checkpoint: continue, but the random streams differ from an uninterrupted run
+            self._print(f"note: {path} records no random state; resuming with fresh random streams")
         if self.info.is_main:
             self._trim_log()
         self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
@@ -220,7 +260,7 @@ class Trainer:
                 self.flops_per_image = count_flops(run) / len(images)
             except Exception:  # noqa: BLE001 - MFU is best effort (e.g. under torch.compile)
                 self.flops_per_image = 0.0
-        self.peak = peak_flops(self.dtype, self.device)
+            self.peak = peak_flops(self.dtype, self.device)  # on CPU a timed randn matmul: keep it in the fork
         if buffers:
             self.state_module.load_state_dict(buffers, strict=False)
         self.optimizer.zero_grad(set_to_none=True)
@@ -264,6 +304,8 @@ class Trainer:
                 with sync:
                     with self._autocast():
                         loss = self.step_fn(batch) / accum
+                    if self.faults.nan_at_steps:
+                        loss = self.faults.corrupt_loss(self.step + self.skipped + 1, loss)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 loss_sum += loss.detach()
                 self.micro += 1
@@ -271,7 +313,12 @@ class Trainer:
                     continue
                 step_loss = loss_sum.clone()
                 loss_sum.zero_()
+                before = self.step
                 grad_norm = self._optimizer_step(params, step_loss)
+                if self.step == before:  # a non-finite step was skipped: nothing to log or save
+                    if self._stop_signal is not None:
+                        self._stop_on_signal()
+                    continue
                 steps_since += 1
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
@@ -281,6 +328,7 @@ class Trainer:
                     self._bar.update(1)
                 if s.save_every and self.step % s.save_every == 0:
                     self.save()
+                self.faults.maybe_die(self.step, self.info.rank)
                 if self._stop_signal is not None:
                     self._stop_on_signal()
                 if self.step >= self.total_steps:
@@ -293,7 +341,20 @@ class Trainer:
         self.save()
         if self.export and self.info.is_main:
             self.export(self.out)
+        self._report_skips()
         barrier()
+
+    def _report_skips(self) -> None:
+        """One line on what was skipped: unreadable images (rank 0's loader) and non-finite steps."""
+        parts = []
+        bad_images = skipped_images(self.loader)
+        if bad_images:
+            where = " by rank 0" if self.info.world_size > 1 else ""
+            parts.append(f"{bad_images} unreadable image(s) skipped{where} (named in the warnings above)")
+        if self.skipped:
+            parts.append(f"{self.skipped} step(s) skipped for a non-finite loss (--nan-policy skip)")
+        if parts:
+            self._print("note: " + "; ".join(parts))
 
     def _optimizer_step(self, params: list[torch.Tensor], step_loss: torch.Tensor) -> float:
         s = self.s
@@ -305,18 +366,23 @@ class Trainer:
         bad = not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(grad_norm))
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            if s.nan_policy == "skip" and self.skipped < s.max_skipped:
+            if s.nan_policy == "skip" and self.bad_in_row < s.max_skipped:
                 self.skipped += 1
+                self.bad_in_row += 1
                 self._print(f"step {self.step + 1}: loss {loss_value} / grad norm {grad_norm} not finite, "
                             f"step skipped ({self.skipped} so far)")
                 if self.scaler:
                     self.scaler.update()
                 return grad_norm
             where = f"{self.ckpt_path} (step {self._saved_step()})" if self.ckpt_path.exists() else "none yet"
+            if s.nan_policy == "skip":
+                raise UserError(f"loss/grad norm not finite for {self.bad_in_row + 1} steps in a row (loss "
+                                f"{loss_value}, grad norm {grad_norm}) at step {self.step + 1}; training stopped, "
+                                f"last good checkpoint: {where}; lower --lr or try --precision fp32")
             raise UserError(f"loss became {loss_value} (grad norm {grad_norm}) at step {self.step + 1}; "
                             f"training stopped, last good checkpoint: {where}; lower --lr, try "
                             f"--precision fp32, or --nan-policy skip")
-        self.skipped = 0 if s.nan_policy == "stop" else self.skipped
+        self.bad_in_row = 0
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -343,6 +409,9 @@ class Trainer:
             record["mfu"] = self.flops_per_image * img_per_s / (self.peak * self.info.world_size)
         if self.skipped:
             record["skipped_steps"] = self.skipped
+        bad_images = skipped_images(self.loader)
+        if bad_images:
+            record["skipped_images"] = bad_images
         self._log(record)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}",
@@ -374,6 +443,20 @@ class Trainer:
         self._print(f"received {name}: saved {self.ckpt_path} at step {self.step}; run the same command "
                     f"again to resume")
         raise SystemExit(128 + self._stop_signal)
+
+
+def skipped_images(loader) -> int:
+    """Unreadable files skipped so far by the dataset behind ``loader`` (its ``num_skipped``, looked up
+    through wrappers such as SeededDataset and Subset); 0 for datasets that never skip."""
+    dataset = getattr(loader, "dataset", None)
+    for _ in range(8):
+        if dataset is None:
+            break
+        count = getattr(dataset, "num_skipped", None)
+        if count is not None:
+            return int(count)
+        dataset = getattr(dataset, "dataset", None)
+    return 0
 
 
 def _in_main_thread() -> bool:
