@@ -86,7 +86,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool, 
     """A DataLoader over ``SeededDataset(dataset)`` batched by a :class:`ShardedBatchSampler`."""
     sampler = ShardedBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, rank=rank,
                                   world_size=world_size, drop_last=drop_last)
+    # The loader's own generator: starting an iteration draws a base seed from it, which would otherwise
+    # come from the global torch RNG and shift drop path / mixup after a resume (the data never needs it).
     loader = torch.utils.data.DataLoader(SeededDataset(dataset, seed), batch_sampler=sampler,
                                          num_workers=num_workers, pin_memory=pin_memory,
-                                         persistent_workers=num_workers > 0)
+                                         persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
