@@ -13,6 +13,7 @@ The loop is fd_ref.engine.Trainer, the same one train.py runs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -234,6 +235,11 @@ def main(argv=None) -> dict:
         cfg["data"], train_tf, eval_transform(cfg["img_size"], cfg["crop_pct"]), val_split=cfg["val_split"],
         split_seed=cfg["split_seed"], train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"],
         img_size=cfg["img_size"], seed=cfg["seed"])
+    base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
+    data_classes = len(getattr(base, "classes", None) or [])
+    if data_classes > cfg["num_classes"]:
+        raise UserError(f"the data has {data_classes} classes but --num-classes is {cfg['num_classes']}; "
+                        f"pass --num-classes {data_classes}")
 
     model, summary = build_model(cfg)
     model.to(info.device)
@@ -312,7 +318,8 @@ def main(argv=None) -> dict:
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
         model, val_loader, info.device, trainer._autocast)
-    results = {"final": final, "best_top1": max([h["top1"] for h in evals], default=final["top1"]),
+    best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
+    results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]
                else cfg["pretrained"], "mode": "linear_probe" if cfg["linear_probe"] else "finetune"}
     if info.is_main:
