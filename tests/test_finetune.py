@@ -1,0 +1,253 @@
+"""finetune.py end to end at test size (issue #4): an FD student becomes a fine-tuning model that computes
+exactly the same features, layer-wise lr decay and weight decay land on the right parameters, a linear
+probe leaves the backbone untouched, and the quickstart / --eval-only / --from-scratch / resume paths work.
+
+The student comes from ``train.main`` at test size (a shared relative position bias, two blocks); every
+run is in-process through ``finetune.main(argv)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import finetune
+import train
+from fd_ref.config import resolve_config
+from fd_ref.vit import VisionTransformer
+
+DEPTH = 2
+STUDENT = ["--img-size", "32", "--patch-size", "8", "--depth", str(DEPTH), "--embed-dim", "32", "--num-heads", "2",
+           "--teacher-patch-size", "8", "--teacher-depth", "1", "--synthetic-size", "64", "--batch-size", "16",
+           "--num-workers", "0", "--progress", "false", "--epochs", "1", "--max-steps", "2", "--lr", "0.05",
+           "--warmup-epochs", "0"]
+# 64 synthetic training images (12 validation), batch 16: 4 steps per epoch, 2 epochs
+FT = ["--img-size", "32", "--synthetic-size", "64", "--num-classes", "10", "--batch-size", "16", "--num-workers",
+      "0", "--progress", "false", "--log-every", "1", "--warmup-epochs", "0", "--epochs", "2", "--drop-path",
+      "0.1", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """student.pt of a (briefly) distilled FD student: shared relative position bias, class token, 2 blocks."""
+    out = tmp_path_factory.mktemp("fd")
+    train.main(STUDENT + ["--output", str(out)])
+    blob = torch.load(out / "student.pt", map_location="cpu", weights_only=True)
+    assert blob["model_config"]["pos_embed"] == "shared_rpb" and blob["model_config"]["depth"] == DEPTH
+    return out / "student.pt"
+
+
+@pytest.fixture(scope="module")
+def quickstart(student, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ft")
+    results = finetune.main(FT + ["--pretrained", str(student), "--output", str(out)])
+    return out, results
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_records(folder: Path) -> list[dict]:
+    return [r for r in read_log(folder) if "loss" in r]
+
+
+# -- the FD student as a fine-tuning model ---------------------------------------------------------------
+def test_loaded_student_computes_the_same_features(student):
+    """Right after loading, every block's own table equals the shared one, and the fine-tuning model's
+    tokens (it pools their mean, so it has no final norm) are exactly the FD student's tokens before its
+    final norm; with that norm applied they are the student's feature map."""
+    blob = torch.load(student, map_location="cpu", weights_only=True)
+    shared = VisionTransformer(**blob["model_config"])
+    shared.load_state_dict(blob["model"])  # strict: student.pt is exactly the student
+    cfg = resolve_config(finetune.DEFAULTS, FT + ["--pretrained", str(student)])
+    model, summary = finetune.build_model(cfg)
+
+    assert isinstance(model, VisionTransformer)
+    assert model.pos_embed_type == "rpb" and model.rel_pos_bias is None and model.global_pool == "avg"
+    assert isinstance(model.norm, nn.Identity)
+    table = blob["model"]["rel_pos_bias.table"]
+    tables = [block.attn.rel_pos_bias.table for block in model.blocks]
+    assert len(tables) == DEPTH
+    for t in tables:
+        assert torch.equal(t.detach(), table)
+    assert len({t.data_ptr() for t in tables}) == DEPTH  # independent copies, free to diverge from now on
+    # only the new classifier (head, fc_norm) starts from scratch
+    missing = summary.split("missing (left at init): ")[1].split(";")[0].split(", ")
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"], summary
+    assert "unexpected" not in summary, summary
+
+    model.eval()
+    shared.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        final_norm = shared.norm
+        shared.norm = nn.Identity()
+        shared_tokens = shared.forward_features(x)
+        shared.norm = final_norm
+        shared_features = shared.forward_features(x)
+    assert tokens.shape == (4, 1 + 16, 32)
+    torch.testing.assert_close(tokens, shared_tokens, rtol=0, atol=0)
+    torch.testing.assert_close(final_norm(tokens), shared_features, rtol=0, atol=0)
+    # and the classifier reads the mean patch token
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(logits, model.head(model.fc_norm(shared_tokens[:, 1:].mean(1))), rtol=0, atol=0)
+
+
+def _expected_layer(name: str) -> int:
+    if name.startswith("patch_embed.") or name == "cls_token":
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return DEPTH + 1  # fc_norm, head
+
+
+def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
+    trainers = []
+
+    class Recording(finetune.Trainer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(finetune, "Trainer", Recording)
+    decay, wd = 0.6, 0.05
+    finetune.main(FT + ["--pretrained", str(student), "--layer-decay", str(decay), "--weight-decay", str(wd),
+                        "--max-steps", "1", "--output", str(tmp_path)])
+    (trainer,) = trainers
+    model = trainer.state_module
+    params = dict(model.named_parameters())
+    seen = []
+    for group in trainer.optimizer.param_groups:
+        for name, p in zip(group["param_names"], group["params"]):
+            assert p is params[name]
+            seen.append(name)
+            layer = _expected_layer(name)
+            assert group["lr_scale"] == pytest.approx(decay ** (DEPTH + 1 - layer), rel=1e-12), name
+            # decay on the weight matrices only: not on biases, norms, layer scales, tables, class token
+            matrix = name.endswith(".weight") and p.ndim >= 2
+            assert group["weight_decay"] == (wd if matrix else 0.0), name
+        # the schedule's lr reaches every group scaled by its lr_scale
+        assert group["lr"] == pytest.approx(trainer.scheduler.last_lr * group["lr_scale"], rel=1e-12)
+    assert sorted(seen) == sorted(params)  # every parameter exactly once
+    # spot checks of the recipe: patch embedding = layer 0, head = layer L+1, per-block tables without decay
+    scale = {n: g["lr_scale"] for g in trainer.optimizer.param_groups for n in g["param_names"]}
+    wdec = {n: g["weight_decay"] for g in trainer.optimizer.param_groups for n in g["param_names"]}
+    assert scale["patch_embed.proj.weight"] == pytest.approx(decay ** (DEPTH + 1))
+    assert scale["blocks.0.attn.rel_pos_bias.table"] == pytest.approx(decay ** DEPTH)
+    assert scale[f"blocks.{DEPTH - 1}.mlp.fc1.weight"] == pytest.approx(decay)
+    assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
+    assert wdec["blocks.1.attn.rel_pos_bias.table"] == 0.0 and wdec["cls_token"] == 0.0
+    assert wdec["blocks.1.attn.q_bias"] == 0.0 and wdec["blocks.1.norm1.weight"] == 0.0
+    assert wdec["blocks.1.attn.qkv.weight"] == wd and wdec["head.weight"] == wd
+
+
+def test_linear_probe_leaves_the_backbone_bit_identical(student, tmp_path):
+    out = tmp_path / "probe"
+    results = finetune.main(FT + ["--pretrained", str(student), "--linear-probe", "--epochs", "1",
+                                  "--output", str(out)])
+    assert results["mode"] == "linear_probe" and results["steps"] == 4
+    pretrained = torch.load(student, map_location="cpu", weights_only=True)["model"]
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = ckpt["model"]
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    assert set(pretrained) <= set(backbone)
+    for k, v in pretrained.items():
+        assert torch.equal(backbone[k], v), k
+    # the probe itself did train: BatchNorm statistics moved, the head is the only optimised part
+    assert state["bn.running_mean"].abs().sum() > 0 and state["bn.num_batches_tracked"] == 4
+    assert all(r["grad_norm"] > 0 for r in train_records(out))
+    assert len(ckpt["optimizer"]["state"]) == 2  # head.weight, head.bias
+
+
+# -- the script's paths ------------------------------------------------------------------------------------
+def test_quickstart_finetune(quickstart):
+    out, results = quickstart
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert 0.0 <= saved["final"]["top1"] <= saved["final"]["top5"] <= 100.0
+    assert saved["steps"] == 8 and saved["mode"] == "finetune" and saved["pretrained"].endswith("student.pt")
+    assert 0.0 <= saved["best_top1"] <= 100.0
+    for name in ("checkpoint.pt", "best.pt", "config.yaml", "log.jsonl"):
+        assert (out / name).is_file(), name
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+    assert [r["epoch"] for r in log if "top1" in r] == [0, 1]  # validated after every epoch
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["metrics"]["top1"] == saved["best_top1"]
+
+
+def test_eval_only_prints_the_metrics(quickstart, student, capsys):
+    out, results = quickstart
+    before = (out / "log.jsonl").read_text(), (out / "results.json").read_text()
+    capsys.readouterr()
+    metrics = finetune.main(FT + ["--pretrained", str(student), "--output", str(out), "--eval-only"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"top1", "top5", "val_loss"} and printed == pytest.approx(metrics)
+    # the checkpoint's model, evaluated again: the run's final numbers
+    for key in ("top1", "top5", "val_loss"):
+        assert printed[key] == pytest.approx(results["final"][key], rel=1e-9, abs=1e-9)
+    assert ((out / "log.jsonl").read_text(), (out / "results.json").read_text()) == before
+
+
+def test_from_scratch(tmp_path, capsys):
+    out = tmp_path / "scratch"
+    results = finetune.main(FT + ["--from-scratch", "--pretrained", str(tmp_path / "missing.pt"),
+                                  "--model", "vit_tiny", "--patch-size", "8", "--depth", "1", "--embed-dim", "32",
+                                  "--num-heads", "2", "--epochs", "1", "--output", str(out)])
+    assert "random initialisation" in capsys.readouterr().out
+    assert results["pretrained"] is None and results["steps"] == 4
+    assert json.loads((out / "results.json").read_text())["pretrained"] is None
+    config = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model_config"]
+    assert (config["embed_dim"], config["depth"], config["pos_embed"], config["global_pool"]) == (32, 1, "rpb", "avg")
+
+
+def test_resume_continues_from_the_checkpoint(quickstart, student, tmp_path, capsys):
+    """Stop after 5 of 8 steps (past the first epoch's validation), rerun the same command: it resumes at
+    step 5, ends at step 8, and retraces the uninterrupted run exactly (drop path and mixup included)."""
+    ref_out, ref_results = quickstart
+    out = tmp_path / "resumed"
+    argv = FT + ["--pretrained", str(student), "--output", str(out)]
+    first = finetune.main(argv + ["--max-steps", "5"])
+    assert first["steps"] == 5
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 5
+    capsys.readouterr()
+    results = finetune.main(argv)
+    assert "resumed from" in capsys.readouterr().out
+    assert results["steps"] == 8
+    log, ref_log = read_log(out), read_log(ref_out)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+    strip = ("img_per_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in log] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in ref_log]
+    assert results["final"] == ref_results["final"] and results["best_top1"] == ref_results["best_top1"]
+
+
+def test_best_top1_survives_a_resume(student, tmp_path, monkeypatch):
+    """The best validation of the epochs before a resume still counts in results.json (and best.pt)."""
+    scores = iter([80.0, 70.0, 60.0])  # end of epoch 0 | final of the stopped run | end of epoch 1
+
+    def scripted_evaluate(*args, **kwargs):
+        return {"top1": next(scores), "top5": 100.0, "val_loss": 1.0}
+
+    monkeypatch.setattr(finetune, "evaluate", scripted_evaluate)
+    argv = FT + ["--pretrained", str(student), "--output", str(tmp_path)]
+    assert finetune.main(argv + ["--max-steps", "5"])["best_top1"] == 80.0
+    results = finetune.main(argv)
+    assert results["final"]["top1"] == 60.0 and results["steps"] == 8
+    assert results["best_top1"] == 80.0
+    assert torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)["metrics"]["top1"] == 80.0
