@@ -92,6 +92,12 @@ def resize_relative_position_bias_table(table: torch.Tensor, old_grid: Grid, new
         return table.clone()
     patch, extra = table[:n_old], table[n_old:]
     img = rearrange(patch.float(), "(y x) h -> 1 h y x", y=2 * old_h - 1, x=2 * old_w - 1)
+    # A new side of one offset holds only the zero offset; align_corners would sample the first (most
+    # negative) offset there, so keep the old centre line instead.
+    if new_h == 1:
+        img = img[:, :, old_h - 1:old_h]
+    if new_w == 1:
+        img = img[:, :, :, old_w - 1:old_w]
     img = F.interpolate(img, size=(2 * new_h - 1, 2 * new_w - 1), mode="bicubic", align_corners=True)
     resized = rearrange(img, "1 h y x -> (y x) h").to(table.dtype)
     return torch.cat([resized, extra], dim=0)

@@ -1,0 +1,15 @@
+"""Shared test settings: one intra-op thread and a moderate, deadline-free hypothesis profile.
+
+The test tensors are tiny and the CPUs are shared: with 2 threads on busy cores, OpenMP's spinning threads
+made the suite several times slower (measured: a 30-step training test went from ~8 s to 25-48 s).
+"""
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, settings
+
+torch.set_num_threads(1)
+
+settings.register_profile("fd_ref", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fd_ref")

@@ -1,0 +1,178 @@
+"""Spec tests of the frozen teachers: local timm / fd_ref weights, re-normalisation, frozen eval mode and the
+readable errors (unknown name, offline without weights, wrong image size)."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import fd_ref.teachers as teachers
+from fd_ref.errors import UserError
+from fd_ref.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teacher
+from fd_ref.vit import VisionTransformer
+
+TIMM_TAG = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def timm_model():
+    torch.manual_seed(0)
+    model = timm.create_model(TIMM_TAG, pretrained=False, num_classes=0, img_size=32).eval()
+    with torch.no_grad():  # make the norms and biases non-trivial too
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails at once (and is recorded)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: refuse(*a))
+    return attempts
+
+
+def _renormalised(x):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x * std + mean - 0.5) / 0.5
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_timm_teacher_from_local_checkpoint_matches_timm(tmp_path, timm_model, fmt, no_network):
+    state = {k: v.contiguous() for k, v in timm_model.state_dict().items()}
+    path = tmp_path / f"teacher.{fmt}"
+    if fmt == "pth":
+        torch.save({"model": state}, path)
+    else:
+        save_file(state, str(path))
+    teacher = build_teacher(f"timm:{TIMM_TAG}", img_size=32, checkpoint=str(path))
+    assert teacher.embed_dim == 192 and teacher.grid == (2, 2) and teacher.num_prefix_tokens == 1
+    assert teacher.renormalise  # this tag was trained with mean = std = 0.5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = timm_model.forward_features(_renormalised(x))
+        got = teacher(x)
+    assert got.shape == (2, 1 + 4, 192)
+    assert (got - expected).abs().max().item() <= 1e-5
+    # without re-normalisation the tokens would differ: the test can see a wrong normalisation
+    with torch.no_grad():
+        assert (timm_model.forward_features(x) - got).abs().max() > 1e-3
+    assert no_network == []
+
+
+def test_teacher_is_frozen_and_stays_in_eval(tmp_path):
+    torch.manual_seed(0)
+    net = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, drop_path_rate=0.5)
+    teacher = Teacher(net, 16, net.grid, 1)
+    parent = nn.Sequential(teacher)
+    parent.train()
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert sum(p.numel() for p in teacher.parameters() if p.requires_grad) == 0
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(teacher(x), teacher(x))  # no drop path despite rate 0.5
+    assert not teacher.renormalise  # ImageNet statistics: input passed as is
+    with torch.no_grad():
+        assert torch.equal(teacher(x), net.forward_features(x))
+
+
+def test_unknown_teacher_names(monkeypatch, no_network, tmp_path):
+    monkeypatch.setattr(teachers, "_hub_reachable", lambda *a, **k: False)
+    with pytest.raises(UserError, match="unknown teacher"):
+        build_teacher("resnet_teacher_that_does_not_exist", img_size=32)
+    dummy = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, dummy)
+    with pytest.raises(UserError, match="unknown teacher"):
+        build_teacher("timm:no_such_model_xyz", img_size=32, checkpoint=str(dummy))
+    with pytest.raises(UserError):
+        build_teacher(f"timm:{TIMM_TAG}", img_size=32, checkpoint=str(tmp_path / "missing.pth"))
+
+
+def test_paper_teacher_offline_without_checkpoint_fails_fast(monkeypatch, no_network):
+    import huggingface_hub.constants as hf_constants
+    import timm.models.vision_transformer as tvit
+
+    monkeypatch.setattr(teachers, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hf_constants.HF_HUB_OFFLINE)  # restored afterwards
+    # Skip timm's weight init of the 86M-parameter ViT-B: irrelevant here and slow on a shared CPU.
+    monkeypatch.setattr(tvit.VisionTransformer, "init_weights", lambda self, *a, **k: None)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="--teacher-checkpoint"):
+        build_teacher("dino_vit_base", img_size=32)
+    assert time.monotonic() - start < 20  # no network retries with back-off
+    assert no_network == []  # and not even an attempt to connect
+
+
+def test_timm_teacher_checkpoint_of_another_model_is_refused(tmp_path, no_network):
+    small = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=3)
+    path = tmp_path / "other.pth"
+    torch.save({"patch_embed.proj.weight": small.patch_embed.proj.weight.detach()}, path)
+    with pytest.raises(UserError):
+        build_teacher(f"timm:{TIMM_TAG}", img_size=32, checkpoint=str(path))
+
+
+def _fd_config():
+    return dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, pos_embed="rpb",
+                global_pool="cls")
+
+
+def test_fd_ref_preset_teacher_with_config_loads_exactly(tmp_path):
+    torch.manual_seed(3)
+    config = _fd_config()
+    net = VisionTransformer(**config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "student.pth"
+    torch.save({"model": net.state_dict(), "model_config": config, "epoch": 3}, path)
+    teacher = build_teacher("vit_tiny", img_size=32, checkpoint=str(path))
+    assert teacher.embed_dim == 48 and teacher.grid == (4, 4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), net.forward_features(x), atol=1e-6)
+
+
+def test_fd_ref_avg_pool_teacher_applies_fc_norm_per_token(tmp_path):
+    torch.manual_seed(4)
+    config = dict(_fd_config(), global_pool="avg", num_classes=10)
+    net = VisionTransformer(**config).eval()
+    with torch.no_grad():
+        net.fc_norm.weight.normal_()
+        net.fc_norm.bias.normal_()
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": net.state_dict(), "model_config": config}, path)
+    teacher = build_teacher("vit_small", img_size=32, checkpoint=str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = net.fc_norm(net.forward_features(x))
+        assert torch.allclose(teacher(x), expected, atol=1e-6)
+
+
+def test_fd_ref_teacher_wrong_img_size(tmp_path):
+    config = _fd_config()
+    path = tmp_path / "student.pth"
+    torch.save({"model": VisionTransformer(**config).state_dict(), "model_config": config}, path)
+    with pytest.raises(UserError, match="--img-size"):
+        build_teacher("vit_tiny", img_size=64, checkpoint=str(path))
+
+
+def test_fd_ref_teacher_checkpoint_of_other_shape(tmp_path):
+    config = _fd_config()
+    path = tmp_path / "plain_state.pth"
+    torch.save(VisionTransformer(**config).state_dict(), path)  # no config: vit_tiny preset is built
+    with pytest.raises(UserError):
+        build_teacher("vit_tiny", img_size=32, checkpoint=str(path))
