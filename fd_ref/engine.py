@@ -270,6 +270,8 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)
+            if self.step == 0:  # a fresh start: drop log lines of an earlier run killed before its first save
+                self._trim_log()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         show_bar = s.progress if s.progress is not None else sys.stdout.isatty()
         self._bar = None
