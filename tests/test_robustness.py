@@ -606,27 +606,26 @@ def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path: Path) -
     command = [*TRAIN, "--embed-dim", "192", "--num-heads", "3", "--depth", "2", "--epochs", "5",
                "--save-every", "1", "--output", out]  # 20 steps
     rng = random.Random(8)
-    caught_mid_write = False
-    last_saved = 0
-    for attempt in range(5):
+    last_saved, left_temporary = 0, False
+    for attempt in range(6):
         proc = start(tmp_path, "train.py", *command)
         target = max(log_steps(out), default=0) + 1
         wait_for(lambda: max(log_steps(out), default=0) >= target, proc, what=f"step {target}")
-        if attempt >= 2 and not caught_mid_write:  # kill as soon as a checkpoint write has begun
-            wait_for(lambda: any(out.glob(".checkpoint.pt.*.tmp")), proc, what="a checkpoint write")
-        else:
+        if attempt < 2:  # a random moment after a step was logged (often during its checkpoint write)
             time.sleep(rng.uniform(0.0, 0.25))
+        else:  # as soon as a checkpoint write has begun
+            wait_for(lambda: any(out.glob(".checkpoint.pt.*.tmp")), proc, what="a checkpoint write")
         proc.signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
-        caught_mid_write = caught_mid_write or bool(temporaries(out))
+        left_temporary = bool(temporaries(out))
         # killed before the first save there is no checkpoint yet; otherwise it is always complete
         saved = load_checkpoint(out / "checkpoint.pt")["step"] if (out / "checkpoint.pt").exists() else 0
         assert saved >= last_saved
         last_saved = saved
-        if caught_mid_write and attempt >= 2 and last_saved:
+        if attempt >= 2 and left_temporary and last_saved:
             break
     assert last_saved > 0
-    assert caught_mid_write, "no SIGKILL landed during a checkpoint write"
+    assert left_temporary, "no SIGKILL landed during a checkpoint write"
     assert temporaries(out)  # the last kill left a half-written temporary behind
 
     r = run(tmp_path, "train.py", *command)
