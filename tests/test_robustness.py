@@ -599,7 +599,6 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path: Path) -> None:
 def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path: Path) -> None:
     """SIGKILL (no handler can run) a few times, once deliberately in the middle of a checkpoint write;
     checkpoint.pt always loads, and the rerun resumes from it and cleans up the half-written temporary."""
-    import numpy as np  # noqa: F401 - torch needs it to load RNG state
 
     out = tmp_path / "out"
     # 192-wide, 2 blocks: ~12 MB checkpoints, so a write (with fsync) takes a while
