@@ -20,6 +20,7 @@ T_EPOCHS=${T_EPOCHS:-8}         # teacher, from scratch
 FD_EPOCHS=${FD_EPOCHS:-4}       # distillation
 FT_EPOCHS=${FT_EPOCHS:-3}       # each fine-tune
 SEEDS=${SEEDS:-"0 1 2"}
+ABLATIONS=${ABLATIONS:-""}      # any of: no_whiten abs_pos sym_drop (each: its own FD run + fine-tunes)
 WORKERS=${WORKERS:-1}
 PY=${PY:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # on a small shared CPU one thread per process is fastest
@@ -58,6 +59,31 @@ for seed in $SEEDS; do
   stage "ft_fd_s$seed" $PY finetune.py --pretrained "$OUT/fd/student.pt" --data "$DATA" $SPLIT \
     $FT_RECIPE --seed $seed --output "$OUT/ft_fd_s$seed" &
   wait
+done
+
+# 3b. ablations (paper Sec. 3.2 / Table 2 in spirit): one FD ingredient removed at a time, same budgets
+for ab in $ABLATIONS; do
+  case $ab in
+    no_whiten) FLAGS="--no-whiten" ;;            # regress the raw teacher features
+    abs_pos)   FLAGS="--pos-embed abs" ;;        # absolute position embedding instead of the shared RPB
+    sym_drop)  FLAGS="--drop-path 0" ;;          # no drop path in the student either (symmetric)
+    *) echo "unknown ablation $ab"; exit 2 ;;
+  esac
+  stage "fd_$ab" $PY train.py $ARCH --teacher vit_tiny --teacher-checkpoint "$OUT/teacher/best.pt" \
+    --data "$DATA" $SPLIT --epochs $FD_EPOCHS --batch-size 128 --lr 2e-3 --warmup-epochs 1 --drop-path 0.1 \
+    $FLAGS --output "$OUT/fd_$ab"
+  set -- $SEEDS
+  while [ $# -gt 0 ]; do   # two seeds side by side
+    stage "ft_${ab}_s$1" $PY finetune.py --pretrained "$OUT/fd_$ab/student.pt" --data "$DATA" $SPLIT \
+      $FT_RECIPE --seed $1 --output "$OUT/ft_${ab}_s$1" &
+    if [ $# -gt 1 ]; then
+      stage "ft_${ab}_s$2" $PY finetune.py --pretrained "$OUT/fd_$ab/student.pt" --data "$DATA" $SPLIT \
+        $FT_RECIPE --seed $2 --output "$OUT/ft_${ab}_s$2" &
+      shift
+    fi
+    shift
+    wait
+  done
 done
 
 # 4. diagnostics: teacher vs FD student (before fine-tuning), and both after fine-tuning (seed 0)

@@ -15,7 +15,10 @@ from pathlib import Path
 def main(out: str) -> None:
     root = Path(out)
     rows, summary = [], {}
-    for kind in ("teacher", "fd"):
+    names = {"teacher": "teacher (supervised from scratch), fine-tuned", "fd": "FD student, fine-tuned",
+             "no_whiten": "FD without whitening, fine-tuned", "abs_pos": "FD with absolute pos. emb. "
+             "instead of shared RPB, fine-tuned", "sym_drop": "FD with student drop path 0, fine-tuned"}
+    for kind, name in names.items():
         runs = sorted(root.glob(f"ft_{kind}_s*/results.json"))
         top1 = [json.loads(r.read_text())["final"]["top1"] for r in runs]
         if not top1:
@@ -23,7 +26,6 @@ def main(out: str) -> None:
         mean = statistics.mean(top1)
         std = statistics.stdev(top1) if len(top1) > 1 else 0.0
         summary[kind] = {"top1": top1, "mean": mean, "std": std}
-        name = "teacher (supervised from scratch), fine-tuned" if kind == "teacher" else "FD student, fine-tuned"
         rows.append(f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {mean:.2f} +- {std:.2f} |")
     teacher_json = root / "teacher" / "results.json"
     if teacher_json.exists():
