@@ -154,8 +154,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [groups[key] for key in sorted(groups)]
 
 
-def _all_on_cuda(params: Iterable[torch.Tensor]) -> bool:
-    return all(p.is_cuda and p.is_floating_point() for p in params)
+def _fused_kernel_fits(params: Iterable[torch.Tensor]) -> bool:
+    """True when torch has a fused AdamW kernel for every parameter (floating point, on CUDA or the CPU)."""
+    return all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
@@ -164,8 +165,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter) over :func:`param_groups`; each group starts at ``lr * lr_scale``.
 
-    ``fused=None`` picks the fused CUDA kernel when every trainable parameter is on CUDA and the multi-tensor
-    (``foreach``) implementation otherwise. The learning rate is normally driven afterwards by
+    ``fused=None`` picks the fused kernel when every trainable parameter is on CUDA or the CPU (on the CPU it
+    also avoids the parameter-sized temporaries of the multi-tensor ``foreach`` implementation, see
+    bench/README.md) and ``foreach`` otherwise. The learning rate is normally driven afterwards by
     :class:`fd_ref.schedule.WarmupCosine`.
     """
     if lr <= 0:
@@ -174,6 +176,6 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if fused is None:
-        fused = _all_on_cuda(p for group in groups for p in group["params"])
+        fused = _fused_kernel_fits(p for group in groups for p in group["params"])
     kernel = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
