@@ -60,7 +60,7 @@ DEFAULTS = dict(
     drop_path=0.1,
     layer_scale=0.1,
     # recipe (the FD / BEiT fine-tuning recipe)
-    epochs=5,
+    epochs=3,
     batch_size=64,
     accum_steps=1,
     lr=1.25e-3,                  # per 512 images
