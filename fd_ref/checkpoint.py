@@ -163,16 +163,24 @@ _TO_BEIT = [
 ]
 
 
-def to_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fd_ref ViT keys -> timm ``Beit`` keys (the rest already agree)."""
+def _rename(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]],
+            drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Apply the first matching (regex, replacement) rule to each key; drop keys ending in ``drop``."""
     out = {}
     for key, value in state_dict.items():
-        for pattern, repl in _TO_BEIT:
+        if drop and key.endswith(drop):
+            continue
+        for pattern, repl in rules:
             if re.fullmatch(pattern, key):
                 key = re.sub(pattern, repl, key)
                 break
         out[key] = value
     return out
+
+
+def to_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fd_ref ViT keys -> timm ``Beit`` keys (the rest already agree)."""
+    return _rename(state_dict, _TO_BEIT)
 
 
 def from_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,16 +191,7 @@ def from_timm_beit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         (r"blocks\.(\d+)\.gamma_1", r"blocks.\1.ls1.gamma"),
         (r"blocks\.(\d+)\.gamma_2", r"blocks.\1.ls2.gamma"),
     ]
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith("relative_position_index") or key.endswith("k_bias"):
-            continue  # derived buffers
-        for pattern, repl in back:
-            if re.fullmatch(pattern, key):
-                key = re.sub(pattern, repl, key)
-                break
-        out[key] = value
-    return out
+    return _rename(state_dict, back, drop=("relative_position_index", "k_bias"))  # derived buffers
 
 
 def from_timm_vit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,14 +35,6 @@ def save_vit(path: Path, seed: int, **kwargs) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is many times faster than two busy-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:

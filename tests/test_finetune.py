@@ -30,14 +30,6 @@ FT = ["--img-size", "32", "--synthetic-size", "64", "--num-classes", "10", "--ba
       "0.1", "--lr", "0.05"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:

@@ -34,14 +34,6 @@ TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "1", "--embed-dim", 
 LOG_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "world_size"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def read_log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
