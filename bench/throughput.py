@@ -10,11 +10,14 @@ script reports, after warm-up, the median over ``--steps`` timed steps of
     % peak             = GFLOP/s / the machine's own matmul FLOP rate in the same precision, measured in
                          the same run (an n x n x n matmul before every round of steps: the best round,
                          for the best thread count used)
+    tensor memory      = CPU: the exact peak of tensor bytes allocated by the step above its start (the
+                         running sum of torch.profiler's allocation events, in the same untimed step)
     memory             = CPU: the step's peak resident memory above the resident memory at its start
                          (Linux VmHWM, reset through /proc/self/clear_refs, after malloc_trim, in one
                          extra untimed step with every block >= 1 MiB mmapped so that resident memory
-                         follows the live tensors); CUDA: torch.cuda.max_memory_allocated during the timed
-                         steps above the memory allocated before the step (largest)
+                         follows the live tensors; the profiler's own buffers, a few MiB, included);
+                         CUDA: torch.cuda.max_memory_allocated during the timed steps above the memory
+                         allocated before the step (largest)
     speed-up           = median over rounds of (baseline step time / this step time) in the same round
     min s, min su      = the fastest timed step, and baseline's fastest / this one's fastest (on a loaded
                          machine the noise only ever adds time, so the fastest steps are a second estimate)
@@ -23,10 +26,11 @@ Configurations run interleaved, one step each per round (the order rotates every
 load on a shared machine hits all of them alike; every number is a ratio measured side by side.
 
 The *baseline* is the straightforward step: explicit ``softmax(q k^T * scale + B) v`` attention
-(``set_fused_attn(False)``), q/v bias concatenated on every call, the teacher run under autocast (bf16)
+(``set_fused_attn(False)``), q/v bias concatenated on every call (fd_ref itself still does that: 3 x C
+numbers per call, next to a [B*N, C] x [C, 3C] matmul), the teacher run under autocast (bf16)
 rather than cast, a for-loop AdamW (``foreach=False``). The *optimised* configuration is fd_ref as shipped:
-the model's defaults and ``build_optimizer``'s choice, plus the teacher cast to bf16 outright when
-training in bf16 (what train.py does). ``--levers`` adds one configuration per single lever applied to the
+the model's defaults and ``build_optimizer``'s choice, plus, like train.py, the teacher cast to bf16
+outright when training in bf16 on CUDA. ``--levers`` adds one configuration per single lever applied to the
 baseline, to see what each gives on its own.
 
     python bench/throughput.py                                   # ViT-S/16 <- ViT-S/16, 224 px, batch 16, fp32
@@ -71,7 +75,6 @@ class Knobs:
     student_fused_attn: bool = False     # student attention: SDPA (True) or the explicit formula
     teacher_fused_attn: bool = False     # same for the teacher
     force_sdpa: bool = False             # SDPA even where fd_ref takes the explicit formula (CPU training)
-    qkv_bias_per_call: bool = True       # q/v bias concatenated on every call (fd_ref's straightforward code)
     teacher_cast: bool = False           # bf16: teacher weights cast to bf16 (True) or run under autocast
     teacher_inference_mode: bool = False  # teacher under inference_mode instead of no_grad
     optimizer: str = "plain"             # AdamW implementation: plain (foreach=False) | foreach | fused | library
@@ -97,11 +100,11 @@ BF16_LEVERS: dict[str, dict] = {"teacher cast to bf16": dict(teacher_cast=True)}
 
 
 def optimised_knobs(args: argparse.Namespace) -> Knobs:
-    """fd_ref as shipped: the model's own defaults, build_optimizer's choice, train.py's bf16 teacher."""
+    """fd_ref as shipped: the model's own defaults, build_optimizer's choice, train.py's bf16 teacher on CUDA."""
     probe = create_vit(args.student, img_size=args.img_size, depth=1)
     return Knobs(student_fused_attn=probe.blocks[0].attn.fused, teacher_fused_attn=probe.blocks[0].attn.fused,
-                 qkv_bias_per_call=not getattr(probe.blocks[0].attn, "cache_qkv_bias", False),
-                 teacher_cast=args.precision == "bf16", optimizer="library",
+                 teacher_cast=args.precision == "bf16" and torch.device(args.device).type == "cuda",
+                 optimizer="library",
                  compile=args.compile, grad_checkpointing=args.grad_checkpointing)
 
 
@@ -170,6 +173,32 @@ class CudaPeakMemory:
         return torch.cuda.max_memory_allocated(self.device) - self.base
 
 
+def tensor_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Run ``fn`` once and return the peak of CPU tensor memory it allocated above its start, exactly: the
+    running sum of the allocation / free events torch.profiler records with ``profile_memory=True``."""
+    from torch.profiler import ProfilerActivity, profile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:  # the profiler's C++ side logs start/stop lines on stderr
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    try:
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    except AttributeError:  # private API of torch.profiler: give up quietly if it moves
+        return None
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 def process_peak_rss() -> int:
     """Process-wide resident high-water mark since start (ru_maxrss, KiB on Linux)."""
     import resource
@@ -207,6 +236,7 @@ class Config:
     eager_step: Callable[[], torch.Tensor] = field(repr=False, default=None)
     times: list[float] = field(default_factory=list)
     mems: list[int] = field(default_factory=list)
+    tensor_peak: Optional[int] = None
     flops: int = 0
 
 
@@ -226,20 +256,12 @@ def make_optimizer(model: FeatureDistillation, kind: str) -> torch.optim.Optimiz
     return torch.optim.AdamW(param_groups(trainable, wd), lr=lr, weight_decay=wd, **kernel)
 
 
-def set_qkv_bias_per_call(model: nn.Module, per_call: bool) -> None:
-    """Baseline switch: concatenate the q/v bias on every call (fd_ref's attention may cache it)."""
-    for module in model.modules():
-        if hasattr(module, "cache_qkv_bias"):
-            module.cache_qkv_bias = not per_call
-
-
 def build_config(name: str, knobs: Knobs, base: FeatureDistillation, images: torch.Tensor,
                  args: argparse.Namespace, device: torch.device) -> Config:
     model = copy.deepcopy(base)
     model.student.set_fused_attn(knobs.student_fused_attn)
     if hasattr(model.teacher.model, "set_fused_attn"):
         model.teacher.model.set_fused_attn(knobs.teacher_fused_attn)
-    set_qkv_bias_per_call(model, knobs.qkv_bias_per_call)
     if knobs.force_sdpa:
         for module in model.modules():
             if hasattr(module, "explicit_on_cpu_training"):
@@ -378,7 +400,8 @@ def micro_levers(args: argparse.Namespace, device: torch.device, reps: int) -> l
                 teacher(x_img)
         return run
     groups.append(("teacher forward (whole network)",
-                   {"no_grad": teacher_forward(torch.no_grad), "inference_mode": teacher_forward(torch.inference_mode)},
+                   {"no_grad": teacher_forward(torch.no_grad),
+                    "inference_mode": teacher_forward(torch.inference_mode)},
                    max(3, reps // 4)))
 
     # AdamW step over the student's parameters: for-loop vs foreach vs fused.
@@ -427,7 +450,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default="vit_small")
-    p.add_argument("--teacher", default="vit_small", help="an fd_ref preset (random weights) or any build_teacher name")
+    p.add_argument("--teacher", default="vit_small",
+                   help="an fd_ref preset (random weights) or any build_teacher name")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
@@ -474,7 +498,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                                             img_size=args.img_size, batch=args.batch, precision=args.precision,
                                             device=str(device), threads=threads, reps=args.micro,
                                             loadavg_before=load_before, loadavg_after=load_after,
-                                            torch=torch.__version__)) + "\n")
+                                            torch=torch.__version__,
+                                            utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))) + "\n")
         return results
 
     configs_wanted: list[tuple[str, Knobs]] = []
@@ -549,7 +574,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         for c in configs:
             set_threads(c)
             memory.start()
-            c.step()
+            c.tensor_peak = tensor_peak_bytes(c.step)
             c.mems.append(memory.peak())
     torch.set_num_threads(threads)
     bench_seconds = time.perf_counter() - t_start
@@ -577,28 +602,34 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             matmul_peak_flops_per_s=peak, matmul_peak_n=args.peak_n,
             matmul_peak_by_threads={str(n): v for n, v in peaks.items()},
             fraction_of_peak=c.flops / t / peak, peak_step_memory_bytes=mem,
+            peak_step_tensor_bytes=c.tensor_peak,
             memory_kind="cuda max_memory_allocated above step start" if cuda
             else "VmHWM above VmRSS at step start (after malloc_trim; blocks >= 1 MiB mmapped)",
-            speedup_vs_baseline=speedup, speedup_of_fastest_steps=speedup_min, knobs=asdict(c.knobs), steps=args.steps, warmup=args.warmup,
+            speedup_vs_baseline=speedup, speedup_of_fastest_steps=speedup_min, knobs=asdict(c.knobs),
+            steps=args.steps, warmup=args.warmup,
             loadavg_before=load_before, loadavg_after=load_after, bench_seconds=bench_seconds,
             process_peak_rss_bytes=process_peak_rss(), torch=torch.__version__,
+            utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             command="python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)))
 
     print(f"{args.student} <- {args.teacher}, {args.img_size} px, batch {args.batch}, {args.precision}, "
           f"{device}, {threads} threads; load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
           f"{args.precision} matmul {args.peak_n}^3 (best of {args.steps + 1} rounds): "
-          + ", ".join(f"{v / 1e9:.1f} GFLOP/s at {n} thread{'s' if n > 1 else ''}" for n, v in peak_by_threads.items())
+          + ", ".join(f"{v / 1e9:.1f} GFLOP/s at {n} thread{'s' if n > 1 else ''}"
+                      for n, v in peak_by_threads.items())
           + f"; % peak is of the best, {peak / 1e9:.1f}")
     header = (f"{'config':<28} {'step s':>7} {'img/s':>7} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'mem MiB':>8} {'speed-up':>8} {'min s':>7} {'min su':>7}")
+              f"{'mem MiB':>8} {'tensor MiB':>10} {'speed-up':>8} {'min s':>7} {'min su':>7}")
     print(header)
     print("-" * len(header))
     for rec in records:
         mem = rec["peak_step_memory_bytes"]
         sp, spm = rec["speedup_vs_baseline"], rec["speedup_of_fastest_steps"]
+        tmem = rec["peak_step_tensor_bytes"]
         print(f"{rec['config']:<28} {rec['step_s_median']:>7.2f} {rec['img_per_s']:>7.2f} "
               f"{rec['flops_per_step'] / 1e9:>10.1f} {rec['flops_per_s'] / 1e9:>8.1f} "
               f"{100 * rec['fraction_of_peak']:>6.1f}% {mem / 2**20 if mem is not None else float('nan'):>8.0f} "
+              f"{tmem / 2**20 if tmem is not None else float('nan'):>10.1f} "
               f"{'' if sp is None else f'{sp:.2f}x':>8} {rec['step_s_min']:>7.2f} "
               f"{'' if spm is None else f'{spm:.2f}x':>7}")
     if args.json:

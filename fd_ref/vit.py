@@ -77,9 +77,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused = True
         # On the CPU, SDPA cannot differentiate a mask with its fused kernel and falls back to its math
-        # kernel: the explicit formula with extra work, measured ~3-5% slower per attention and ~40 MiB
-        # more peak memory per ViT-S/16 FD step (bench/README.md). So training with a trainable bias on
-        # the CPU takes the explicit formula even when ``fused``; False forces SDPA there too.
+        # kernel: the explicit formula with extra work, measured 0-5% slower per attention block, with the
+        # same tensor memory (bench/README.md). So training with a trainable bias on the CPU takes the
+        # explicit formula even when ``fused``; False forces SDPA there too.
         self.explicit_on_cpu_training = True
 
     def _qkv_bias(self) -> Optional[torch.Tensor]:
