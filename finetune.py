@@ -31,7 +31,7 @@ from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
 from fd_ref.position import resize_relative_position_bias_table
 from fd_ref.sampler import make_loader
-from fd_ref.schedule import WarmupCosine, scale_lr
+from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
 from fd_ref.vit import PRESETS, VisionTransformer
 
@@ -64,8 +64,8 @@ DEFAULTS = dict(
     batch_size=64,
     accum_steps=1,
     lr=1.25e-3,                  # per 512 images
-    min_lr=2.5e-7,
-    warmup_lr=0.0,
+    min_lr=2.5e-7,               # per 512 images, scaled like lr
+    warmup_lr=2.5e-7,            # per 512 images, scaled like lr (published)
     warmup_epochs=1,
     layer_decay=0.6,             # lr scale decay^(L+1-layer); 1.0 switches it off
     weight_decay=0.05,
@@ -256,7 +256,8 @@ def main(argv=None) -> dict:
         forward = torch.compile(forward)
 
     total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
-    lr = scale_lr(cfg["lr"], total_batch)
+    lrs = scale_lrs(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], total_batch)  # all three per 512 images
+    lr = lrs["base_lr"]
     if cfg["linear_probe"]:
         optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"])
     else:
@@ -269,9 +270,8 @@ def main(argv=None) -> dict:
     val_loader, _ = make_loader(val_set, cfg["batch_size"], seed=cfg["seed"], shuffle=False, rank=info.rank,
                                 world_size=info.world_size, num_workers=cfg["num_workers"], drop_last=False)
     steps_per_epoch = len(sampler) // cfg["accum_steps"]
-    scheduler = WarmupCosine(optimizer, base_lr=lr, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
-                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"], min_lr=cfg["min_lr"],
-                             warmup_lr=cfg["warmup_lr"])
+    scheduler = WarmupCosine(optimizer, **lrs, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
+                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"])
     mixing = cfg["mixup"] > 0 or cfg["cutmix"] > 0
     mix = MixupCutmix(cfg["num_classes"], cfg["mixup"], cfg["cutmix"], cfg["mix_switch_prob"],
                       cfg["label_smoothing"]) if mixing and not cfg["linear_probe"] else None

@@ -26,7 +26,7 @@ from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
 from fd_ref.sampler import make_loader
-from fd_ref.schedule import WarmupCosine, scale_lr
+from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
 from fd_ref.teachers import build_teacher
 from fd_ref.vit import create_vit
@@ -64,8 +64,8 @@ DEFAULTS = dict(
     batch_size=64,               # per process, per micro-batch
     accum_steps=1,
     lr=1e-3,                     # per 512 images (the paper: 3e-4); scaled by batch_size * accum_steps * world_size / 512
-    min_lr=5e-6,
-    warmup_lr=5e-7,
+    min_lr=5e-6,                 # per 512 images, scaled like lr
+    warmup_lr=5e-7,              # per 512 images, scaled like lr
     warmup_epochs=1,
     weight_decay=0.05,
     clip_grad=3.0,
@@ -134,7 +134,8 @@ def main(argv=None) -> None:
         forward = torch.compile(forward)
 
     total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
-    lr = scale_lr(cfg["lr"], total_batch)
+    lrs = scale_lrs(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], total_batch)  # all three per 512 images
+    lr = lrs["base_lr"]
     optimizer = build_optimizer(trainable, lr=lr, weight_decay=cfg["weight_decay"])
     loader, sampler = make_loader(dataset, cfg["batch_size"], seed=cfg["seed"], shuffle=True,
                                   rank=info.rank, world_size=info.world_size, num_workers=cfg["num_workers"],
@@ -145,9 +146,8 @@ def main(argv=None) -> None:
                             save_every=cfg["save_every"], nan_policy=cfg["nan_policy"],
                             progress=cfg["progress"])
     steps_per_epoch = len(sampler) // cfg["accum_steps"]
-    scheduler = WarmupCosine(optimizer, base_lr=lr, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
-                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"], min_lr=cfg["min_lr"],
-                             warmup_lr=cfg["warmup_lr"])
+    scheduler = WarmupCosine(optimizer, **lrs, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
+                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"])
 
     def step_fn(batch) -> torch.Tensor:
         images = batch[0].to(info.device, non_blocking=True)

@@ -6,9 +6,14 @@ block gets its own learning rate that shrinks geometrically with its distance fr
 
     lr_of_group = lr * lr_scale,    lr_scale = layer_decay ** (num_layers + 1 - layer)
 
-where ``layer`` is :func:`layer_id` of the parameter: 0 for the patch embedding (and the tokens / tables that
-live before the first block), ``i + 1`` for ``blocks.{i}``, and ``num_layers + 1`` for everything after the
-last block (final norm, fc_norm, head, FD projection), which therefore gets ``lr_scale == 1``.
+where ``layer`` is :func:`layer_id` of the parameter: 0 for the patch embedding, class token and absolute
+position embedding, ``i + 1`` for ``blocks.{i}``, and ``num_layers + 1`` for everything else (a shared relative
+position bias table, final norm, fc_norm, head, FD projection), which therefore gets ``lr_scale == 1``
+(published ``optimizer.py``, ``get_vit_layer``).
+
+Weight decay follows the published ``optimizer.py`` too: it is skipped for 1-D parameters, names ending in
+``.bias`` and the class token / absolute position embedding; the 2-D relative position bias tables ARE
+decayed.
 
 The ``lr_scale`` key is read by :class:`fd_ref.schedule.WarmupCosine` on every step.
 
@@ -30,14 +35,12 @@ __all__ = ["strip_prefix", "no_weight_decay", "layer_id", "param_groups", "build
 
 _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "student.")
 
-# Exact (prefix-stripped) names that never get weight decay even though they are not 1-D.
+# Exact (prefix-stripped) names that never get weight decay even though they are not 1-D (published
+# ``no_weight_decay``: pos_embed, cls_token; mask_token for models that have one).
 _NO_DECAY_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token"})
 
-# Name endings of relative position bias tables (ours and timm's), excluded from weight decay.
-_TABLE_SUFFIXES: tuple[str, ...] = ("rel_pos_bias.table", "relative_position_bias_table")
-
 # Exact (prefix-stripped) names that belong to layer 0 (before the first block).
-_LAYER0_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token", "rel_pos_bias.table"})
+_LAYER0_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token"})
 
 
 def strip_prefix(name: str) -> str:
@@ -59,22 +62,20 @@ def strip_prefix(name: str) -> str:
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """True if the parameter ``name`` must be excluded from weight decay.
 
-    Excluded: biases (including ``q_bias`` / ``v_bias``), every parameter with ``param.ndim <= 1`` (norm
-    weights, layer-scale ``gamma``), ``cls_token``, ``pos_embed`` (and ``mask_token``), and relative position
-    bias tables (``rel_pos_bias.table``, timm's ``relative_position_bias_table``), as in BEiT / FD.
+    Excluded (published ``optimizer.py``): every parameter with ``param.ndim <= 1`` (biases including
+    ``q_bias`` / ``v_bias``, norm weights, layer-scale ``gamma``), names ending in ``.bias``, ``cls_token``,
+    ``pos_embed`` (and ``mask_token``). Relative position bias tables are 2-D and decayed.
     """
     short = strip_prefix(name)
-    if param.ndim <= 1 or short.endswith("bias") or short in _NO_DECAY_NAMES:
-        return True
-    return short.endswith(_TABLE_SUFFIXES)
+    return param.ndim <= 1 or short.endswith(".bias") or short in _NO_DECAY_NAMES
 
 
 def layer_id(name: str, num_layers: int) -> int:
     """Layer index of a parameter for layer-wise lr decay, in ``0 .. num_layers + 1``.
 
-    ``patch_embed.*``, ``cls_token``, ``pos_embed`` and the shared ``rel_pos_bias.table`` -> 0;
-    ``blocks.{i}.*`` -> ``i + 1``; everything else (``norm``, ``fc_norm``, ``head``, ``projection``) ->
-    ``num_layers + 1``.
+    ``patch_embed.*``, ``cls_token``, ``pos_embed`` -> 0; ``blocks.{i}.*`` -> ``i + 1``; everything else
+    (the shared ``rel_pos_bias.table``, ``norm``, ``fc_norm``, ``head``, ``projection``) -> ``num_layers + 1``
+    (published ``get_vit_layer``: ``rel_pos_bias`` and the rest go to the top group).
     """
     short = strip_prefix(name)
     if short in _LAYER0_NAMES or short.startswith("patch_embed."):

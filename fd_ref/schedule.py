@@ -1,8 +1,18 @@
 """Per-iteration learning-rate schedule: linear warm-up then cosine decay (as in BEiT / FD), and lr scaling.
 
 FD (Wei et al., arXiv 2205.14141, Sec. 4 and appendix) trains with AdamW, a linear warm-up and a cosine
-schedule, updated every iteration, with the base learning rate given for a total batch of 512 and scaled
-linearly with the batch (:func:`scale_lr`).
+schedule, updated every iteration. Its three learning rates (base, warm-up start, minimum) are given for a
+total batch of 512 and ALL scale linearly with the total batch, gradient accumulation included
+(:func:`scale_lrs`; published ``main_fd.py`` / ``main_finetune.py``).
+
+Parameter groups with an ``lr_scale`` (layer-wise lr decay, :mod:`fd_ref.optim`) follow the published
+schedule (timm 0.4.12's ``CosineLRScheduler`` over groups whose initial lr is ``base_lr * lr_scale``): only
+the peak is scaled, the warm-up start and the minimum are shared by every group,
+
+    lr_g(step) = curve(step; peak = base_lr * lr_scale_g, start = warmup_lr, floor = min_lr)
+
+``WarmupCosine(..., scale_whole_curve=True)`` multiplies the whole curve by ``lr_scale_g`` instead (fd-ref's
+earlier behaviour; docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ import torch
 
 from fd_ref.errors import UserError
 
-__all__ = ["lr_at", "WarmupCosine", "scale_lr"]
+__all__ = ["lr_at", "WarmupCosine", "scale_lr", "scale_lrs"]
 
 
 def _check_hparams(base_lr: float, total_steps: int, warmup_steps: int, min_lr: float, warmup_lr: float) -> None:
@@ -45,6 +55,12 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min
     ``lr_at(warmup_steps) == base_lr`` (if ``warmup_steps < total_steps``) and ``lr_at(total_steps) == min_lr``.
     """
     _check_hparams(base_lr, total_steps, warmup_steps, min_lr, warmup_lr)
+    return _curve(step, base_lr, total_steps, warmup_steps, min_lr, warmup_lr)
+
+
+def _curve(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float,
+           warmup_lr: float) -> float:
+    """The formula of :func:`lr_at` without its checks (a group's peak may sit below ``min_lr``)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step >= total_steps:
@@ -56,15 +72,20 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min
 
 
 class WarmupCosine:
-    """Sets ``group["lr"] = lr_at(step, ...) * group.get("lr_scale", 1.0)`` for every optimizer param group.
+    """Sets every optimizer param group's lr for the current iteration (module docstring):
 
-    The learning rate of step 0 is applied on construction; each :meth:`step` advances by one iteration.
-    Usage per iteration: ``optimizer.step(); scheduler.step()``.
+        group["lr"] = curve(step; peak = base_lr * s, start = warmup_lr, floor = min_lr)   (published)
+        group["lr"] = s * lr_at(step, ...)                                 (scale_whole_curve=True)
+
+    with ``s = group.get("lr_scale", 1.0)``; both agree for ``s == 1``. The learning rate of step 0 is
+    applied on construction; each :meth:`step` advances by one iteration. ``last_lr`` is the unscaled
+    (``s == 1``, head) value. Usage per iteration: ``optimizer.step(); scheduler.step()``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
-                 min_lr: float, warmup_lr: float = 0.0) -> None:
+                 min_lr: float, warmup_lr: float = 0.0, scale_whole_curve: bool = False) -> None:
         _check_hparams(base_lr, total_steps, warmup_steps, min_lr, warmup_lr)
+        self.scale_whole_curve = bool(scale_whole_curve)
         self.optimizer = optimizer
         self.base_lr = float(base_lr)
         self.total_steps = int(total_steps)
@@ -79,7 +100,12 @@ class WarmupCosine:
         lr = lr_at(self.step_count, base_lr=self.base_lr, total_steps=self.total_steps,
                    warmup_steps=self.warmup_steps, min_lr=self.min_lr, warmup_lr=self.warmup_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            scale = group.get("lr_scale", 1.0)
+            if self.scale_whole_curve or scale == 1.0:
+                group["lr"] = lr * scale
+            else:
+                group["lr"] = _curve(self.step_count, self.base_lr * scale, self.total_steps, self.warmup_steps,
+                                     self.min_lr, self.warmup_lr)
         return lr
 
     def step(self) -> float:
@@ -91,7 +117,8 @@ class WarmupCosine:
     def state_dict(self) -> dict[str, Any]:
         """The step counter and the hyper-parameters."""
         return {"step_count": self.step_count, "base_lr": self.base_lr, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "min_lr": self.min_lr, "warmup_lr": self.warmup_lr}
+                "warmup_steps": self.warmup_steps, "min_lr": self.min_lr, "warmup_lr": self.warmup_lr,
+                "scale_whole_curve": self.scale_whole_curve}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counter and hyper-parameters and re-apply the lr of that step to the optimizer."""
@@ -103,6 +130,7 @@ class WarmupCosine:
         self.warmup_steps = int(state["warmup_steps"])
         self.min_lr = float(state["min_lr"])
         self.warmup_lr = float(state["warmup_lr"])
+        self.scale_whole_curve = bool(state.get("scale_whole_curve", True))  # older checkpoints: True
         self.last_lr = self._apply()
 
 
@@ -111,3 +139,17 @@ def scale_lr(base_lr_per_512: float, total_batch: int) -> float:
     if total_batch < 1:
         raise UserError(f"total batch size must be >= 1, got {total_batch}; check batch size and GPU count")
     return base_lr_per_512 * total_batch / 512
+
+
+def scale_lrs(lr: float, warmup_lr: float, min_lr: float, total_batch: int) -> dict[str, float]:
+    """All three learning rates of a recipe, given per 512 images, scaled to ``total_batch`` (published
+    ``main_fd.py`` / ``main_finetune.py``):
+
+        base_lr   = lr        * total_batch / 512
+        warmup_lr = warmup_lr * total_batch / 512
+        min_lr    = min_lr    * total_batch / 512
+
+    with ``total_batch = batch_size * accum_steps * world_size``. Returns the keyword arguments of
+    :class:`WarmupCosine` (``base_lr``, ``warmup_lr``, ``min_lr``)."""
+    return {"base_lr": scale_lr(lr, total_batch), "warmup_lr": scale_lr(warmup_lr, total_batch),
+            "min_lr": scale_lr(min_lr, total_batch)}

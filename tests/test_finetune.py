@@ -119,7 +119,7 @@ def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "Trainer", Recording)
     decay, wd = 0.6, 0.05
     finetune.main(FT + ["--pretrained", str(student), "--layer-decay", str(decay), "--weight-decay", str(wd),
-                        "--max-steps", "1", "--output", str(tmp_path)])
+                        "--max-steps", "1", "--warmup-epochs", "1", "--output", str(tmp_path)])
     (trainer,) = trainers
     model = trainer.state_module
     params = dict(model.named_parameters())
@@ -130,11 +130,16 @@ def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
             seen.append(name)
             layer = _expected_layer(name)
             assert group["lr_scale"] == pytest.approx(decay ** (DEPTH + 1 - layer), rel=1e-12), name
-            # decay on the weight matrices only: not on biases, norms, layer scales, tables, class token
-            matrix = name.endswith(".weight") and p.ndim >= 2
+            # decay on the matrices (published optimizer.py: position tables too), not on biases, norms,
+            # layer scales, the class token
+            matrix = (name.endswith(".weight") or name.endswith(".table")) and p.ndim >= 2
             assert group["weight_decay"] == (wd if matrix else 0.0), name
-        # the schedule's lr reaches every group scaled by its lr_scale
-        assert group["lr"] == pytest.approx(trainer.scheduler.last_lr * group["lr_scale"], rel=1e-12)
+        # after one step (still warming up): each group's lr on the line from the shared, scaled warm-up
+        # start to its own peak lr * lr_scale (published schedule)
+        sched = trainer.scheduler
+        frac = sched.step_count / sched.warmup_steps
+        expected = sched.warmup_lr + frac * (sched.base_lr * group["lr_scale"] - sched.warmup_lr)
+        assert group["lr"] == pytest.approx(expected, rel=1e-12)
     assert sorted(seen) == sorted(params)  # every parameter exactly once
     # spot checks of the recipe: patch embedding = layer 0, head = layer L+1, per-block tables without decay
     scale = {n: g["lr_scale"] for g in trainer.optimizer.param_groups for n in g["param_names"]}
@@ -143,7 +148,7 @@ def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
     assert scale["blocks.0.attn.rel_pos_bias.table"] == pytest.approx(decay ** DEPTH)
     assert scale[f"blocks.{DEPTH - 1}.mlp.fc1.weight"] == pytest.approx(decay)
     assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
-    assert wdec["blocks.1.attn.rel_pos_bias.table"] == 0.0 and wdec["cls_token"] == 0.0
+    assert wdec["blocks.1.attn.rel_pos_bias.table"] == wd and wdec["cls_token"] == 0.0
     assert wdec["blocks.1.attn.q_bias"] == 0.0 and wdec["blocks.1.norm1.weight"] == 0.0
     assert wdec["blocks.1.attn.qkv.weight"] == wd and wdec["head.weight"] == wd
 

@@ -105,9 +105,12 @@ def test_strip_prefix() -> None:
     ("blocks.0.ls1.gamma", (4,), True),
     ("cls_token", (1, 1, 4), True),
     ("student.pos_embed", (1, 5, 4), True),
-    ("rel_pos_bias.table", (5, 2), True),
-    ("blocks.3.attn.rel_pos_bias.table", (5, 2), True),
-    ("blocks.3.attn.relative_position_bias_table", (5, 2), True),
+    # relative position bias tables are 2-D and decayed, as in the published optimizer.py
+    ("rel_pos_bias.table", (5, 2), False),
+    ("blocks.3.attn.rel_pos_bias.table", (5, 2), False),
+    ("blocks.3.attn.relative_position_bias_table", (5, 2), False),
+    # only names ending in ".bias" are excluded by name: a 2-D matrix called "...bias_proj" is decayed
+    ("blocks.0.attn.bias_proj.weight", (4, 4), False),
     ("patch_embed.proj.weight", (4, 3, 2, 2), False),
     ("module.student.head.weight", (3, 4), False),
     ("projection.proj.weight", (4, 4, 1, 1), False),
@@ -120,7 +123,8 @@ def test_no_weight_decay(name: str, shape: tuple[int, ...], expected: bool) -> N
 @pytest.mark.parametrize("prefix", ["", "student.", "module.", "module.student."])
 def test_layer_id_names(prefix: str) -> None:
     L = 12
-    cases = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0, "rel_pos_bias.table": 0,
+    # published get_vit_layer: the shared rel_pos_bias goes to the top group, not to layer 0
+    cases = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0, "rel_pos_bias.table": 13,
              "blocks.0.norm1.weight": 1, "blocks.11.mlp.fc2.bias": 12, "blocks.4.attn.rel_pos_bias.table": 5,
              "norm.weight": 13, "fc_norm.bias": 13, "head.weight": 13}
     for name, expected in cases.items():
@@ -165,11 +169,11 @@ def test_layer_decay_groups(depth: int, decay: float, wd: float, shared_table: b
         assert g["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer))
         assert g["name"].startswith(f"layer{layer}_")
         short = strip_prefix(name)
-        if short.endswith(("bias", "table", "gamma")) or "norm" in short or short in ("cls_token", "pos_embed"):
+        if short.endswith(("bias", "gamma")) or "norm" in short or short in ("cls_token", "pos_embed"):
             assert g["weight_decay"] == 0.0 and g["name"].endswith("_no_decay"), name
         else:
             assert g["weight_decay"] == wd and not g["name"].endswith("_no_decay"), name
-        if short.startswith("head."):
+        if short.startswith("head.") or short == "rel_pos_bias.table":
             assert g["lr_scale"] == 1.0
 
     names = [g["name"] for g in groups]
@@ -184,7 +188,7 @@ def test_two_groups_without_layer_decay() -> None:
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert all(g["lr_scale"] == 1.0 for g in groups)
     decayed = set(groups[0]["param_names"])
-    assert decayed == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+    assert decayed == {"patch_embed.proj.weight", "rel_pos_bias.table", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
                        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "blocks.1.attn.qkv.weight",
                        "blocks.1.attn.proj.weight", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"}
     assert "head.weight" not in groups[1]["param_names"]

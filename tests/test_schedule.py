@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fd_ref.errors import UserError
-from fd_ref.schedule import WarmupCosine, lr_at, scale_lr
+from fd_ref.schedule import WarmupCosine, lr_at, scale_lr, scale_lrs
 
 
 @st.composite
@@ -65,6 +65,43 @@ def test_bad_hparams() -> None:
         lr_at(-1, **good)
 
 
+def _published_group_lr(step: int, h: dict, scale: float) -> float:
+    """Hand formula of the published schedule for one group (timm 0.4.12 CosineLRScheduler with
+    warmup_prefix=True, t_in_epochs=False, cycle_limit=1, over a group whose initial lr is base_lr * scale)."""
+    peak, total, warm = h["base_lr"] * scale, h["total_steps"], h["warmup_steps"]
+    if step >= total:
+        return h["min_lr"]
+    if step < warm:
+        return h["warmup_lr"] + step * (peak - h["warmup_lr"]) / warm
+    t = (step - warm) / (total - warm)
+    return h["min_lr"] + 0.5 * (peak - h["min_lr"]) * (1 + math.cos(math.pi * t))
+
+
+@settings(max_examples=50, deadline=None)
+@given(h=hparams(), scale=st.floats(0.001, 1.0), whole=st.booleans())
+def test_group_schedule_published_and_whole_curve(h: dict, scale: float, whole: bool) -> None:
+    """Published: lr_g = curve(peak = base * s, start = warmup_lr, floor = min_lr). scale_whole_curve: s * lr."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr_scale": scale}], lr=1.0)
+    sched = WarmupCosine(opt, **h, scale_whole_curve=whole)
+    for step in range(h["total_steps"] + 2):
+        expected = scale * lr_at(step, **h) if whole else _published_group_lr(step, h, scale)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+        if step == h["warmup_steps"] < h["total_steps"]:  # the peak is reached either way
+            assert opt.param_groups[0]["lr"] == pytest.approx(h["base_lr"] * scale, rel=1e-9)
+        sched.step()
+
+
+def test_scale_lrs_scales_all_three() -> None:
+    """Published main_fd.py: base, warm-up and min lr all scale by total batch / 512 (accumulation included)."""
+    # published FD recipe at the published batch (16 GPUs x 128) and on one GPU with 16 accumulation steps
+    for total in (16 * 128, 1 * 128 * 16):
+        lrs = scale_lrs(3e-4, 5e-7, 5e-6, total)
+        assert lrs == pytest.approx({"base_lr": 1.2e-3, "warmup_lr": 2e-6, "min_lr": 2e-5})
+    lrs = scale_lrs(1.25e-3, 2.5e-7, 2.5e-7, 256)  # fine-tuning recipe at batch 256
+    assert lrs == pytest.approx({"base_lr": 6.25e-4, "warmup_lr": 1.25e-7, "min_lr": 1.25e-7})
+
+
 def _optimizer() -> torch.optim.Optimizer:
     params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
     return torch.optim.AdamW([{"params": [params[0]], "lr_scale": 0.25},
@@ -84,7 +121,9 @@ def test_scheduler_sets_scaled_lr_and_resumes(h: dict, cut: int) -> None:
     state = None
     for step in range(1, n):
         assert sched.step() == lr_at(step, **h) == sched.last_lr
-        assert [g["lr"] for g in opt.param_groups] == [sched.last_lr * 0.25, sched.last_lr, sched.last_lr]
+        # published: only the peak of the lr_scale 0.25 group is scaled; warm-up start and floor are shared
+        assert opt.param_groups[0]["lr"] == pytest.approx(_published_group_lr(step, h, 0.25), rel=1e-9, abs=1e-15)
+        assert [g["lr"] for g in opt.param_groups][1:] == [sched.last_lr, sched.last_lr]
         seen.append([g["lr"] for g in opt.param_groups])
         if step == cut:
             state = sched.state_dict()
