@@ -29,6 +29,7 @@ from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everythin
 from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
+from fd_ref.precision import resolve_precision
 from fd_ref.position import resize_relative_position_bias_table
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
@@ -79,7 +80,7 @@ DEFAULTS = dict(
     color_jitter=0.4,
     random_erasing=0.25,
     crop_pct=0.875,              # evaluation: resize to img_size / crop_pct, centre crop img_size
-    precision="auto",
+    precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     grad_checkpointing=False,
     compile=False,
     nan_policy="stop",
@@ -224,7 +225,7 @@ def main(argv=None) -> dict:
                          help_text=help_from_source(__file__))
     info = init_distributed()
     seed_everything(cfg["seed"], info.rank)
-    precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg["precision"], info.device)
 
     train_tf = finetune_transform(cfg["img_size"], randaug_magnitude=cfg["randaug_magnitude"],
                                   randaug_mstd=cfg["randaug_mstd"], color_jitter=cfg["color_jitter"],

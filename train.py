@@ -25,6 +25,7 @@ from fd_ref.distributed import init_distributed, seed_everything
 from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
+from fd_ref.precision import resolve_precision
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
@@ -69,7 +70,7 @@ DEFAULTS = dict(
     warmup_epochs=1,
     weight_decay=0.05,
     clip_grad=3.0,
-    precision="auto",            # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     grad_checkpointing=False,
     compile=False,
     nan_policy="stop",           # stop | skip
@@ -83,12 +84,6 @@ DEFAULTS = dict(
     progress=None,               # None: a progress bar on a terminal, plain lines otherwise
 )
 # ----------------------------------------------------------------------------------------------------------
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
 
 
 def build_student(cfg: dict) -> nn.Module:
@@ -117,7 +112,7 @@ def main(argv=None) -> None:
     student = build_student(cfg)
     model = FeatureDistillation(student, teacher, beta=cfg["beta"], whiten_target=cfg["whiten"])
     model.to(info.device)
-    if precision == "bf16" and info.device.type == "cuda":
+    if precision == "bf16":
         teacher.to(torch.bfloat16)  # the frozen teacher runs in bf16 outright: no autocast casts, half the memory
     if cfg["grad_checkpointing"]:
         student.set_grad_checkpointing(True)
