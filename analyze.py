@@ -62,6 +62,9 @@ DEFAULTS = dict(
     # data
     data="synthetic",            # synthetic | cifar10 | cifar100 | ImageFolder path (its val/ split if any)
     num_images=64,               # images analysed (a seeded subset of the validation split)
+    val_split=0,                 # >0: analyse the hold-out train.py / finetune.py carve from --data's training
+                                 # images with the same --val-split N --split-seed S (images no stage trained on)
+    split_seed=0,
     synthetic_classes=10,        # classes of the synthetic set (match finetune.py's for the landscape)
     batch_size=32,
     num_workers=2,
@@ -264,15 +267,23 @@ def load_images(cfg: dict) -> Images:
     from fd_ref.data import build_dataset  # torchvision: imported only once the settings are checked
 
     n = cfg["num_images"]
-    base = build_dataset(cfg["data"], train=False, transform=None, synthetic_size=5 * n,
+    held_out = cfg["val_split"] > 0
+    base = build_dataset(cfg["data"], train=held_out, transform=None, synthetic_size=5 * n,
                          synthetic_val_size=n, synthetic_classes=cfg["synthetic_classes"],
                          synthetic_image_size=cfg["img_size"], seed=cfg["seed"])
-    total = len(base)
+    if held_out:  # the same hold-out as fd_ref.splits.train_val_datasets carves for training and fine-tuning
+        from fd_ref.data import split_indices
+        if len(base) <= cfg["val_split"]:
+            raise UserError(f"--val-split {cfg['val_split']} leaves no training images out of {len(base)}")
+        pool = split_indices(len(base), cfg["val_split"], cfg["split_seed"])[1]
+    else:
+        pool = list(range(len(base)))
+    total = len(pool)
     if total > n:  # a seeded subset: image folders are sorted by class, so the first n would be one class
         generator = torch.Generator().manual_seed(cfg["seed"])
-        indices = sorted(torch.randperm(total, generator=generator)[:n].tolist())
+        indices = sorted(pool[i] for i in torch.randperm(total, generator=generator)[:n].tolist())
     else:
-        indices = list(range(total))
+        indices = list(pool)
         if total < n:
             print(f"note: --data {cfg['data']} has {total} images, fewer than --num-images {n}; using all",
                   flush=True)

@@ -153,3 +153,27 @@ def test_missing_model_file_exits_2_with_one_line() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+def test_val_split_analyses_only_the_training_hold_out(tmp_path) -> None:
+    """--val-split N --split-seed S picks images from exactly the hold-out that train.py / finetune.py carve
+    from the same folder (fd_ref.splits.train_val_datasets), never from the images they train on."""
+    from PIL import Image
+
+    from fd_ref.splits import train_val_datasets
+    folder = tmp_path / "images"
+    for c in ("a", "b", "c"):
+        (folder / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8), (10 * i, 20, 30)).save(folder / c / f"{i}.png")
+    cfg = {**analyze.DEFAULTS, "data": str(folder), "num_images": 4, "val_split": 7, "split_seed": 3,
+           "num_workers": 0}
+    images = analyze.load_images(cfg)
+    train, val = train_val_datasets(str(folder), None, None, val_split=7, split_seed=3)
+    held_out = set(val.indices)
+    assert len(images.indices) == 4 and set(images.indices) <= held_out
+    assert not set(images.indices) & set(train.indices)
+    # asking for more images than the hold-out has gives the whole hold-out
+    assert sorted(analyze.load_images({**cfg, "num_images": 50}).indices) == sorted(held_out)
+    with pytest.raises(UserError, match="leaves no training images"):
+        analyze.load_images({**cfg, "val_split": 30})
