@@ -22,8 +22,9 @@ other two are the paper's ablation of the distillation target), with P_t / P_s t
 
 ``avg`` pools the patch tokens only (class token excluded; the mean of the teacher's own patches, before
 any grid resize), on both sides; as the projection is linear, projecting the mean equals averaging the
-projected tokens. The published code implements only ``full``; ``cls`` and ``avg`` follow the paper's
-description of the ablation, whitened like the full map (a LayerNorm without affine over the channels).
+projected tokens. The published code implements only ``full``; the definitions of ``cls`` and ``avg``
+above are fd-ref's (the pooled vector is whitened like a token of the full map: a LayerNorm without affine
+over its channels).
 Whether the teacher's tokens are taken after or before its final norm is the teacher's setting
 (``Teacher.feat_after_norm``).
 """
