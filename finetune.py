@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_ref.checkpoint import (expand_shared_rpb, load_file, load_weights, model_state, save_atomic,
-                               to_fd_ref_keys)
+from fd_ref.checkpoint import (expand_shared_rpb, infer_vit_options, load_file, load_weights, model_state,
+                               save_atomic, to_fd_ref_keys)
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config, save_yaml
 from fd_ref.data import MixupCutmix, eval_transform, finetune_transform, soft_target_cross_entropy
@@ -148,7 +149,16 @@ def adapt_state(state: dict, model: VisionTransformer, source_config: dict | Non
 
 
 def build_model(cfg: dict) -> tuple[nn.Module, str]:
-    """The network to fine-tune and a one-paragraph summary of what was loaded."""
+    """The network to fine-tune and a one-paragraph summary of what was loaded.
+
+    A checkpoint that records its ``model_config`` (fd_ref's student.pt / best.pt) is rebuilt from it. One
+    that does not (timm DeiT / DINO / OpenAI CLIP ViTs, BEiT releases: the paper's baselines) takes its
+    widths from ``--model`` and the shape flags and its structure from its own keys
+    (``fd_ref.checkpoint.infer_vit_options``): no gammas -> no layer scale; ``pos_embed`` -> absolute
+    position embedding; ``norm_pre`` -> an OpenAI CLIP tower (pre-norm, QuickGELU, LayerNorm eps 1e-5,
+    no patch-embedding bias); its k bias is dropped, exactly (it cancels in the softmax). So the loaded
+    network is the published one. A tensor the model has no place for is refused, with one line.
+    """
     probe = cfg["linear_probe"]
     if cfg["from_scratch"] or not cfg["pretrained"]:
         if probe:
@@ -170,13 +180,14 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     source = blob.get("model_config") if isinstance(blob, dict) else None
     if source:  # an older model_config may lack some keys: those take the constructor's defaults
         arch = {k: source[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                                       "layer_scale_init") if k in source}
+                                       "layer_scale_init", "act_layer", "pre_norm", "ln_eps", "patch_bias")
+                if k in source}
         pos = source.get("pos_embed", "shared_rpb")
     else:
         if cfg["model"] not in PRESETS:
             raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
         arch = {**PRESETS[cfg["model"]], **{k: cfg[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
-                                           if cfg[k] is not None}, "layer_scale_init": cfg["layer_scale"]}
+                                           if cfg[k] is not None}, **infer_vit_options(model_state(blob))}
         state_keys = set(model_state(blob))
         pos = "abs" if "pos_embed" in state_keys else "shared_rpb" if any(
             k.endswith("rel_pos_bias.relative_position_bias_table") or k == "rel_pos_bias.table"
@@ -188,9 +199,16 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
         model = VisionTransformer(**arch, img_size=cfg["img_size"], drop_path_rate=cfg["drop_path"],
                                   pos_embed="rpb" if pos == "shared_rpb" else pos,
                                   num_classes=cfg["num_classes"], global_pool="avg")
-    state = adapt_state(model_state(blob), model, source)
     # a pretrained head of another task and the FD projection are never loaded; mean pooling drops `norm`
     ignore = (r"head\..*", r"projection\..*", r"fc_norm\..*") + (() if probe else (r"norm\..*",))
+    own = set(model.state_dict()) | {"rel_pos_bias.table"}  # a shared table is placed in every block
+    unplaced = [k for k in to_fd_ref_keys(model_state(blob))
+                if k not in own and not any(re.fullmatch(p, k) for p in ignore)]
+    if unplaced:
+        raise UserError(f"pretrained weights {path} hold tensors fd_ref's ViT has no place for "
+                        f"({', '.join(unplaced[:4])}{', ...' if len(unplaced) > 4 else ''}); "
+                        f"a ViT with other structure is not supported")
+    state = adapt_state(model_state(blob), model, source)
     summary = load_weights(model, state, what=f"model from {path}", ignore=ignore)
     if probe:
         model = LinearProbe(model, cfg["num_classes"])

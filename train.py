@@ -59,6 +59,8 @@ DEFAULTS = dict(
     layer_scale=0.1,
     # objective
     whiten=True,                 # whiten the teacher's features (LayerNorm without affine)
+    target="full",               # distillation target: full (every token) | cls (class token) | avg (mean patch token)
+    teacher_feat_after_norm=True,  # the teacher's tokens after its final norm (published configs) or before
     beta=2.0,                    # smooth-L1 threshold
     # optimisation
     epochs=4,
@@ -108,9 +110,11 @@ def main(argv=None) -> None:
                                     synthetic_size=cfg["synthetic_size"], img_size=cfg["img_size"],
                                     seed=cfg["seed"])
     teacher = build_teacher(cfg["teacher"], img_size=cfg["img_size"], checkpoint=cfg["teacher_checkpoint"],
+                            feat_after_norm=cfg["teacher_feat_after_norm"],
                             patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"])
     student = build_student(cfg)
-    model = FeatureDistillation(student, teacher, beta=cfg["beta"], whiten_target=cfg["whiten"])
+    model = FeatureDistillation(student, teacher, beta=cfg["beta"], whiten_target=cfg["whiten"],
+                                target=cfg["target"])
     model.to(info.device)
     if precision == "bf16":
         teacher.to(torch.bfloat16)  # the frozen teacher runs in bf16 outright: no autocast casts, half the memory

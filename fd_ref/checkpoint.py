@@ -222,6 +222,33 @@ def to_fd_ref_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return dict(state_dict)
 
 
+def infer_vit_options(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The structural ``VisionTransformer`` options of a checkpoint that records no architecture (a timm
+    DeiT / DINO / CLIP ViT, a BEiT release), read from its keys (any layout ``to_fd_ref_keys`` accepts):
+
+    - ``layer_scale_init``: None without gammas (DeiT, DINO, CLIP have no layer scale); with them 1.0, a
+      placeholder that the checkpoint's gammas overwrite;
+    - ``qkv_bias``: a q/v (or qkv) bias is present;
+    - ``patch_bias``: the patch embedding has a bias (CLIP's has none);
+    - ``pre_norm``: a ``norm_pre`` LayerNorm before the first block is present. In a ViT checkpoint this
+      marks an OpenAI CLIP image tower (timm's ``*_clip_*.openai``; DeiT and DINO have none), and a
+      checkpoint holds no record of its activation, so the rule is: ``norm_pre`` present -> CLIP ->
+      ``act_layer="quick_gelu"`` (x * sigmoid(1.702 x), the activation OpenAI CLIP was trained with) and
+      ``ln_eps=1e-5`` (torch's default, CLIP's); otherwise ``"gelu"`` and 1e-6. (A CLIP-shaped model
+      trained with exact GELU, e.g. some OpenCLIP releases, would need its model_config recorded.)
+    """
+    keys = set(to_fd_ref_keys(state_dict))
+    clip = "norm_pre.weight" in keys
+    return dict(
+        layer_scale_init=1.0 if any(k.endswith(("ls1.gamma", "ls2.gamma")) for k in keys) else None,
+        qkv_bias=any(k.endswith(("attn.q_bias", "attn.v_bias")) for k in keys),
+        patch_bias="patch_embed.proj.bias" in keys,
+        pre_norm=clip,
+        act_layer="quick_gelu" if clip else "gelu",
+        ln_eps=1e-5 if clip else 1e-6,
+    )
+
+
 def load_vit(path: str | os.PathLike, **overrides):
     """Rebuild an fd_ref ViT from a file that records its ``model_config`` (student.pt, best.pt,
     checkpoint.pt of train.py / finetune.py) and load its weights; ``overrides`` change constructor

@@ -64,8 +64,8 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.grid, self.num_heads, self.cls_token = tuple(grid), num_heads, cls_token
         self.table = nn.Parameter(torch.zeros(num_relative_positions(self.grid, cls_token), num_heads))
+        # Initialised at zero, as published (models/vision_transformer.py): no position preference at the start.
         self.register_buffer("index", relative_position_index(self.grid, cls_token), persistent=False)
-        nn.init.trunc_normal_(self.table, std=0.02)
 
     def forward(self) -> torch.Tensor:
         n = self.index.shape[0]

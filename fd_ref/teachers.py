@@ -1,7 +1,9 @@
 """Frozen teachers for feature distillation (paper Sec. 3.1, Table 1).
 
 A teacher is any pretrained network whose *whole feature map* FD distils: every token, class token
-included, taken after the network's final norm. ``build_teacher`` returns a :class:`Teacher`, a frozen
+included, taken after the network's final norm (the published ``PRED_FEAT_AFTERNORM: True`` of every
+published config; ``feat_after_norm=False`` takes the tokens before that norm, the published default and
+the paper's ablation). ``build_teacher`` returns a :class:`Teacher`, a frozen
 module that is always in eval mode (no drop path, no dropout: the teacher half of the asymmetric drop
 path) and exposes ``embed_dim``, ``grid`` and ``forward(images) -> [B, T, C]``.
 
@@ -12,7 +14,12 @@ other statistics (CLIP) undoes that and applies its own inside ``forward``:
 
 Names:
 - ``dino_vit_base``, ``deit_vit_base``, ``clip_vit_base``, ``clip_vit_large``: the paper's teachers
-  through timm's pretrained tags (downloaded from the Hugging Face hub unless ``checkpoint`` is given);
+  through timm's pretrained tags (downloaded from the Hugging Face hub unless ``checkpoint`` is given).
+  The CLIP teachers are OpenAI's CLIP image towers, whose MLPs use QuickGELU ``x * sigmoid(1.702 x)``
+  (published ``models/clip/model.py``): timm's ``*_clip_quickgelu_224.openai`` models, not the
+  ``*_clip_224.openai`` ones, which run the same weights with exact GELU and give other features.
+  A ``checkpoint`` may be timm's layout or an original release (OpenAI CLIP ``visual.*`` keys, DINO,
+  DeiT): timm's own checkpoint filter maps it;
 - ``timm:<name>``: any timm ViT-like model with ``forward_features`` returning tokens;
 - fd_ref's own presets (``vit_tiny`` ... ``vit_large``), e.g. a ViT trained by ``finetune.py``.
 """
@@ -35,18 +42,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_TEACHERS = {
     "dino_vit_base": "vit_base_patch16_224.dino",
     "deit_vit_base": "deit_base_patch16_224.fb_in1k",
-    "clip_vit_base": "vit_base_patch16_clip_224.openai",
-    "clip_vit_large": "vit_large_patch14_clip_224.openai",
+    "clip_vit_base": "vit_base_patch16_clip_quickgelu_224.openai",
+    "clip_vit_large": "vit_large_patch14_clip_quickgelu_224.openai",
 }
 
 
 class Teacher(nn.Module):
-    """Frozen wrapper: re-normalises the input, runs the network, returns its final-norm tokens."""
+    """Frozen wrapper: re-normalises the input, runs the network, returns its tokens after its final norm
+    (``feat_after_norm=True``) or before it (``False``: the final norm is replaced by the identity)."""
 
     def __init__(self, model: nn.Module, embed_dim: int, grid: Grid, num_prefix_tokens: int,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 name: str = "") -> None:
+                 name: str = "", feat_after_norm: bool = True) -> None:
         super().__init__()
+        self.feat_after_norm = feat_after_norm
+        avg_pool_vit = isinstance(model, VisionTransformer) and model.global_pool == "avg"
+        if not feat_after_norm and not avg_pool_vit:  # a mean-pooling fd_ref ViT: fc_norm is skipped instead
+            if not isinstance(getattr(model, "norm", None), nn.Module):
+                raise UserError(f"teacher {name or type(model).__name__} has no final norm `norm` to leave "
+                                f"out; use --teacher-feat-after-norm")
+            model.norm = nn.Identity()
         self.model, self.embed_dim, self.grid = model, embed_dim, tuple(grid)
         self.num_prefix_tokens, self.name = num_prefix_tokens, name
         self.renormalise = tuple(mean) != IMAGENET_MEAN or tuple(std) != IMAGENET_STD
@@ -69,16 +84,17 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self.scale + self.shift if self.renormalise else images
         tokens = self.model.forward_features(x.to(self.dtype))
-        if isinstance(self.model, VisionTransformer) and self.model.global_pool == "avg":
+        if self.feat_after_norm and isinstance(self.model, VisionTransformer) and self.model.global_pool == "avg":
             # Mean-pooling ViTs normalise after pooling; their final norm is fc_norm, applied per token.
             tokens = self.model.fc_norm(tokens)
         return tokens
 
 
-def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], display: str) -> Teacher:
+def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], display: str,
+                  timm_kwargs: Optional[dict] = None, feat_after_norm: bool = True) -> Teacher:
     import timm
 
-    kwargs = dict(num_classes=0, img_size=img_size)
+    kwargs = dict(num_classes=0, img_size=img_size, **(timm_kwargs or {}))
     try:
         if checkpoint is not None:
             if not os.path.isfile(checkpoint):
@@ -113,7 +129,7 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
     grid = tuple(model.patch_embed.grid_size)
     return Teacher(model, model.num_features, grid, getattr(model, "num_prefix_tokens", 1),
                    mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-                   name=display)
+                   name=display, feat_after_norm=feat_after_norm)
 
 
 def _set_hub_offline() -> None:
@@ -148,7 +164,8 @@ def _checkpoint_filter(timm_name: str):
     return getattr(module, "checkpoint_filter_fn", None)
 
 
-def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str], **overrides) -> Teacher:
+def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str], feat_after_norm: bool = True,
+                    **overrides) -> Teacher:
     if checkpoint is None:
         model = create_vit(name, img_size=img_size, **overrides)
     else:
@@ -163,19 +180,24 @@ def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str], **overr
             model = create_vit(name, img_size=img_size, **overrides)
         state = model_state(blob)
         load_weights(model, state, what=f"teacher {name}")
-    return Teacher(model, model.embed_dim, model.grid, model.num_prefix_tokens, name=name)
+    return Teacher(model, model.embed_dim, model.grid, model.num_prefix_tokens, name=name,
+                   feat_after_norm=feat_after_norm)
 
 
-def build_teacher(name: str, img_size: int = 224, checkpoint: Optional[str] = None, **overrides) -> Teacher:
+def build_teacher(name: str, img_size: int = 224, checkpoint: Optional[str] = None, *,
+                  feat_after_norm: bool = True, timm_kwargs: Optional[dict] = None, **overrides) -> Teacher:
     """Build the frozen teacher ``name`` (see the module docstring), optionally from local weights.
 
+    ``feat_after_norm``: the teacher's tokens after (True, every published config) or before its final norm.
+    ``timm_kwargs`` go to ``timm.create_model`` for timm teachers (e.g. ``dict(depth=2, embed_dim=32,
+    num_heads=2, patch_size=8)`` builds a tiny CLIP-shaped teacher for tests; its checkpoint must fit).
     ``overrides`` (e.g. ``patch_size=4, depth=4``) shape an fd_ref preset built without a checkpoint, or
     from a checkpoint that does not record its architecture; a checkpoint's ``model_config`` wins."""
     if name in PAPER_TEACHERS:
-        return _timm_teacher(PAPER_TEACHERS[name], img_size, checkpoint, name)
+        return _timm_teacher(PAPER_TEACHERS[name], img_size, checkpoint, name, timm_kwargs, feat_after_norm)
     if name.startswith("timm:"):
-        return _timm_teacher(name[len("timm:"):], img_size, checkpoint, name)
+        return _timm_teacher(name[len("timm:"):], img_size, checkpoint, name, timm_kwargs, feat_after_norm)
     if name in PRESETS:
-        return _fd_ref_teacher(name, img_size, checkpoint, **overrides)
+        return _fd_ref_teacher(name, img_size, checkpoint, feat_after_norm, **overrides)
     raise UserError(f"unknown teacher {name!r}; use one of {', '.join(PAPER_TEACHERS)}, timm:<timm model "
                     f"name>, or an fd_ref preset ({', '.join(PRESETS)})")

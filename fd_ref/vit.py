@@ -13,6 +13,22 @@ A ViT in the BEiT style, which the paper adopts for its students:
   patch tokens followed by ``fc_norm`` (``global_pool="avg"``, the FD fine-tuning recipe; ``norm`` is then
   the identity, as in BEiT), then a linear ``head``.
 
+Options that make the same class hold the published *baseline* networks too (timm DeiT / DINO / OpenAI
+CLIP ViTs, fine-tuned as the paper's "teacher fine-tuned" rows): ``layer_scale_init=None`` (no layer
+scale), ``pos_embed="abs"``, ``pre_norm=True`` (CLIP's ``norm_pre``, a LayerNorm on the embedded tokens
+before the first block), ``act_layer="quick_gelu"`` (CLIP's MLP activation ``x * sigmoid(1.702 x)``),
+``ln_eps=1e-5`` (CLIP's LayerNorm eps) and ``patch_bias=False`` (CLIP's patch embedding has no bias).
+A k bias is never needed: it adds ``q_i . b_k`` to every logit of query i, which the softmax cancels.
+
+Initialisation (the published FD student, ``models/vision_transformer.py`` plus the FD subclass's
+``_trunc_normal_`` in ``models/feature_distillation.py``), see ``VisionTransformer._init_weights``::
+
+    w ~ N(0, 0.02^2) truncated to [-0.02, 0.02]     Linear and Conv2d weights, class token, pos_embed
+    b = 0, LayerNorm (1, 0), q_bias = v_bias = 0, relative position bias tables = 0, gamma = init
+    blocks[i].attn.proj.weight /= sqrt(2 * layer_id),  blocks[i].mlp.fc2.weight /= sqrt(2 * layer_id),
+                                                       layer_id = i + 1
+    head.weight ~ N(0, 0.02^2) * head_init_scale (the fine-tuning head, x0.001), head.bias = 0
+
 Attention (per head h, tokens i, j)::
 
     attn[h, i, j] = softmax_j(q[h, i] . k[h, j] * scale + bias[h, i, j]),   scale = head_dim ** -0.5
@@ -28,6 +44,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,19 +56,29 @@ from .drop_path import DropPath, drop_path_rates
 from .position import Grid, RelativePositionBias
 
 PosEmbed = Literal["shared_rpb", "rpb", "abs"]
+Activation = Literal["gelu", "quick_gelu"]
 LN_EPS = 1e-6
+INIT_STD = 0.02
+
+
+def trunc_normal_at_std_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
+    """In place: ``tensor ~ N(0, std^2)`` truncated to ``[-std, std]`` (the FD student's ``_trunc_normal_``).
+
+    The truncation at one standard deviation shrinks the effective standard deviation to
+    ``std * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1))``, about ``0.5396 * std`` (0.0108 for std 0.02)."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
 
 
 class PatchEmbed(nn.Module):
     """[B, 3, H*P, W*P] image -> [B, H*W, C] tokens through a P x P, stride-P convolution."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
         self.img_size, self.patch_size = img_size, patch_size
         self.grid: Grid = (img_size // patch_size, img_size // patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.img_size, self.img_size):
@@ -124,10 +152,27 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation: ``x * sigmoid(1.702 * x)`` (a cheap approximation of GELU; CLIP's weights
+    were trained with it, so they must run with it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: Activation) -> nn.Module:
+    """``"gelu"``: exact GELU (the FD student, DeiT, DINO); ``"quick_gelu"``: :class:`QuickGELU` (CLIP)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"act_layer must be gelu or quick_gelu, got {name!r}")
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act_layer: Activation = "gelu") -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), activation(act_layer), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -136,14 +181,14 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
                  layer_scale_init: Optional[float], drop_path: float, attn_drop: float,
-                 grid: Optional[Grid]) -> None:
+                 grid: Optional[Grid], act_layer: Activation = "gelu", ln_eps: float = LN_EPS) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, grid)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer)
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -161,14 +206,16 @@ class VisionTransformer(nn.Module):
                  layer_scale_init: Optional[float] = 0.1, drop_path_rate: float = 0.0,
                  pos_embed: PosEmbed = "shared_rpb", num_classes: int = 0,
                  global_pool: Literal["cls", "avg"] = "cls", in_chans: int = 3,
-                 attn_drop: float = 0.0, head_init_scale: float = 0.001) -> None:
+                 attn_drop: float = 0.0, head_init_scale: float = 0.001, act_layer: Activation = "gelu",
+                 pre_norm: bool = False, ln_eps: float = LN_EPS, patch_bias: bool = True) -> None:
         super().__init__()
         # The constructor arguments, saved in checkpoints so a model can be rebuilt from its file.
         self.config = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
                            pos_embed=pos_embed, num_classes=num_classes, global_pool=global_pool,
-                           in_chans=in_chans, attn_drop=attn_drop, head_init_scale=head_init_scale)
+                           in_chans=in_chans, attn_drop=attn_drop, head_init_scale=head_init_scale,
+                           act_layer=act_layer, pre_norm=pre_norm, ln_eps=ln_eps, patch_bias=patch_bias)
         if pos_embed not in ("shared_rpb", "rpb", "abs"):
             raise ValueError(f"pos_embed must be shared_rpb, rpb or abs, got {pos_embed!r}")
         if global_pool not in ("cls", "avg"):
@@ -176,35 +223,54 @@ class VisionTransformer(nn.Module):
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.num_classes, self.global_pool, self.pos_embed_type = num_classes, global_pool, pos_embed
         self.num_prefix_tokens = 1
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=patch_bias)
         self.grid, self.patch_size, self.img_size = self.patch_embed.grid, patch_size, img_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         n_tokens = self.grid[0] * self.grid[1] + 1
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, embed_dim)) if pos_embed == "abs" else None
         self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if pos_embed == "shared_rpb" else None
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=ln_eps) if pre_norm else nn.Identity()
         block_grid = self.grid if pos_embed == "rpb" else None
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale_init, rate, attn_drop, block_grid)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale_init, rate, attn_drop, block_grid,
+                  act_layer, ln_eps)
             for rate in drop_path_rates(drop_path_rate, depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "cls" else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "avg" else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=ln_eps) if global_pool == "cls" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=ln_eps) if global_pool == "avg" else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self._init_weights(head_init_scale)
 
+    @torch.no_grad()
     def _init_weights(self, head_init_scale: float) -> None:
+        """The published FD student's initialisation (module docstring), in the published order: every
+        Linear / Conv2d weight, the class token and ``pos_embed`` ~ N(0, 0.02^2) cut at +-0.02, biases 0,
+        LayerNorms (1, 0); then ``blocks[i].attn.proj.weight`` and ``blocks[i].mlp.fc2.weight`` divided by
+        ``sqrt(2 * layer_id)``, ``layer_id = i + 1``. q/v biases, position bias tables (zeros) and layer
+        scales (``layer_scale_init``) keep their constructor values, as published.
+
+        The fine-tuning head is the published fine-tuning network's: N(0, 0.02^2) (cut at +-2, i.e. not
+        truncated in practice) times ``head_init_scale``, bias 0."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_at_std_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        trunc_normal_at_std_(self.cls_token)
         if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            trunc_normal_at_std_(self.pos_embed)
+        for i, block in enumerate(self.blocks):
+            layer_id = i + 1
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
         if isinstance(self.head, nn.Linear):  # small classifier at the start of fine-tuning
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
+            nn.init.trunc_normal_(self.head.weight, std=INIT_STD)
+            nn.init.zeros_(self.head.bias)
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
 
     # -- switches ------------------------------------------------------------------------------------
     def set_fused_attn(self, enabled: bool) -> None:
@@ -225,7 +291,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        return x
+        return self.norm_pre(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> every token after the final norm, [B, 1 + N, C] (class token first)."""
