@@ -533,13 +533,34 @@ def finetune_transform(
     if not 0 <= random_erasing <= 1:
         raise UserError(f"random erasing probability must be in [0, 1], got {random_erasing}")
     try:
-        return create_transform(
+        transform = create_transform(
             size, is_training=True, color_jitter=color_jitter if color_jitter > 0 else None, auto_augment=aa,
             re_prob=random_erasing, re_mode=erasing_mode, re_count=erasing_count, interpolation="bicubic",
             mean=IMAGENET_MEAN, std=IMAGENET_STD)
     except (AssertionError, ValueError, KeyError) as err:
         raise UserError(f"timm could not build the fine-tuning transform from auto_augment={auto_augment!r} "
                         f"({type(err).__name__}: {err}); check the string") from err
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_keep_bits
+    return transform
+
+
+def _posterize_keep_bits(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, but keeping 0 bits gives a black image instead of an error.
+
+    timm's "PosterizeIncreasing" keeps ``4 - int(4 * m / 10)`` bits, so 0 at magnitude 10 (reached when the
+    drawn N(9, 0.5) magnitude is clipped). The Pillow of the published runs turned such an image black;
+    recent Pillow (13 here) raises ValueError instead, which would stop a run now and then.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 class SingleDrawResizedCrop(torch.nn.Module):
