@@ -208,6 +208,9 @@ def main(argv=None) -> dict:
 
     if cfg["probe_pool"] not in PROBE_POOLS:
         raise UserError(f"--probe-pool must be one of {', '.join(PROBE_POOLS)}, got {cfg['probe_pool']!r}")
+    if not cfg["linear_probe"] and (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
+        raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}; "
+                        "pass an even one or --mixup 0 --cutmix 0")
     if cfg["linear_probe"]:  # the published linear probe: crop + flip only
         train_tf = probe_transform(cfg["img_size"])
     else:
@@ -259,9 +262,6 @@ def main(argv=None) -> dict:
     # mixing); published main_linear.py: no mixing, plain cross-entropy
     mix = None if cfg["linear_probe"] else build_mixup(cfg["num_classes"], cfg["mixup"], cfg["cutmix"],
                                                        cfg["mix_switch_prob"], cfg["label_smoothing"])
-    if mix is not None and cfg["batch_size"] % 2:
-        raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}; "
-                        "pass an even one or --mixup 0 --cutmix 0")
     criterion = build_criterion(mix is not None, 0.0 if cfg["linear_probe"] else cfg["label_smoothing"])
 
     def step_fn(batch) -> torch.Tensor:
