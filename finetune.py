@@ -25,13 +25,15 @@ from fd_ref.checkpoint import (expand_shared_rpb, infer_vit_options, load_file, 
                                save_atomic, to_fd_ref_keys)
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config, save_yaml
-from fd_ref.data import MixupCutmix, eval_transform, finetune_transform, soft_target_cross_entropy
+from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_transform, probe_transform
 from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everything
 from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
+from fd_ref.lars import Lars
 from fd_ref.optim import build_optimizer
 from fd_ref.precision import resolve_precision
 from fd_ref.position import resize_relative_position_bias_table
+from fd_ref.probe import PROBE_POOLS, LinearProbe
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
@@ -52,7 +54,8 @@ DEFAULTS = dict(
     # model
     pretrained="out/quickstart/student.pt",  # fd_ref student.pt / best.pt, timm ViT or BEiT weights
     from_scratch=False,          # ignore --pretrained: random initialisation
-    linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head
+    linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head (LARS, plain CE)
+    probe_pool="avg",            # linear probe features: avg (mean patch token + LayerNorm) | cls (normed class token)
     model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch)
     patch_size=8,
     depth=4,
@@ -71,16 +74,16 @@ DEFAULTS = dict(
     warmup_epochs=1,
     layer_decay=0.6,             # lr scale decay^(L+1-layer); 1.0 switches it off
     weight_decay=0.05,
-    clip_grad=0.0,
+    clip_grad=5.0,               # max gradient norm (0: none)
     label_smoothing=0.1,
     mixup=0.8,
     cutmix=1.0,
     mix_switch_prob=0.5,
-    randaug_magnitude=9.0,
-    randaug_mstd=0.5,
-    color_jitter=0.4,
-    random_erasing=0.25,
+    auto_augment="rand-m9-mstd0.5-inc1",  # timm RandAugment string | none
+    color_jitter=0.4,            # applied only with auto_augment none (timm's rule)
+    random_erasing=0.25,         # probability; timm's "pixel" mode
     crop_pct=0.875,              # evaluation: resize to img_size / crop_pct, centre crop img_size
+    eval_norm="imagenet",        # evaluation normalisation: imagenet | published (CLIP mean/std, as published)
     precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     grad_checkpointing=False,
     compile=False,
@@ -97,29 +100,6 @@ DEFAULTS = dict(
     progress=None,
 )
 # ----------------------------------------------------------------------------------------------------------
-
-
-class LinearProbe(nn.Module):
-    """Frozen backbone; mean of its final-norm patch tokens -> BatchNorm1d(affine=False) -> Linear."""
-
-    def __init__(self, backbone: VisionTransformer, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone.requires_grad_(False)
-        self.bn = nn.BatchNorm1d(backbone.embed_dim, affine=False)
-        self.head = nn.Linear(backbone.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
-        self.config = {**backbone.config, "linear_probe": True}
-
-    def train(self, mode: bool = True) -> "LinearProbe":
-        super().train(mode)
-        self.backbone.eval()  # a frozen backbone: no drop path, no dropout
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            tokens = self.backbone.forward_features(x)
-        return self.head(self.bn(tokens[:, self.backbone.num_prefix_tokens:].mean(1)))
 
 
 def adapt_state(state: dict, model: VisionTransformer, source_config: dict | None) -> dict:
@@ -211,7 +191,7 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     state = adapt_state(model_state(blob), model, source)
     summary = load_weights(model, state, what=f"model from {path}", ignore=ignore)
     if probe:
-        model = LinearProbe(model, cfg["num_classes"])
+        model = LinearProbe(model, cfg["num_classes"], pool=cfg["probe_pool"])
     return model, summary
 
 
@@ -245,13 +225,19 @@ def main(argv=None) -> dict:
     seed_everything(cfg["seed"], info.rank)
     precision = resolve_precision(cfg["precision"], info.device)
 
-    train_tf = finetune_transform(cfg["img_size"], randaug_magnitude=cfg["randaug_magnitude"],
-                                  randaug_mstd=cfg["randaug_mstd"], color_jitter=cfg["color_jitter"],
-                                  random_erasing=cfg["random_erasing"])
-    if cfg["linear_probe"]:  # the paper's linear probe: light augmentation only
-        train_tf = finetune_transform(cfg["img_size"], randaug_magnitude=0, color_jitter=0, random_erasing=0)
+    if cfg["probe_pool"] not in PROBE_POOLS:
+        raise UserError(f"--probe-pool must be one of {', '.join(PROBE_POOLS)}, got {cfg['probe_pool']!r}")
+    if not cfg["linear_probe"] and (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
+        raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}; "
+                        "pass an even one or --mixup 0 --cutmix 0")
+    if cfg["linear_probe"]:  # the published linear probe: crop + flip only
+        train_tf = probe_transform(cfg["img_size"])
+    else:
+        train_tf = finetune_transform(cfg["img_size"], auto_augment=cfg["auto_augment"],
+                                      color_jitter=cfg["color_jitter"], random_erasing=cfg["random_erasing"])
+    val_tf = eval_transform(cfg["img_size"], cfg["crop_pct"], norm=cfg["eval_norm"])
     train_set, val_set = train_val_datasets(
-        cfg["data"], train_tf, eval_transform(cfg["img_size"], cfg["crop_pct"]), val_split=cfg["val_split"],
+        cfg["data"], train_tf, val_tf, val_split=cfg["val_split"],
         split_seed=cfg["split_seed"], train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"],
         img_size=cfg["img_size"], seed=cfg["seed"])
     base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
@@ -277,8 +263,8 @@ def main(argv=None) -> dict:
     total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
     lrs = scale_lrs(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], total_batch)  # all three per 512 images
     lr = lrs["base_lr"]
-    if cfg["linear_probe"]:
-        optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"])
+    if cfg["linear_probe"]:  # published main_linear.py: LARS over the head (momentum 0.9, trust 0.001)
+        optimizer = Lars(model.head.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
     else:
         layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
         optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay,
@@ -291,17 +277,20 @@ def main(argv=None) -> dict:
     steps_per_epoch = len(sampler) // cfg["accum_steps"]
     scheduler = WarmupCosine(optimizer, **lrs, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
                              warmup_steps=steps_per_epoch * cfg["warmup_epochs"])
-    mixing = cfg["mixup"] > 0 or cfg["cutmix"] > 0
-    mix = MixupCutmix(cfg["num_classes"], cfg["mixup"], cfg["cutmix"], cfg["mix_switch_prob"],
-                      cfg["label_smoothing"]) if mixing and not cfg["linear_probe"] else None
+    # published main_finetune.py: timm Mixup + SoftTargetCrossEntropy (or label-smoothed / plain CE without
+    # mixing); published main_linear.py: no mixing, plain cross-entropy
+    mix = None if cfg["linear_probe"] else build_mixup(cfg["num_classes"], cfg["mixup"], cfg["cutmix"],
+                                                       cfg["mix_switch_prob"], cfg["label_smoothing"])
+    criterion = build_criterion(mix is not None, 0.0 if cfg["linear_probe"] else cfg["label_smoothing"])
 
     def step_fn(batch) -> torch.Tensor:
         images = batch[0].to(info.device, non_blocking=True)
-        labels = batch[1].to(info.device, non_blocking=True)
+        targets = batch[1].to(info.device, non_blocking=True)
         if mix is not None:
-            images, targets = mix(images, labels)
-            return soft_target_cross_entropy(forward(images), targets)
-        return F.cross_entropy(forward(images).float(), labels, label_smoothing=cfg["label_smoothing"])
+            if images.data_ptr() == batch[0].data_ptr():  # timm mixes in place: keep the loader's batch intact
+                images = images.clone()
+            images, targets = mix(images, targets)
+        return criterion(forward(images).float(), targets)
 
     settings = LoopSettings(output=cfg["output"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                             accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], precision=precision,

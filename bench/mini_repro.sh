@@ -28,7 +28,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # on a small shared CPU one threa
 ARCH="--model vit_tiny --embed-dim 64 --num-heads 2 --depth 6 --patch-size 4 --img-size 32"
 SPLIT="--val-split 5000 --split-seed 0 --train-subset $SUBSET --num-workers $WORKERS --progress false"
 FT_RECIPE="--epochs $FT_EPOCHS --batch-size 128 --lr 4e-3 --warmup-epochs 1 --layer-decay 0.75 \
-  --drop-path 0.1 --mixup 0 --cutmix 0 --randaug-magnitude 9 --random-erasing 0.25 --color-jitter 0 \
+  --drop-path 0.1 --mixup 0 --cutmix 0 --auto-augment rand-m9-mstd0.5-inc1 --random-erasing 0.25 --color-jitter 0 \
   --label-smoothing 0.1 --crop-pct 1.0 --eval-every $FT_EPOCHS"
 mkdir -p "$OUT"
 stage() { # name, command...: run unless marked done; log to $OUT/name.log
@@ -44,7 +44,7 @@ stage() { # name, command...: run unless marked done; log to $OUT/name.log
 # 1. teacher: supervised from scratch, absolute position embedding (DeiT-like), light augmentation
 stage teacher $PY finetune.py --from-scratch $ARCH --pos-embed abs --data "$DATA" $SPLIT \
   --epochs $T_EPOCHS --batch-size 128 --lr 4e-3 --warmup-epochs 1 --layer-decay 1.0 --drop-path 0.1 \
-  --mixup 0 --cutmix 0 --randaug-magnitude 5 --random-erasing 0 --color-jitter 0 --crop-pct 1.0 \
+  --mixup 0 --cutmix 0 --auto-augment rand-m5-mstd0.5-inc1 --random-erasing 0 --color-jitter 0 --crop-pct 1.0 \
   --eval-every $T_EPOCHS --output "$OUT/teacher"
 
 # 2. feature distillation into a fresh student of the same size (shared RPB, whitened targets, smooth-L1)

@@ -1,4 +1,4 @@
-"""Datasets, transforms, Mixup/CutMix and loaders.
+"""Datasets, transforms, Mixup/CutMix and the fine-tuning loss.
 
 What lives here:
 
@@ -7,10 +7,11 @@ What lives here:
 * :class:`RobustImageFolder` -- an ``ImageFolder`` that never crashes on a bad file and converts every
   image mode (grayscale, CMYK, palette, alpha, 16-bit) to 8-bit RGB correctly.
 * :func:`build_dataset` -- ``synthetic`` / ``cifar10`` / ``cifar100`` / a folder path -> a ``Dataset``.
-* The three transform pipelines of the paper: pre-training (Sec. 3 / App. A: RandomResizedCrop + flip only,
-  one crop shared by teacher and student), fine-tuning (the BEiT/MAE recipe: RandAugment(9, 0.5), random
-  erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1) and evaluation (resize + center crop).
-* :class:`MixupCutmix` and :func:`soft_target_cross_entropy` for fine-tuning.
+* The transform pipelines: distillation (Sec. 3 / App. A: RandomResizedCrop + flip only, one crop shared
+  by teacher and student), fine-tuning (timm's ``create_transform`` with the BEiT/FD recipe: RandAugment
+  "rand-m9-mstd0.5-inc1", random erasing 0.25), linear probing (single-draw crop + flip) and evaluation
+  (resize + centre crop), each as the published code builds it.
+* :func:`build_mixup` / :func:`build_criterion`: timm's Mixup/CutMix and fine-tuning losses.
 * :func:`split_indices` (fixed-seed hold-outs). Batching lives in :mod:`fd_ref.sampler`.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -453,185 +453,222 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int
 # Transforms
 # ---------------------------------------------------------------------------------------------------------
 
+#: OpenAI CLIP's normalisation: what the published evaluation transform uses (see :func:`eval_transform`).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+#: Interpolation names accepted by the crop settings.
+INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+#: ``eval_transform(norm=...)``: our consistent ImageNet statistics, or the published evaluation's CLIP ones.
+EVAL_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "published": (CLIP_MEAN, CLIP_STD),
+}
 _BICUBIC = v2.InterpolationMode.BICUBIC
-#: RandAugment fill for pixels uncovered by geometric ops: the ImageNet mean in 8 bits (as timm does).
-_FILL_U8 = [round(255 * m) for m in IMAGENET_MEAN]
 
 
-def _to_normalized_tensor() -> list[Any]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def _interpolation(name: str) -> v2.InterpolationMode:
+    if name not in INTERPOLATIONS:
+        raise UserError(f"crop interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return INTERPOLATIONS[name]
 
 
-def pretrain_transform(size: int) -> v2.Compose:
-    """Pre-training (distillation) augmentation: RandomResizedCrop(0.08-1, bicubic) + flip + normalize.
+def _to_normalized_tensor(mean: tuple[float, ...] = IMAGENET_MEAN,
+                          std: tuple[float, ...] = IMAGENET_STD) -> list[Any]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
-    FD uses only this light augmentation (Sec. 3, App. A). The dataset yields one crop per image and the
-    training loop feeds *the same tensor* to teacher and student. Output: float32 ``[3, size, size]``.
+
+def pretrain_transform(size: int, *, min_scale: float = 0.08, interpolation: str = "bilinear") -> v2.Compose:
+    """Pre-training (distillation) augmentation: RandomResizedCrop + flip + ImageNet normalisation.
+
+    FD uses only this light augmentation (Sec. 3, App. A). The crop covers a fraction of the image area drawn
+    from ``[min_scale, 1]`` with aspect ratio in ``[3/4, 4/3]``, resized with ``interpolation``. The published
+    code (``data/data_fd.py``) uses torchvision's default interpolation (bilinear) and ``min_scale`` = 0.08 in
+    its 300-epoch configs, 0.67 (its ``config.py`` default) in the CLIP ViT-B 100-epoch one. The dataset
+    yields one crop per image and the training loop feeds *the same tensor* to teacher and student.
+    Output: float32 ``[3, size, size]``.
     """
+    if not 0 < min_scale <= 1:
+        raise UserError(f"crop min scale must be in (0, 1], got {min_scale}; the published values are 0.08 and 0.67")
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_BICUBIC, antialias=True),
+        v2.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3),
+                             interpolation=_interpolation(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
         *_to_normalized_tensor(),
     ])
-
-
-class RandAugmentMstd(torch.nn.Module):
-    """timm-style ``rand-m{magnitude}-mstd{mstd}`` built from torchvision's RandAugment ops.
-
-    torchvision's ``RandAugment`` has one fixed magnitude and always applies its ops. timm's (used by the
-    BEiT/MAE/FD fine-tuning recipes) instead, for each of ``num_ops`` ops picked with replacement, applies
-    it with probability ``op_prob`` (0.5) at a magnitude drawn from ``N(magnitude, mstd)`` clipped to
-    ``[0, 10]``, on a 0-10 scale. We reproduce that by running ``num_ops`` single-op torchvision
-    ``RandAugment`` passes, each with its own magnitude drawn per op and image, mapped onto 101 magnitude
-    bins (``round(10 * m)``, so ``m = 9`` is 90% of each op's maximum strength, as in timm). The op set is
-    torchvision's (it has ``Identity`` and lacks timm's ``Invert``/``SolarizeAdd``), so this is close to,
-    not identical with, timm. All randomness comes from ``torch``'s generator.
-    """
-
-    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, mstd: float = 0.5, op_prob: float = 0.5) -> None:
-        super().__init__()
-        self.num_ops, self.magnitude, self.mstd, self.op_prob = num_ops, magnitude, mstd, op_prob
-
-    def forward(self, image: Any) -> Any:
-        for _ in range(self.num_ops):
-            if torch.rand(()).item() >= self.op_prob:
-                continue
-            m = self.magnitude + self.mstd * torch.randn(()).item() if self.mstd > 0 else self.magnitude
-            bin_index = round(10 * min(max(m, 0.0), 10.0))
-            op = v2.RandAugment(
-                num_ops=1, magnitude=bin_index, num_magnitude_bins=101,
-                interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL_U8,
-            )
-            image = op(image)
-        return image
-
-    def extra_repr(self) -> str:
-        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, mstd={self.mstd}, op_prob={self.op_prob}"
 
 
 def finetune_transform(
     size: int,
     *,
-    randaug_magnitude: float = 9,
-    randaug_mstd: float = 0.5,
+    auto_augment: str = "rand-m9-mstd0.5-inc1",
     color_jitter: float = 0.4,
     random_erasing: float = 0.25,
-) -> v2.Compose:
-    """Fine-tuning augmentation (BEiT/MAE recipe that FD follows for fine-tuning, App. A).
+    erasing_mode: str = "pixel",
+    erasing_count: int = 1,
+) -> Callable[[Any], torch.Tensor]:
+    """Fine-tuning augmentation: timm's ``create_transform`` with the BEiT/FD settings (App. A), as the
+    published ``data/data_finetune.py`` builds it.
 
-    RandomResizedCrop(0.08-1, bicubic) + flip, then :class:`RandAugmentMstd` (2 ops, magnitude
-    ``randaug_magnitude`` with std ``randaug_mstd``), ``ColorJitter(color_jitter)`` on brightness, contrast
-    and saturation, normalize, and ``RandomErasing(p=random_erasing)`` filling the box with per-pixel normal
-    noise (timm's "pixel" mode). A value of 0 disables that piece.
-
-    Note: timm skips color jitter whenever RandAugment is on, so the reference BEiT/MAE runs effectively use
-    none; pass ``color_jitter=0`` to match them exactly.
+    In order: RandomResizedCrop(0.08-1, ratio 3/4-4/3, bicubic) + flip, timm's RandAugment ``auto_augment``
+    ("rand-m9-mstd0.5-inc1": 2 ops from timm's 15, each applied with probability 0.5 at a magnitude drawn
+    from N(9, 0.5) clipped to [0, 10], the "increasing" op variants, Invert and SolarizeAdd among them),
+    ImageNet normalisation, and timm's RandomErasing (probability ``random_erasing``, ``erasing_mode``
+    "pixel" = per-pixel normal noise). ``ColorJitter(color_jitter)`` is applied only when RandAugment is
+    off (``auto_augment="none"``): timm drops colour jitter whenever RandAugment is on, so the published
+    configuration (jitter 0.4 with RandAugment) applies none. 0 / "none" disables a piece.
+    Takes PIL images (timm's RandAugment ops are PIL operations); randomness comes from Python's ``random``,
+    NumPy and torch, which :class:`fd_ref.sampler.SeededDataset` seeds per sample.
     """
-    steps: list[Any] = [
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
-    # RandAugment and ColorJitter run on the PIL image when given one (several times faster than on tensors).
-    if randaug_magnitude > 0:
-        steps.append(RandAugmentMstd(num_ops=2, magnitude=randaug_magnitude, mstd=randaug_mstd))
-    if color_jitter > 0:
-        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    steps += _to_normalized_tensor()
-    if random_erasing > 0:
-        steps.append(v2.RandomErasing(p=random_erasing, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random"))
-    return v2.Compose(steps)
+    from timm.data import create_transform
+
+    aa = None if auto_augment.strip().lower() in ("", "none") else auto_augment.strip()
+    if aa is not None and not aa.startswith("rand"):
+        raise UserError(f"auto_augment must be a timm RandAugment string like rand-m9-mstd0.5-inc1, or none; "
+                        f"got {auto_augment!r}")
+    if not 0 <= random_erasing <= 1:
+        raise UserError(f"random erasing probability must be in [0, 1], got {random_erasing}")
+    try:
+        transform = create_transform(
+            size, is_training=True, color_jitter=color_jitter if color_jitter > 0 else None, auto_augment=aa,
+            re_prob=random_erasing, re_mode=erasing_mode, re_count=erasing_count, interpolation="bicubic",
+            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    except (AssertionError, ValueError, KeyError) as err:
+        raise UserError(f"timm could not build the fine-tuning transform from auto_augment={auto_augment!r} "
+                        f"({type(err).__name__}: {err}); check the string") from err
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_keep_bits
+    return transform
 
 
-def eval_transform(size: int, crop_pct: float = 0.875) -> v2.Compose:
-    """Evaluation: resize the short side to ``int(size / crop_pct)`` (bicubic), center-crop ``size``, normalize."""
+def _posterize_keep_bits(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, but keeping 0 bits gives a black image instead of an error.
+
+    timm's "PosterizeIncreasing" keeps ``4 - int(4 * m / 10)`` bits, so 0 at magnitude 10 (reached when the
+    drawn N(9, 0.5) magnitude is clipped). The Pillow of the published runs turned such an image black;
+    recent Pillow (13 here) raises ValueError instead, which would stop a run now and then.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+class SingleDrawResizedCrop(torch.nn.Module):
+    """RandomResizedCrop with one draw and no retries (the crop of the published linear probe,
+    ``data/data_linear.py``, after BYOL's TensorFlow code).
+
+    Area fraction ``s ~ U(scale)`` and log aspect ratio ``log r ~ U(log ratio)``; then
+    ``w = min(round(sqrt(s * A * r)), W)``, ``h = min(round(sqrt(s * A / r)), H)`` for an image of ``W x H``
+    pixels and area ``A``, and the box's corner is uniform over the positions that keep it inside the image.
+    torchvision's version instead retries up to 10 times for a box that fits and falls back to a centre crop.
+    The box is resized to ``size x size``. Randomness: torch's generator.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic") -> None:
+        super().__init__()
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.interpolation = _interpolation(interpolation)
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Draw ``(top, left, h, w)`` for an image of ``height x width`` pixels."""
+        area = height * width * torch.empty(()).uniform_(*self.scale).item()
+        log_ratio = torch.log(torch.tensor(self.ratio, dtype=torch.float64))
+        aspect = math.exp(torch.empty((), dtype=torch.float64).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
+        w = min(int(round(math.sqrt(area * aspect))), width)
+        h = min(int(round(math.sqrt(area / aspect))), height)
+        top = int(torch.randint(0, height - h + 1, ()).item())
+        left = int(torch.randint(0, width - w + 1, ()).item())
+        return top, left, h, w
+
+    def forward(self, image: Any) -> Any:
+        height, width = v2.functional.get_size(image)
+        top, left, h, w = self.box(height, width)
+        return v2.functional.resized_crop(image, top, left, max(h, 1), max(w, 1), [self.size, self.size],
+                                          interpolation=self.interpolation, antialias=True)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, scale={self.scale}, ratio={self.ratio}, interpolation={self.interpolation.value}"
+
+
+def probe_transform(size: int) -> v2.Compose:
+    """Linear-probe augmentation (published ``data/data_linear.py``): :class:`SingleDrawResizedCrop`
+    (0.08-1, bicubic) + flip + ImageNet normalisation. No RandAugment, colour jitter, erasing or mixing."""
+    return v2.Compose([SingleDrawResizedCrop(size), v2.RandomHorizontalFlip(), *_to_normalized_tensor()])
+
+
+def eval_transform(size: int, crop_pct: float = 0.875, norm: str = "imagenet") -> v2.Compose:
+    """Evaluation: resize the short side to ``int(size / crop_pct)`` (bicubic; 256 for 224), centre-crop
+    ``size``, normalise.
+
+    ``norm="imagenet"`` (default) normalises with the ImageNet statistics training uses. The published
+    evaluation (``data/data_finetune.py`` and ``data/data_linear.py``, ``build_transform``) normalises with
+    CLIP's mean/std although its training transforms use ImageNet's, and its published top-1 figures were
+    measured that way: ``norm="published"`` reproduces it, for side-by-side comparison.
+    """
     if not 0 < crop_pct <= 1:
         raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}; 0.875 is the usual value")
+    if norm not in EVAL_NORMS:
+        raise UserError(f"eval normalisation must be one of {', '.join(EVAL_NORMS)}, got {norm!r}")
     return v2.Compose([
         v2.Resize(int(size / crop_pct), interpolation=_BICUBIC, antialias=True),
         v2.CenterCrop(size),
-        *_to_normalized_tensor(),
+        *_to_normalized_tensor(*EVAL_NORMS[norm]),
     ])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Mixup / CutMix and the soft-target loss
+# Mixup / CutMix and the fine-tuning loss (timm's, as the published main_finetune.py uses them)
 # ---------------------------------------------------------------------------------------------------------
 
 
-class MixupCutmix:
-    """Batch-level Mixup / CutMix with label smoothing (timm ``Mixup`` in "batch" mode), torch RNG only.
+def build_mixup(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
+                label_smoothing: float = 0.1) -> Any:
+    """timm's ``Mixup`` in "batch" mode (one ``lam`` per batch, each image mixed with the batch reversed),
+    or ``None`` when both alphas are 0 (no mixing).
 
-    For each batch: if both alphas are positive, CutMix is chosen with probability ``switch_prob``, else
-    Mixup; an alpha of 0 disables its branch; with both 0 only label smoothing is applied. ``lam`` is drawn
-    from ``Beta(alpha, alpha)`` and each image is mixed with the batch flipped along its first dimension
-    (``images.flip(0)``). CutMix pastes a box of area ~``(1 - lam)`` (random centre, clipped to the image)
-    and then sets ``lam`` to the exact kept area. Targets are ``lam * smooth(y) + (1 - lam) * smooth(y.flip)``
-    with ``smooth(y) = one_hot(y) * (1 - eps) + eps / num_classes``, so every row sums to 1.
-    The input tensors are not modified. Deterministic under ``torch.manual_seed``.
+    Per batch: CutMix with probability ``switch_prob`` (when both alphas are positive), else Mixup, with
+    ``lam ~ Beta(alpha, alpha)``; CutMix's ``lam`` is corrected to the kept area. Targets are
+    ``lam * smooth(y) + (1 - lam) * smooth(y.flip(0))``, ``smooth(y) = one_hot(y) * (1 - eps) + eps / K``
+    with ``eps = label_smoothing``. Needs an even batch. Randomness: NumPy's global generator.
     """
+    if mixup < 0 or cutmix < 0:
+        raise UserError(f"mixup/cutmix alphas must be >= 0 (0 disables), got {mixup}, {cutmix}")
+    if not 0 <= switch_prob <= 1:
+        raise UserError(f"mixup/cutmix switch probability must be in [0, 1], got {switch_prob}")
+    if not 0 <= label_smoothing < 1:
+        raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing}")
+    if mixup == 0 and cutmix == 0:
+        return None
+    from timm.data import Mixup
 
-    def __init__(
-        self,
-        num_classes: int,
-        mixup_alpha: float = 0.8,
-        cutmix_alpha: float = 1.0,
-        switch_prob: float = 0.5,
-        label_smoothing: float = 0.1,
-    ) -> None:
-        if num_classes < 1:
-            raise UserError(f"num_classes must be positive, got {num_classes}")
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise UserError(f"mixup/cutmix alphas must be >= 0 (0 disables), got {mixup_alpha}, {cutmix_alpha}")
-        if not 0 <= switch_prob <= 1:
-            raise UserError(f"mixup/cutmix switch probability must be in [0, 1], got {switch_prob}")
-        if not 0 <= label_smoothing < 1:
-            raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing}")
-        self.num_classes = num_classes
-        self.mixup_alpha = mixup_alpha
-        self.cutmix_alpha = cutmix_alpha
-        self.switch_prob = switch_prob
-        self.label_smoothing = label_smoothing
-
-    def smooth_one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """Label-smoothed one-hot rows ``[B, num_classes]`` (float32)."""
-        off = self.label_smoothing / self.num_classes
-        one_hot = F.one_hot(labels.long(), self.num_classes).float()
-        return one_hot * (1.0 - self.label_smoothing) + off
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not images.is_floating_point() or images.dim() != 4:
-            raise ValueError(f"expected float images [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        use_mixup, use_cutmix = self.mixup_alpha > 0, self.cutmix_alpha > 0
-        if use_mixup and use_cutmix:
-            use_cutmix = bool(torch.rand(()).item() < self.switch_prob)
-            use_mixup = not use_cutmix
-        lam = 1.0
-        if use_cutmix:
-            lam = float(torch.distributions.Beta(self.cutmix_alpha, self.cutmix_alpha).sample())
-            images, lam = self._cutmix(images, lam)
-        elif use_mixup:
-            lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
-            images = images * lam + images.flip(0) * (1.0 - lam)
-        targets = self.smooth_one_hot(labels.to(images.device))
-        if lam < 1.0:
-            targets = targets * lam + targets.flip(0) * (1.0 - lam)
-        return images, targets
-
-    @staticmethod
-    def _cutmix(images: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-        """Paste a box of ``images.flip(0)`` into a copy of ``images``; return it and the kept-area ``lam``."""
-        height, width = images.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(height * cut), int(width * cut)
-        cy = int(torch.randint(0, height, ()).item())
-        cx = int(torch.randint(0, width, ()).item())
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        mixed = images.clone()
-        mixed[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
-        return mixed, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=switch_prob, mode="batch",
+                 label_smoothing=label_smoothing, num_classes=num_classes)
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``-sum_k targets[k] * log_softmax(logits)[k]`` (computed in float32)."""
-    return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+def build_criterion(mixing: bool, label_smoothing: float) -> torch.nn.Module:
+    """The fine-tuning loss, chosen as the published ``main_finetune.py`` does, from timm:
+
+    * with Mixup/CutMix: ``SoftTargetCrossEntropy``, ``mean_b( -sum_k t[b, k] * log_softmax(z[b])[k] )``
+      (label smoothing is already in the mixed targets ``t``);
+    * else with ``label_smoothing > 0``: ``LabelSmoothingCrossEntropy``,
+      ``mean_b( (1 - eps) * -log_softmax(z[b])[y_b] + eps * mean_k -log_softmax(z[b])[k] )``;
+    * else plain cross-entropy.
+    """
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixing:
+        return SoftTargetCrossEntropy()
+    if label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=label_smoothing)
+    return torch.nn.CrossEntropyLoss()

@@ -254,6 +254,7 @@ class Trainer:
         buffers = {k: v.clone() for k, v in self.state_module.state_dict().items()
                    if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
         devices = [self.device] if self.device.type == "cuda" else []
+        host_rng = random.getstate(), np.random.get_state()  # e.g. timm's Mixup draws from NumPy
         with torch.random.fork_rng(devices=devices):
             try:
                 images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -261,6 +262,8 @@ class Trainer:
             except Exception:  # noqa: BLE001 - MFU is best effort (e.g. under torch.compile)
                 self.flops_per_image = 0.0
             self.peak = peak_flops(self.dtype, self.device)  # on CPU a timed randn matmul: keep it in the fork
+        random.setstate(host_rng[0])
+        np.random.set_state(host_rng[1])
         if buffers:
             self.state_module.load_state_dict(buffers, strict=False)
         self.optimizer.zero_grad(set_to_none=True)

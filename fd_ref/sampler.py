@@ -9,13 +9,16 @@ exactly the batches (and crops) of the uninterrupted run, whatever the number of
     step s, rank r:  perm[s*N*b + r*b : s*N*b + (r+1)*b]
 
 The sampler yields ``(epoch, index)`` pairs; :class:`SeededDataset` turns each into a sample with its
-transform run under ``torch.manual_seed(mix(seed, epoch, index))`` inside a forked RNG, so augmentation
-never disturbs (nor depends on) the training process's own random state.
+transform run with torch's, Python's and NumPy's global generators seeded from ``mix(seed, epoch, index)``
+(timm's transforms draw from all three) and restored afterwards, so augmentation never disturbs (nor
+depends on) the training process's own random state.
 """
 from __future__ import annotations
 
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -75,9 +78,17 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.dataset[index]
+        seed = sample_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool, rank: int = 0,

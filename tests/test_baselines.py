@@ -63,7 +63,7 @@ def test_baseline_checkpoint_is_the_same_function_as_timm(kind, tmp_path):
     reference = _timm_checkpoint(kind, path)
     x = torch.randn(2, 3, 32, 32)
 
-    probe, summary = _build(path, "--linear-probe")
+    probe, summary = _build(path, "--linear-probe", "--probe-pool", "cls")  # keeps the final norm
     assert "unexpected" not in summary and "missing" not in summary, summary
     backbone = probe.backbone.eval()
     ft, ft_summary = _build(path)

@@ -1,4 +1,5 @@
-"""Tests for fd_ref.data: datasets, robust image loading, splits, transforms, Mixup/CutMix, loaders."""
+"""Tests for fd_ref.data: datasets, robust image loading, splits, transforms (each against the published
+pipeline's ops and parameters), timm's Mixup/CutMix and losses (hand formulas), loaders."""
 from __future__ import annotations
 
 import io
@@ -13,18 +14,20 @@ import torchvision.datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torchvision.transforms import v2
 
 from fd_ref import data
 from fd_ref.data import (
-    MixupCutmix,
-    RandAugmentMstd,
     RobustImageFolder,
+    SingleDrawResizedCrop,
     SyntheticImages,
+    build_criterion,
     build_dataset,
+    build_mixup,
     eval_transform,
     finetune_transform,
     pretrain_transform,
-    soft_target_cross_entropy,
+    probe_transform,
     split_indices,
 )
 from fd_ref.errors import UserError
@@ -303,118 +306,244 @@ def test_transform_shapes(source: str) -> None:
         img = Image.new("RGB", (7, 5), (100, 150, 200))
     else:
         img = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
-    transforms = [
-        pretrain_transform(24),
-        finetune_transform(24),
-        finetune_transform(24, randaug_magnitude=0, color_jitter=0, random_erasing=0),
-        eval_transform(24),
-    ]
+    transforms = [pretrain_transform(24), pretrain_transform(24, min_scale=0.67, interpolation="bicubic"),
+                  probe_transform(24), eval_transform(24), eval_transform(24, norm="published")]
+    if source != "tensor":  # timm's RandAugment ops are PIL operations; every dataset here yields PIL images
+        transforms += [finetune_transform(24), finetune_transform(24, auto_augment="none", random_erasing=0)]
     for transform in transforms:
         for _ in range(3):
             out = transform(img)
             assert out.shape == (3, 24, 24) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_eval_transform_is_deterministic_and_normalized() -> None:
-    img = Image.new("RGB", (40, 30), tuple(round(255 * m) for m in data.IMAGENET_MEAN))
-    out = eval_transform(16)(img)
-    assert torch.allclose(out, torch.zeros_like(out), atol=0.01)
+def _steps(transform) -> list:
+    return list(transform.transforms)
+
+
+def test_pretrain_transform_ops_and_parameters() -> None:
+    """Published data/data_fd.py: RandomResizedCrop(scale=(MIN_SCALE, 1), ratio=(3/4, 4/3), torchvision's
+    default bilinear interpolation), flip, ImageNet mean/std."""
+    crop, flip, *rest = _steps(pretrain_transform(224))
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.size == (224, 224)
+    assert crop.interpolation == v2.InterpolationMode.BILINEAR
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 0.5
+    (norm,) = [s for s in rest if isinstance(s, v2.Normalize)]
+    assert tuple(norm.mean) == data.IMAGENET_MEAN and tuple(norm.std) == data.IMAGENET_STD
+    crop = _steps(pretrain_transform(224, min_scale=0.67, interpolation="bicubic"))[0]
+    assert crop.scale == (0.67, 1.0) and crop.interpolation == v2.InterpolationMode.BICUBIC
+    for bad in (dict(min_scale=0.0), dict(min_scale=1.5), dict(interpolation="lanczos")):
+        with pytest.raises(UserError):
+            pretrain_transform(224, **bad)
+
+
+RAND_INC_OPS = {"AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+                "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+
+
+def test_finetune_transform_is_timms_published_pipeline() -> None:
+    """data/data_finetune.py: timm create_transform, bicubic RandomResizedCrop(0.08-1), flip, RandAugment
+    rand-m9-mstd0.5-inc1 with timm's own ops, no colour jitter (timm drops it under RandAugment), ImageNet
+    normalisation, RandomErasing(0.25, pixel)."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    steps = _steps(finetune_transform(224))
+    crop = steps[0]
+    assert isinstance(crop, RandomResizedCropAndInterpolation) and crop.size == (224, 224)
+    assert crop.interpolation == Image.BICUBIC or "bicubic" in repr(crop)
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    (ra,) = [s for s in steps if isinstance(s, RandAugment)]
+    assert ra.num_layers == 2 and ra.choice_weights is None
+    assert {op.name for op in ra.ops} == RAND_INC_OPS and len(ra.ops) == 15
+    assert {"Invert", "SolarizeAdd"} <= {op.name for op in ra.ops}
+    for op in ra.ops:
+        assert (op.prob, op.magnitude, op.magnitude_std, op.magnitude_max) == (0.5, 9, 0.5, None)
+        assert op.kwargs["fillcolor"] == tuple(round(255 * m) for m in data.IMAGENET_MEAN)
+        assert op.kwargs["resample"] == Image.BICUBIC
+    assert not [s for s in steps if type(s).__name__ == "ColorJitter"]
+    (erase,) = [s for s in steps if isinstance(s, RandomErasing)]
+    assert (erase.probability, erase.mode, erase.max_count) == (0.25, "pixel", 1)
+    (norm,) = [s for s in steps if type(s).__name__ == "Normalize"]
+    assert torch.allclose(torch.as_tensor(norm.mean), torch.tensor(data.IMAGENET_MEAN))
+    assert torch.allclose(torch.as_tensor(norm.std), torch.tensor(data.IMAGENET_STD))
+    assert steps.index(ra) < steps.index(norm) < steps.index(erase)
+
+
+def test_posterize_at_full_magnitude_gives_black_not_an_error() -> None:
+    """PosterizeIncreasing at magnitude 10 keeps 0 bits: black, as with the published runs' Pillow (recent
+    Pillow raises instead, which would stop a run on ~0.1% of images)."""
+    import copy
+
+    from timm.data.auto_augment import RandAugment
+
+    (ra,) = [s for s in _steps(finetune_transform(32)) if isinstance(s, RandAugment)]
+    img = Image.new("RGB", (32, 32), (200, 120, 60))
+    for op in ra.ops:
+        if op.name.startswith("Posterize"):
+            full = copy.copy(op)
+            full.prob, full.magnitude, full.magnitude_std = 1.0, 10, 0.0
+            assert np.asarray(full(img)).max() == 0
+            mid = copy.copy(full)
+            mid.magnitude = 5  # 4 - int(2.0) = 2 bits kept
+            assert np.array_equal(np.asarray(mid(img)), np.asarray(img) & 0b11000000)
+
+
+def test_finetune_transform_settings() -> None:
+    """auto_augment none brings the configured colour jitter back (timm's rule); 0 disables erasing."""
+    from timm.data.auto_augment import RandAugment
+
+    steps = _steps(finetune_transform(32, auto_augment="none", random_erasing=0))
+    (jitter,) = [s for s in steps if type(s).__name__ == "ColorJitter"]
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4) and jitter.hue is None
+    assert not [s for s in steps if isinstance(s, RandAugment) or type(s).__name__ == "RandomErasing"]
+    assert not [s for s in _steps(finetune_transform(32, auto_augment="none", color_jitter=0))
+                if type(s).__name__ == "ColorJitter"]
+    (ra,) = [s for s in _steps(finetune_transform(32, auto_augment="rand-m5-mstd1.0")) if isinstance(s, RandAugment)]
+    assert {op.name for op in ra.ops} >= {"Posterize", "Solarize"}  # inc0: the non-increasing op variants
+    assert {(op.magnitude, op.magnitude_std) for op in ra.ops} == {(5, 1.0)}
+    for bad in ("autoaug-v0", "rand-q3"):
+        with pytest.raises(UserError):
+            finetune_transform(32, auto_augment=bad)
+
+
+def test_finetune_transform_seeded_per_sample() -> None:
+    """Through SeededDataset, timm's augmentation (python random, numpy, torch) is fixed by (seed, epoch, index)."""
+    from fd_ref.sampler import SeededDataset
+
+    ds = SeededDataset(SyntheticImages(4, image_size=32, transform=finetune_transform(32)), seed=3)
+    a = [ds[(0, i)][0] for i in range(4)]
+    b = [ds[(0, i)][0] for i in reversed(range(4))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(ds[(1, 0)][0], a[0])
+
+
+def test_eval_transform_ops_and_normalisation() -> None:
+    """Resize int(size / crop_pct) bicubic (256 for 224), centre crop; ImageNet statistics by default, CLIP's
+    with norm="published" (the published evaluation)."""
+    resize, crop, *rest = _steps(eval_transform(224))
+    assert isinstance(resize, v2.Resize) and resize.size == [256] and resize.interpolation == v2.InterpolationMode.BICUBIC
+    assert isinstance(crop, v2.CenterCrop) and crop.size == (224, 224)
+    for norm, (mean, std) in (("imagenet", (data.IMAGENET_MEAN, data.IMAGENET_STD)),
+                              ("published", ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))):
+        (n,) = [s for s in _steps(eval_transform(224, norm=norm)) if isinstance(s, v2.Normalize)]
+        assert tuple(n.mean) == mean and tuple(n.std) == std
+        # an image of exactly one grey level maps to (v - mean) / std per channel
+        img = Image.new("RGB", (40, 30), (128, 64, 200))
+        out = eval_transform(16, norm=norm)(img)
+        expected = (torch.tensor([128, 64, 200]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+        assert torch.allclose(out, expected[:, None, None].expand_as(out), atol=1e-5)
+    assert eval_transform(16)(img).ne(eval_transform(16, norm="published")(img)).all()
     with pytest.raises(UserError):
         eval_transform(16, crop_pct=0)
+    with pytest.raises(UserError):
+        eval_transform(16, norm="clip400m")
 
 
-def test_finetune_pieces_can_be_disabled() -> None:
-    steps = finetune_transform(16, randaug_magnitude=0, color_jitter=0, random_erasing=0).transforms
-    names = {type(s).__name__ for s in steps}
-    assert not names & {"RandAugmentMstd", "ColorJitter", "RandomErasing"}
-    names = {type(s).__name__ for s in finetune_transform(16).transforms}
-    assert {"RandAugmentMstd", "ColorJitter", "RandomErasing"} <= names
+def test_probe_transform_ops() -> None:
+    """data/data_linear.py: single-draw RandomResizedCrop(0.08-1, 3/4-4/3, bicubic) + flip + ImageNet norm."""
+    crop, flip, *rest = _steps(probe_transform(224))
+    assert isinstance(crop, SingleDrawResizedCrop) and crop.size == 224
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == v2.InterpolationMode.BICUBIC
+    assert isinstance(flip, v2.RandomHorizontalFlip)
+    (n,) = [s for s in rest if isinstance(s, v2.Normalize)]
+    assert tuple(n.mean) == data.IMAGENET_MEAN and tuple(n.std) == data.IMAGENET_STD
+    assert not [s for s in rest if type(s).__name__ in ("ColorJitter", "RandomErasing")]
 
 
-def test_randaugment_mstd_deterministic_under_seed() -> None:
-    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
-    aug = RandAugmentMstd(num_ops=2, magnitude=9, mstd=0.5)
-    torch.manual_seed(5)
-    a = [aug(img) for _ in range(5)]
-    torch.manual_seed(5)
-    b = [aug(img) for _ in range(5)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert RandAugmentMstd(op_prob=0.0)(img) is img
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 400), width=st.integers(1, 400), seed=st.integers(0, 10_000))
+def test_single_draw_crop_box(height: int, width: int, seed: int) -> None:
+    """The box lies inside the image; unclamped, its area is the drawn fraction of the image (up to rounding)
+    and its aspect ratio within [3/4, 4/3] (up to rounding)."""
+    crop = SingleDrawResizedCrop(8)
+    torch.manual_seed(seed)
+    top, left, h, w = crop.box(height, width)
+    assert 0 <= h <= height and 0 <= w <= width
+    assert 0 <= top <= height - h and 0 <= left <= width - w
+    if 20 <= h < height and 20 <= w < width:  # not clamped, large enough for rounding not to matter much
+        frac = h * w / (height * width)
+        assert 0.08 * 0.85 <= frac <= 1.0 * 1.15
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
 
 
-# ------------------------------------------------------------------------------------------------ mixup
+# ------------------------------------------------------------------------------------------------ mixup / loss
+
+
+def test_mixup_is_timms_with_the_published_settings() -> None:
+    from timm.data import Mixup
+
+    mix = build_mixup(1000)
+    assert isinstance(mix, Mixup)
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob, mix.mode, mix.label_smoothing, mix.mix_prob,
+            mix.num_classes, mix.cutmix_minmax, mix.correct_lam) == (0.8, 1.0, 0.5, "batch", 0.1, 1.0, 1000, None, True)
+    assert build_mixup(10, 0.0, 0.0) is None
+    for bad in (dict(mixup=-1.0), dict(switch_prob=2.0), dict(label_smoothing=1.0)):
+        with pytest.raises(UserError):
+            build_mixup(10, **bad)
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    mixup_alpha=st.sampled_from([0.0, 0.2, 0.8, 2.0]),
-    cutmix_alpha=st.sampled_from([0.0, 0.5, 1.0]),
-    switch_prob=st.floats(0, 1),
-    smoothing=st.floats(0, 0.5),
-    batch=st.integers(1, 6),
-    classes=st.integers(1, 12),
-    seed=st.integers(0, 1000),
-)
-def test_mixup_targets_are_distributions(
-    mixup_alpha: float, cutmix_alpha: float, switch_prob: float, smoothing: float, batch: int, classes: int,
-    seed: int,
-) -> None:
-    torch.manual_seed(seed)
-    images = torch.randn(batch, 3, 8, 8)
-    labels = torch.randint(0, classes, (batch,))
-    mix = MixupCutmix(classes, mixup_alpha, cutmix_alpha, switch_prob, smoothing)
-    torch.manual_seed(seed + 1)
-    out, targets = mix(images, labels)
-    assert out.shape == images.shape and targets.shape == (batch, classes)
-    assert (targets >= 0).all()
-    assert torch.allclose(targets.sum(1), torch.ones(batch), atol=1e-5)
-    torch.manual_seed(seed + 1)
-    out2, targets2 = mix(images, labels)
-    assert torch.equal(out, out2) and torch.equal(targets, targets2)
+@given(half=st.integers(1, 4), classes=st.integers(2, 12), smoothing=st.floats(0, 0.5), seed=st.integers(0, 1000))
+def test_mixup_targets_follow_the_hand_formula(half: int, classes: int, smoothing: float, seed: int) -> None:
+    """Mixup only: image b becomes lam * x_b + (1 - lam) * x_{B-1-b}; its target is
+    lam * smooth(y_b) + (1 - lam) * smooth(y_{B-1-b}), smooth(y) = one_hot(y) (1 - eps) + eps / K."""
+    batch = 2 * half
+    np.random.seed(seed)
+    images = torch.arange(batch, dtype=torch.float64)[:, None, None, None].expand(batch, 3, 4, 4).clone()
+    labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed))
+    out, targets = build_mixup(classes, mixup=0.8, cutmix=0.0, label_smoothing=smoothing)(images.clone(), labels)
+    lam = (out[0, 0, 0, 0].item() - (batch - 1)) / (0 - (batch - 1))  # out[0] = lam * 0 + (1 - lam) * (B - 1)
+    hand_images = lam * images + (1 - lam) * images.flip(0)
+    torch.testing.assert_close(out, hand_images)
+    smooth = torch.nn.functional.one_hot(labels, classes).double() * (1 - smoothing) + smoothing / classes
+    hand = lam * smooth + (1 - lam) * smooth.flip(0)
+    torch.testing.assert_close(targets.double(), hand, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(targets.sum(1).double(), torch.ones(batch, dtype=torch.float64), atol=1e-5)
 
 
-def test_label_smoothing_only_when_alphas_zero() -> None:
-    images = torch.randn(4, 3, 8, 8)
-    labels = torch.tensor([0, 3, 3, 9])
-    out, targets = MixupCutmix(10, 0.0, 0.0, label_smoothing=0.1)(images, labels)
-    assert torch.equal(out, images)
-    assert torch.allclose(targets[torch.arange(4), labels], torch.full((4,), 1 - 0.1 + 0.1 / 10))
-    assert torch.allclose(targets[0, 1:], torch.full((9,), 0.01))
-
-
-def test_cutmix_lambda_matches_pasted_area() -> None:
-    torch.manual_seed(1)
+def test_cutmix_lambda_is_the_kept_area() -> None:
+    np.random.seed(1)
     images = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
-    labels = torch.tensor([0, 1])
-    mix = MixupCutmix(2, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0)
+    mix = build_mixup(2, mixup=0.0, cutmix=1.0, label_smoothing=0.0)
     for _ in range(10):
-        out, targets = mix(images, labels)
+        out, targets = mix(images.clone(), torch.tensor([0, 1]))
         pasted = out[0, 0].mean().item()  # fraction of image 0 now coming from image 1
         assert targets[0, 1].item() == pytest.approx(pasted, abs=1e-6)
-        assert torch.equal(images[0], torch.zeros(3, 16, 16))  # input untouched
 
 
-def test_mixup_mixes_with_flipped_batch() -> None:
-    torch.manual_seed(2)
-    images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
-    out, targets = MixupCutmix(2, mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0)(images, torch.tensor([0, 1]))
-    lam = targets[0, 0].item()
-    assert torch.allclose(out[0], torch.full((3, 4, 4), 1 - lam)) and torch.allclose(out[1], torch.full((3, 4, 4), lam))
+def _log_softmax_by_hand(z: torch.Tensor) -> torch.Tensor:
+    z = z.double()
+    m = z.max(dim=1, keepdim=True).values
+    return z - m - torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))
 
 
-def test_mixup_bad_arguments() -> None:
-    with pytest.raises(UserError):
-        MixupCutmix(10, mixup_alpha=-1)
-    with pytest.raises(UserError):
-        MixupCutmix(10, label_smoothing=1.0)
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 6), classes=st.integers(2, 9), smoothing=st.floats(0.01, 0.5), seed=st.integers(0, 1000))
+def test_fine_tuning_losses_follow_the_hand_formulas(batch: int, classes: int, smoothing: float, seed: int) -> None:
+    """build_criterion picks timm's losses as main_finetune.py does; each equals its formula."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(batch, classes, generator=g)
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    soft = torch.softmax(torch.randn(batch, classes, generator=g), dim=1)
+    logp = _log_softmax_by_hand(logits)
 
-def test_soft_target_cross_entropy_matches_hard_ce() -> None:
-    logits = torch.randn(5, 7)
-    labels = torch.randint(0, 7, (5,))
-    soft = torch.nn.functional.one_hot(labels, 7).float()
-    expected = torch.nn.functional.cross_entropy(logits, labels)
-    assert torch.allclose(soft_target_cross_entropy(logits, soft), expected, atol=1e-6)
-    smoothed = MixupCutmix(7, 0, 0, label_smoothing=0.1).smooth_one_hot(labels)
-    expected_ls = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
-    assert torch.allclose(soft_target_cross_entropy(logits, smoothed), expected_ls, atol=1e-6)
+    soft_ce = build_criterion(True, smoothing)
+    assert isinstance(soft_ce, SoftTargetCrossEntropy)
+    expected = -(soft.double() * logp).sum(1).mean()
+    assert soft_ce(logits, soft).item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+    ls_ce = build_criterion(False, smoothing)
+    assert isinstance(ls_ce, LabelSmoothingCrossEntropy)
+    nll = -logp[torch.arange(batch), labels]
+    expected = ((1 - smoothing) * nll + smoothing * (-logp).mean(1)).mean()
+    assert ls_ce(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+    plain = build_criterion(False, 0.0)
+    assert type(plain) is torch.nn.CrossEntropyLoss and plain.label_smoothing == 0.0
+    assert plain(logits, labels).item() == pytest.approx(nll.mean().item(), rel=1e-5, abs=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,6 +18,10 @@ import torch.nn as nn
 import finetune
 import train
 from fd_ref.config import resolve_config
+from fd_ref.data import SingleDrawResizedCrop, build_mixup
+from fd_ref.errors import UserError
+from fd_ref.lars import Lars
+from fd_ref.probe import LinearProbe
 from fd_ref.vit import VisionTransformer
 
 DEPTH = 2
@@ -162,13 +167,157 @@ def test_linear_probe_leaves_the_backbone_bit_identical(student, tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     state = ckpt["model"]
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    assert set(pretrained) <= set(backbone)
-    for k, v in pretrained.items():
-        assert torch.equal(backbone[k], v), k
+    # mean pooling (the default probe_pool, as the published fine-tuning model) does not use the final norm
+    assert set(pretrained) - {"norm.weight", "norm.bias"} == set(backbone)
+    for k, v in backbone.items():
+        assert torch.equal(v, pretrained[k]), k
     # the probe itself did train: BatchNorm statistics moved, the head is the only optimised part
     assert state["bn.running_mean"].abs().sum() > 0 and state["bn.num_batches_tracked"] == 4
     assert all(r["grad_norm"] > 0 for r in train_records(out))
     assert len(ckpt["optimizer"]["state"]) == 2  # head.weight, head.bias
+
+
+# -- the linear probe (published main_linear.py) ------------------------------------------------------------
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, pos_embed="shared_rpb")
+
+
+def test_linear_probe_modules():
+    """BatchNorm1d(affine=False, eps=1e-6); head weight ~ N(0, 0.01^2), bias 0; only the head trains."""
+    torch.manual_seed(0)
+    probe = LinearProbe(VisionTransformer(**{**TINY_VIT, "embed_dim": 64}), num_classes=4000)
+    assert isinstance(probe.bn, nn.BatchNorm1d) and probe.bn.affine is False and probe.bn.eps == 1e-6
+    assert probe.bn.weight is None and probe.bn.bias is None and probe.bn.track_running_stats
+    w = probe.head.weight.detach().double()
+    assert w.shape == (4000, 64)  # 256k draws: the sample std is within ~0.3% of the true one
+    assert abs(w.std().item() - 0.01) < 0.0003 and abs(w.mean().item()) < 1e-4
+    kurtosis = ((w - w.mean()) ** 4).mean() / w.var() ** 2
+    assert abs(kurtosis.item() - 3.0) < 0.1  # a normal, not a uniform (1.8) nor a truncated one
+    assert torch.equal(probe.head.bias.detach(), torch.zeros(4000))
+    assert sorted(n for n, p in probe.named_parameters() if p.requires_grad) == ["head.bias", "head.weight"]
+    with pytest.raises(ValueError):
+        LinearProbe(VisionTransformer(**TINY_VIT), 3, pool="max")
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_linear_probe_features_are_the_published_models(pool):
+    """avg: the published mean-pooling model's features, fc_norm(mean of the last block's patch tokens) with
+    a fresh (1/0) LayerNorm and no final norm -- here our ViT built with global_pool="avg", loaded with the
+    same weights. cls: the class token after the final norm."""
+    torch.manual_seed(1)
+    source = VisionTransformer(**TINY_VIT, global_pool="cls")
+    for p in source.parameters():  # non-trivial norms, so a forgotten or extra norm shows
+        p.data.add_(0.3 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    probe = LinearProbe(source, 5, pool=pool).train()
+    reference = VisionTransformer(**TINY_VIT, global_pool=pool).eval()
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    if pool == "avg":
+        assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight"] and sorted(unexpected) == ["norm.bias", "norm.weight"]
+    else:
+        assert not missing and not unexpected
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(x))  # num_classes 0: head is Identity
+    torch.testing.assert_close(probe.features(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _recording_trainer(monkeypatch):
+    trainers = []
+
+    class Recording(finetune.Trainer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(finetune, "Trainer", Recording)
+    return trainers
+
+
+def _fixed_batch(n=8):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_linear_probe_training(student, tmp_path, monkeypatch):
+    """LARS over the head with the published settings, clipping 5.0, plain cross-entropy (even with label
+    smoothing and mixup set), crop + flip only, and a backbone in eval mode while the probe trains."""
+    trainers = _recording_trainer(monkeypatch)
+    modes = []
+    finetune.main(FT + ["--pretrained", str(student), "--linear-probe", "--max-steps", "2", "--weight-decay",
+                        "0.03", "--label-smoothing", "0.1", "--mixup", "0.8", "--output", str(tmp_path)])
+    (trainer,) = trainers
+    model = trainer.state_module
+    assert isinstance(model, LinearProbe)
+    (group,) = trainer.optimizer.param_groups
+    assert isinstance(trainer.optimizer, Lars)
+    assert [p is q for p, q in zip(group["params"], [model.head.weight, model.head.bias])] == [True, True]
+    assert (group["momentum"], group["trust_coefficient"], group["weight_decay"]) == (0.9, 0.001, 0.03)
+    assert trainer.s.clip_grad == 5.0
+    base = trainer.loader.dataset.dataset
+    transform = getattr(base, "dataset", base).transform
+    assert isinstance(transform.transforms[0], SingleDrawResizedCrop)
+
+    # one more step by hand: the backbone runs in eval mode, the BatchNorm in training mode
+    model.train()
+    hook = model.backbone.patch_embed.register_forward_pre_hook(
+        lambda *_: modes.append((model.backbone.training, any(m.training for m in model.backbone.modules()))))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    images, labels = _fixed_batch()
+    loss = trainer.step_fn((images, labels))
+    hook.remove()
+    assert modes == [(False, False)] and model.bn.training
+    logits = model.head(torch.nn.functional.batch_norm(model.features(images), None, None, training=True,
+                                                       eps=1e-6))
+    log_p = logits.double().log_softmax(1)
+    assert loss.item() == pytest.approx(-log_p[torch.arange(8), labels].mean().item(), rel=1e-5)
+    loss.backward()
+    trainer.optimizer.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical backbone
+
+
+def test_finetune_loss_and_augmentation_wiring(student, tmp_path, monkeypatch):
+    """Fine-tuning: timm's transform and Mixup feed SoftTargetCrossEntropy; without mixing, label-smoothed
+    cross-entropy; the evaluation normalisation follows --eval-norm."""
+    from timm.data.auto_augment import RandAugment
+
+    trainers = _recording_trainer(monkeypatch)
+    norms = []
+    real_eval = finetune.eval_transform
+    monkeypatch.setattr(finetune, "eval_transform", lambda *a, **k: norms.append(k["norm"]) or real_eval(*a, **k))
+    common = FT + ["--pretrained", str(student), "--max-steps", "1", "--drop-path", "0"]
+    finetune.main(common + ["--eval-norm", "published", "--output", str(tmp_path / "mix")])
+    finetune.main(common + ["--mixup", "0", "--cutmix", "0", "--label-smoothing", "0.2",
+                            "--output", str(tmp_path / "smooth")])
+    assert norms == ["published", "imagenet"]
+    mixed, smooth = trainers
+    base = mixed.loader.dataset.dataset
+    steps = getattr(base, "dataset", base).transform.transforms
+    assert any(isinstance(s, RandAugment) for s in steps)
+    assert mixed.s.clip_grad == 5.0
+
+    images, labels = _fixed_batch()
+    for trainer in trainers:
+        trainer.state_module.eval()
+    np.random.seed(7)
+    loss = mixed.step_fn((images, labels))
+    np.random.seed(7)
+    mixed_images, targets = build_mixup(10, 0.8, 1.0, 0.5, 0.1)(images.clone(), labels)
+    with torch.no_grad():
+        log_p = mixed.state_module(mixed_images).double().log_softmax(1)
+    assert loss.item() == pytest.approx(-(targets.double() * log_p).sum(1).mean().item(), rel=1e-5)
+    assert not torch.equal(mixed_images, images)
+
+    loss = smooth.step_fn((images, labels))
+    with torch.no_grad():
+        log_p = smooth.state_module(images).double().log_softmax(1)
+    hand = 0.8 * -log_p[torch.arange(8), labels] + 0.2 * -log_p.mean(1)
+    assert loss.item() == pytest.approx(hand.mean().item(), rel=1e-5)
+
+
+def test_odd_batch_with_mixup_is_a_user_error(student, tmp_path):
+    with pytest.raises(UserError, match="even"):
+        finetune.main(FT + ["--pretrained", str(student), "--batch-size", "15", "--output", str(tmp_path)])
 
 
 # -- the script's paths ------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 combined batch sees; a resumed epoch continues exactly; augmentation fixed by (seed, epoch, index)."""
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from hypothesis import given, strategies as st
 from torch.utils.data import Dataset
@@ -56,6 +59,29 @@ def test_augmentation_fixed_by_seed_epoch_index_and_isolated():
     assert torch.equal(a, ds[(2, 5)][0])
     assert not torch.equal(a, ds[(3, 5)][0]) and not torch.equal(a, ds[(2, 6)][0])
     assert sample_seed(0, 0, 1) != sample_seed(0, 1, 0)
+
+
+class HostRandomItem(Dataset):
+    """Draws from Python's and NumPy's global generators, as timm's transforms do."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([random.random(), float(np.random.rand())]), i
+
+
+def test_python_and_numpy_randomness_fixed_and_isolated():
+    ds = SeededDataset(HostRandomItem(), seed=3)
+    random.seed(0)
+    np.random.seed(0)
+    py_before, np_before = random.getstate(), np.random.get_state()
+    a = ds[(2, 5)][0]
+    assert random.getstate() == py_before  # the training process's generators are untouched
+    np_after = np.random.get_state()
+    assert np.array_equal(np_after[1], np_before[1]) and np_after[2] == np_before[2]
+    assert torch.equal(a, ds[(2, 5)][0])
+    assert not torch.equal(a, ds[(3, 5)][0]) and not torch.equal(a, ds[(2, 6)][0])
 
 
 def test_loader_same_data_with_and_without_workers():

@@ -229,6 +229,11 @@ def test_distillation_config(name):
     assert (cfg["lr"], cfg["min_lr"], cfg["warmup_lr"], cfg["warmup_epochs"]) == (3e-4, 5e-6, 5e-7, 10)
     assert (cfg["weight_decay"], cfg["clip_grad"], cfg["batch_size"], cfg["beta"]) == (0.05, 3.0, 128, 2.0)
     assert cfg["whiten"] is True and cfg["layer_scale"] == 0.1
+    # published data/data_fd.py: torchvision's default (bilinear) crop; AUG.MIN_SCALE 0.08 in the 300-epoch
+    # configs, the config.py default 0.67 where the config does not set it (CLIP ViT-B 100 epochs)
+    assert cfg["crop_min_scale"] == (0.67 if name == "fd_clip_vit_base_100ep" else 0.08)
+    assert cfg["crop_interpolation"] == "bilinear"
+    assert {"crop_min_scale", "crop_interpolation"} <= set(yaml.safe_load(path.read_text()))  # set explicitly
     assert cfg["output"] == f"out/{name}" and cfg["num_workers"] == 10
     assert all(type(cfg[k]) is type(v) for k, v in train.DEFAULTS.items() if v is not None and cfg[k] is not None)
     # a flag still wins over the file
@@ -246,15 +251,63 @@ def test_finetune_config(name):
     assert yaml.safe_load((CONFIGS / f"{fd_run}.yaml").read_text())["output"] == f"out/{fd_run}"
     assert (cfg["epochs"], cfg["drop_path"], cfg["lr"], cfg["layer_decay"], cfg["warmup_epochs"],
             cfg["min_lr"]) == (epochs, drop_path, lr, layer_decay, warmup, min_lr)
+    assert cfg["warmup_lr"] == min_lr  # published configs/finetune/*.yaml: WARMUP_LR equals MIN_LR
     assert (cfg["img_size"], cfg["num_classes"], cfg["batch_size"]) == (224, 1000, 128)
     assert (cfg["mixup"], cfg["cutmix"], cfg["mix_switch_prob"], cfg["label_smoothing"]) == (0.8, 1.0, 0.5, 0.1)
-    assert (cfg["randaug_magnitude"], cfg["randaug_mstd"], cfg["color_jitter"], cfg["random_erasing"]) == (
-        9.0, 0.5, 0.4, 0.25)
-    assert (cfg["weight_decay"], cfg["crop_pct"]) == (0.05, 0.875)
+    assert (cfg["auto_augment"], cfg["color_jitter"], cfg["random_erasing"]) == ("rand-m9-mstd0.5-inc1", 0.4, 0.25)
+    assert (cfg["weight_decay"], cfg["crop_pct"], cfg["clip_grad"]) == (0.05, 0.875, 5.0)
+    assert cfg["eval_norm"] == "imagenet"  # ours; the published evaluation (CLIP mean/std) is eval_norm: published
     assert cfg["from_scratch"] is False and cfg["linear_probe"] is False
     assert cfg["output"] == f"out/{name}"
     assert all(type(cfg[k]) is type(v) for k, v in finetune.DEFAULTS.items() if v is not None and cfg[k] is not None)
     assert resolve_config(finetune.DEFAULTS, ["--config", str(path), "--layer-decay", "0.9"])["layer_decay"] == 0.9
+
+
+LP_RECIPES = {  # name: (fd run, model, patch, epochs, lr, warm-up, warm-up lr = min lr); published fine-tuning configs
+    "lp_clip_vit_base": ("fd_clip_vit_base", "vit_base", 16, 100, 1.25e-3, 20, 2.5e-7),
+    "lp_clip_vit_base_100ep": ("fd_clip_vit_base_100ep", "vit_base", 16, 100, 1.25e-3, 20, 2.5e-7),
+    "lp_dino_vit_base": ("fd_dino_vit_base", "vit_base", 16, 100, 1.5e-3, 20, 2.5e-7),
+    "lp_deit_vit_base": ("fd_deit_vit_base", "vit_base", 16, 100, 1.25e-3, 20, 2.5e-7),
+    "lp_clip_vit_large": ("fd_clip_vit_large", "vit_large_patch14", 14, 50, 2.5e-4, 5, 5e-7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LP_RECIPES))
+def test_linear_probe_config(name):
+    """Published main_linear.py run with the model's published fine-tuning config (no linear-probe config
+    was published): its schedule, config.py's clipping 5.0, mean pooling; plain CE, crop + flip only."""
+    path = CONFIGS / f"{name}.yaml"
+    _load_all_keys(path, finetune.DEFAULTS)
+    text = path.read_text()
+    assert "main_linear.py" in text and "configs/finetune/fd_finetune__" in text  # cites its sources
+    cfg = resolve_config(finetune.DEFAULTS, ["--config", str(path)])
+    fd_run, model, patch, epochs, lr, warmup, low_lr = LP_RECIPES[name]
+    assert cfg["linear_probe"] is True and cfg["from_scratch"] is False and cfg["probe_pool"] == "avg"
+    assert cfg["pretrained"] == f"out/{fd_run}/student.pt" and (CONFIGS / f"{fd_run}.yaml").is_file()
+    assert (cfg["model"], cfg["patch_size"], cfg["img_size"], cfg["num_classes"], cfg["batch_size"]) == (
+        model, patch, 224, 1000, 128)
+    assert (cfg["epochs"], cfg["lr"], cfg["warmup_epochs"], cfg["warmup_lr"], cfg["min_lr"]) == (
+        epochs, lr, warmup, low_lr, low_lr)
+    assert (cfg["weight_decay"], cfg["clip_grad"], cfg["crop_pct"], cfg["eval_norm"]) == (0.05, 5.0, 0.875, "imagenet")
+    assert (cfg["label_smoothing"], cfg["mixup"], cfg["cutmix"], cfg["auto_augment"], cfg["random_erasing"]) == (
+        0.0, 0.0, 0.0, "none", 0.0)
+    assert cfg["output"] == f"out/{name}"
+    assert all(type(cfg[k]) is type(v) for k, v in finetune.DEFAULTS.items() if v is not None and cfg[k] is not None)
+
+
+def test_train_builds_its_crop_from_the_settings(tmp_path, monkeypatch):
+    seen = []
+    real = train.pretrain_transform
+
+    def recording(size, **kwargs):
+        seen.append((size, kwargs))
+        return real(size, **kwargs)
+
+    monkeypatch.setattr(train, "pretrain_transform", recording)
+    train.main(TINY + ["--max-steps", "1", "--batch-size", "8", "--crop-min-scale", "0.67",
+                       "--crop-interpolation", "bicubic", "--output", str(tmp_path)])
+    assert seen == [(32, {"min_scale": 0.67, "interpolation": "bicubic"})]
+    assert (train.DEFAULTS["crop_min_scale"], train.DEFAULTS["crop_interpolation"]) == (0.08, "bilinear")
 
 
 # -- bad data ----------------------------------------------------------------------------------------------
