@@ -51,6 +51,7 @@ DEFAULTS = dict(
     split_seed=0,                # the hold-out is fixed by this seed, not by --seed
     train_subset=0,              # train on a fixed random subset of this size (0: all)
     num_workers=2,
+    data_in_memory=False,        # decode an image folder once into memory (small images: keeps a GPU fed)
     # model
     pretrained="out/quickstart/student.pt",  # fd_ref student.pt / best.pt, timm ViT or BEiT weights
     from_scratch=False,          # ignore --pretrained: random initialisation
@@ -239,7 +240,7 @@ def main(argv=None) -> dict:
     train_set, val_set = train_val_datasets(
         cfg["data"], train_tf, val_tf, val_split=cfg["val_split"],
         split_seed=cfg["split_seed"], train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"],
-        img_size=cfg["img_size"], seed=cfg["seed"])
+        img_size=cfg["img_size"], seed=cfg["seed"], in_memory=cfg["data_in_memory"])
     base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
     data_classes = len(getattr(base, "classes", None) or [])
     if data_classes > cfg["num_classes"]:

@@ -43,6 +43,7 @@ DEFAULTS = dict(
     split_seed=0,                # the hold-out is fixed by this seed, not by --seed
     train_subset=0,              # distil on a fixed random subset of this size (0: all)
     num_workers=2,
+    data_in_memory=False,        # decode an image folder once into memory (small images: keeps a GPU fed)
     crop_min_scale=0.08,         # RandomResizedCrop area range (min, 1): published 0.08 (300-epoch configs) / 0.67
     crop_interpolation="bilinear",  # bilinear (published: torchvision's default) | bicubic | nearest
     # teacher
@@ -112,7 +113,7 @@ def main(argv=None) -> None:
                                     val_split=cfg["val_split"], split_seed=cfg["split_seed"],
                                     train_subset=cfg["train_subset"], need_val=False,
                                     synthetic_size=cfg["synthetic_size"], img_size=cfg["img_size"],
-                                    seed=cfg["seed"])
+                                    seed=cfg["seed"], in_memory=cfg["data_in_memory"])
     teacher = build_teacher(cfg["teacher"], img_size=cfg["img_size"], checkpoint=cfg["teacher_checkpoint"],
                             feat_after_norm=cfg["teacher_feat_after_norm"],
                             patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"])

@@ -1,94 +1,145 @@
 #!/usr/bin/env bash
-# A small, honest reproduction of the paper's central claim on real images (CIFAR-10), with the
-# project's own scripts (issue #7):
-#   1. a DeiT-like teacher trained supervised from scratch     (finetune.py --from-scratch)
-#   2. feature distillation of it into a fresh student         (train.py: shared RPB, whitening, ...)
-#   3. the teacher and the FD student fine-tuned with the same recipe and budget, 3 seeds each
-#   4. diagnostics of teacher vs student                       (analyze.py)
-# Validation: a fixed 5,000-image hold-out of the CIFAR-10 training split (split seed 0), never trained
-# on by any stage. The CIFAR-10 test split is not used.
+# The CIFAR-10 study of feature distillation, with the project's own scripts (issues #7 and #12):
+#   1. a DeiT-like teacher trained supervised from scratch          (finetune.py --from-scratch)
+#   2. feature distillation of it into a fresh student              (train.py: shared RPB, whitening, ...)
+#   3. the teacher and the FD student fine-tuned with the same recipe and budget, SEEDS seeds each
+#   4. control: the student's network trained from scratch for FD_EPOCHS + FT_EPOCHS epochs, with the
+#      fine-tuning recipe (is FD more than longer training?)
+#   5. ablations (paper Table 2 in spirit): one FD ingredient changed at a time, each distilled and then
+#      fine-tuned with ABL_SEEDS seeds
+#   6. diagnostics on held-out images: teacher, FD student, abs-pos student, the fine-tuned pair
+# Validation: a fixed 5,000-image hold-out of the CIFAR-10 *training* split (--val-split 5000 --split-seed 0),
+# never trained on by any stage. The CIFAR-10 test split is not used.
 #
-#   bash bench/mini_repro.sh /path/to/cifar10        # the folder holding train/<class>/*.jpg
-#   OUT=runs/repro SUBSET=8000 bash bench/mini_repro.sh /path/to/cifar10
+#   bash bench/mini_repro.sh /path/to/cifar10                 # the folder holding train/<class>/*.jpg
+#   PRESET=gpu bash bench/mini_repro.sh /path/to/cifar10      # one GPU: ViT-S/4 (6 heads), 100/100/50 epochs
+#   DRY_RUN=1 bash bench/mini_repro.sh /path/to/cifar10       # print the stages' commands, run nothing
 #
-# Every stage resumes if interrupted (rerun the same command); a finished stage is skipped.
+# Every stage resumes if interrupted (rerun the same command); a finished stage (OUT/<stage>/DONE) is
+# skipped. Any variable below can be set in the environment.
 set -euo pipefail
 DATA=${1:?usage: bash bench/mini_repro.sh /path/to/cifar10 (the folder with train/ inside)}
-OUT=${OUT:-runs/mini_repro}
-SUBSET=${SUBSET:-8000}          # training images used by every stage (fixed random subset of the 45,000)
-T_EPOCHS=${T_EPOCHS:-8}         # teacher, from scratch
-FD_EPOCHS=${FD_EPOCHS:-4}       # distillation
-FT_EPOCHS=${FT_EPOCHS:-3}       # each fine-tune
-SEEDS=${SEEDS:-"0 1 2"}
-ABLATIONS=${ABLATIONS:-""}      # any of: no_whiten abs_pos sym_drop (each: its own FD run + fine-tunes)
-WORKERS=${WORKERS:-1}
+PRESET=${PRESET:-cpu}
+case $PRESET in
+  cpu)  # a 2-core CPU: width 64, depth 6, 2 heads; two stages side by side, one thread each
+    ARCH_DEFAULT="--model vit_tiny --embed-dim 64 --num-heads 2 --depth 6 --patch-size 4 --img-size 32"
+    D_T=12; D_FD=12; D_FT=4; D_BATCH=128; D_WORKERS=1; D_PAR=2; D_MEM=no; D_THREADS=1 ;;
+  gpu)  # one H100-class GPU, about an hour: ViT-S/4 (width 384, depth 12, 6 heads), images decoded once
+    ARCH_DEFAULT="--model vit_small --embed-dim 384 --num-heads 6 --depth 12 --patch-size 4 --img-size 32"
+    D_T=100; D_FD=100; D_FT=50; D_BATCH=256; D_WORKERS=8; D_PAR=1; D_MEM=yes; D_THREADS=8 ;;
+  toy)  # the wiring at test size (tests/test_mini_repro.py)
+    ARCH_DEFAULT="--model vit_tiny --embed-dim 32 --num-heads 2 --depth 2 --patch-size 8 --img-size 32"
+    D_T=1; D_FD=1; D_FT=1; D_BATCH=8; D_WORKERS=0; D_PAR=1; D_MEM=yes; D_THREADS=1 ;;
+  *) echo "PRESET must be cpu, gpu or toy, got $PRESET" >&2; exit 2 ;;
+esac
+OUT=${OUT:-runs/mini_repro_$PRESET}
+ARCH=${ARCH:-$ARCH_DEFAULT}
+VAL=${VAL:-5000}                # hold-out size (of the 50,000 training images)
+SUBSET=${SUBSET:-0}             # 0: every remaining training image (45,000); N: a fixed random subset of N
+T_EPOCHS=${T_EPOCHS:-$D_T}      # teacher, from scratch
+FD_EPOCHS=${FD_EPOCHS:-$D_FD}   # distillation
+FT_EPOCHS=${FT_EPOCHS:-$D_FT}   # each fine-tune
+BATCH=${BATCH:-$D_BATCH}
+SEEDS=${SEEDS:-"0 1 2"}         # fine-tuning seeds of the teacher and the FD student, and of the control
+ABL_SEEDS=${ABL_SEEDS:-"0 1"}   # fine-tuning seeds of each ablation
+ABLATIONS=${ABLATIONS-"target_cls abs_pos no_whiten sym_drop target_avg"}
+WORKERS=${WORKERS:-$D_WORKERS}
+PAR=${PAR:-$D_PAR}              # stages run side by side
+IN_MEMORY=${IN_MEMORY:-$D_MEM}  # yes: decode the images once into memory (small images: JPEG decoding starves a GPU)
+PRECISION=${PRECISION:-auto}    # auto: bf16 on a GPU or a CPU with native bf16, fp32 elsewhere
+ANALYSIS_IMAGES=${ANALYSIS_IMAGES:-256}
 PY=${PY:-python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # on a small shared CPU one thread per process is fastest
+DRY_RUN=${DRY_RUN:-0}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$D_THREADS}
 
-ARCH="--model vit_tiny --embed-dim 64 --num-heads 2 --depth 6 --patch-size 4 --img-size 32"
-SPLIT="--val-split 5000 --split-seed 0 --train-subset $SUBSET --num-workers $WORKERS --progress false"
-FT_RECIPE="--epochs $FT_EPOCHS --batch-size 128 --lr 4e-3 --warmup-epochs 1 --layer-decay 0.75 \
-  --drop-path 0.1 --mixup 0 --cutmix 0 --auto-augment rand-m9-mstd0.5-inc1 --random-erasing 0.25 --color-jitter 0 \
-  --label-smoothing 0.1 --crop-pct 1.0 --eval-every $FT_EPOCHS"
+SPLIT="--val-split $VAL --split-seed 0 --train-subset $SUBSET --num-workers $WORKERS --progress false \
+  --precision $PRECISION"
+[ "$IN_MEMORY" = yes ] && SPLIT="$SPLIT --data-in-memory"
+FT_RECIPE="--batch-size $BATCH --lr 4e-3 --warmup-epochs 1 --drop-path 0.1 --mixup 0 --cutmix 0 \
+  --auto-augment rand-m9-mstd0.5-inc1 --random-erasing 0.25 --color-jitter 0 --label-smoothing 0.1 --crop-pct 1.0"
+FD_RECIPE="--batch-size $BATCH --lr 2e-3 --warmup-epochs 1 --drop-path 0.1 --epochs $FD_EPOCHS"
+TEACHER="--teacher vit_tiny --teacher-checkpoint $OUT/teacher/best.pt"
 mkdir -p "$OUT"
-stage() { # name, command...: run unless marked done; log to $OUT/name.log
+
+stage() { # name, command...: run unless marked done; log to OUT/name.log
   local name=$1; shift
+  if [ "$DRY_RUN" = 1 ]; then echo "$name: $*"; return; fi
   if [ -f "$OUT/$name/DONE" ]; then echo "[$(date +%T)] $name: done already"; return; fi
   echo "[$(date +%T)] $name: $*"
   local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed, see $OUT/$name.log"; tail -3 "$OUT/$name.log"; exit 1; }
-  echo "$((SECONDS - t0))" > "$OUT/$name/seconds"; touch "$OUT/$name/DONE"
+  "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed, see $OUT/$name.log"; tail -3 "$OUT/$name.log"; return 1; }
+  mkdir -p "$OUT/$name"; echo "$((SECONDS - t0))" > "$OUT/$name/seconds"; touch "$OUT/$name/DONE"
   echo "[$(date +%T)] $name: finished in $((SECONDS - t0)) s"
 }
+JOBS=()
+queue() { JOBS+=("$*"); }   # a stage to run; `flush` runs the queue PAR at a time, in order
+flush() {
+  local i=0 failed=0
+  while [ $i -lt ${#JOBS[@]} ]; do
+    local pids=()
+    for ((k = 0; k < PAR && i < ${#JOBS[@]}; k++, i++)); do
+      if [ "$PAR" = 1 ] || [ "$DRY_RUN" = 1 ]; then eval "stage ${JOBS[$i]}" || failed=1
+      else eval "stage ${JOBS[$i]}" & pids+=($!); fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  done
+  JOBS=()
+  [ $failed = 0 ] || { echo "a stage failed; fix it and rerun the same command to continue"; exit 1; }
+}
 
-# 1. teacher: supervised from scratch, absolute position embedding (DeiT-like), light augmentation
-stage teacher $PY finetune.py --from-scratch $ARCH --pos-embed abs --data "$DATA" $SPLIT \
-  --epochs $T_EPOCHS --batch-size 128 --lr 4e-3 --warmup-epochs 1 --layer-decay 1.0 --drop-path 0.1 \
+scratch() { # seed: the control, the FD student's network (per-block RPB) from random weights
+  queue "scratch_s$1 $PY finetune.py --from-scratch $ARCH --pos-embed rpb --data $DATA $SPLIT $FT_RECIPE \
+    --layer-decay 1.0 --epochs $((FD_EPOCHS + FT_EPOCHS)) --eval-every $((FD_EPOCHS + FT_EPOCHS)) --seed $1 \
+    --output $OUT/scratch_s$1"
+}
+finetune() { # name, checkpoint, seed
+  queue "$1_s$3 $PY finetune.py --pretrained $2 --data $DATA $SPLIT $FT_RECIPE --layer-decay 0.75 \
+    --epochs $FT_EPOCHS --eval-every $FT_EPOCHS --seed $3 --output $OUT/$1_s$3"
+}
+set -- $SEEDS; FIRST_SEED=$1
+
+# 1. teacher: supervised from scratch, absolute position embedding (DeiT-like), light augmentation;
+#    side by side with the first control run (which needs no teacher)
+queue "teacher $PY finetune.py --from-scratch $ARCH --pos-embed abs --data $DATA $SPLIT \
+  --epochs $T_EPOCHS --batch-size $BATCH --lr 4e-3 --warmup-epochs 1 --layer-decay 1.0 --drop-path 0.1 \
   --mixup 0 --cutmix 0 --auto-augment rand-m5-mstd0.5-inc1 --random-erasing 0 --color-jitter 0 --crop-pct 1.0 \
-  --eval-every $T_EPOCHS --output "$OUT/teacher"
+  --eval-every $T_EPOCHS --output $OUT/teacher"
+scratch "$FIRST_SEED"
+flush
 
 # 2. feature distillation into a fresh student of the same size (shared RPB, whitened targets, smooth-L1)
-stage fd $PY train.py $ARCH --teacher vit_tiny --teacher-checkpoint "$OUT/teacher/best.pt" --data "$DATA" \
-  $SPLIT --epochs $FD_EPOCHS --batch-size 128 --lr 2e-3 --warmup-epochs 1 --drop-path 0.1 \
-  --output "$OUT/fd"
-
-# 3. the same fine-tuning recipe for both, 3 seeds; teacher and student of one seed run side by side
+queue "fd $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --output $OUT/fd"
+for seed in $SEEDS; do [ "$seed" = "$FIRST_SEED" ] || scratch "$seed"; done
+# 3. the same fine-tuning recipe for teacher and FD student, every seed
 for seed in $SEEDS; do
-  stage "ft_teacher_s$seed" $PY finetune.py --pretrained "$OUT/teacher/best.pt" --data "$DATA" $SPLIT \
-    $FT_RECIPE --seed $seed --output "$OUT/ft_teacher_s$seed" &
-  stage "ft_fd_s$seed" $PY finetune.py --pretrained "$OUT/fd/student.pt" --data "$DATA" $SPLIT \
-    $FT_RECIPE --seed $seed --output "$OUT/ft_fd_s$seed" &
-  wait
+  finetune ft_teacher "$OUT/teacher/best.pt" "$seed"
+  finetune ft_fd "$OUT/fd/student.pt" "$seed"
 done
+flush
 
-# 3b. ablations (paper Sec. 3.2 / Table 2 in spirit): one FD ingredient removed at a time, same budgets
+# 5. ablations: one ingredient at a time, the same budgets
 for ab in $ABLATIONS; do
   case $ab in
-    no_whiten) FLAGS="--no-whiten" ;;            # regress the raw teacher features
-    abs_pos)   FLAGS="--pos-embed abs" ;;        # absolute position embedding instead of the shared RPB
-    sym_drop)  FLAGS="--drop-path 0" ;;          # no drop path in the student either (symmetric)
-    *) echo "unknown ablation $ab"; exit 2 ;;
+    no_whiten)  FLAGS="--no-whiten" ;;            # regress the raw teacher features
+    abs_pos)    FLAGS="--pos-embed abs" ;;        # absolute position embedding instead of the shared RPB
+    sym_drop)   FLAGS="--drop-path 0" ;;          # no drop path in the student either (symmetric)
+    target_cls) FLAGS="--target cls" ;;           # the teacher's class token only, not the whole map
+    target_avg) FLAGS="--target avg" ;;           # the teacher's average-pooled feature only
+    *) echo "unknown ablation $ab" >&2; exit 2 ;;
   esac
-  stage "fd_$ab" $PY train.py $ARCH --teacher vit_tiny --teacher-checkpoint "$OUT/teacher/best.pt" \
-    --data "$DATA" $SPLIT --epochs $FD_EPOCHS --batch-size 128 --lr 2e-3 --warmup-epochs 1 --drop-path 0.1 \
-    $FLAGS --output "$OUT/fd_$ab"
-  set -- $SEEDS
-  while [ $# -gt 0 ]; do   # two seeds side by side
-    stage "ft_${ab}_s$1" $PY finetune.py --pretrained "$OUT/fd_$ab/student.pt" --data "$DATA" $SPLIT \
-      $FT_RECIPE --seed $1 --output "$OUT/ft_${ab}_s$1" &
-    if [ $# -gt 1 ]; then
-      stage "ft_${ab}_s$2" $PY finetune.py --pretrained "$OUT/fd_$ab/student.pt" --data "$DATA" $SPLIT \
-        $FT_RECIPE --seed $2 --output "$OUT/ft_${ab}_s$2" &
-      shift
-    fi
-    shift
-    wait
-  done
+  queue "fd_$ab $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --output $OUT/fd_$ab"
+  flush
+  for seed in $ABL_SEEDS; do finetune "ft_$ab" "$OUT/fd_$ab/student.pt" "$seed"; done
+  flush
 done
 
-# 4. diagnostics: teacher vs FD student (before fine-tuning), and both after fine-tuning (seed 0)
-stage analysis $PY analyze.py --data "$DATA" --num-images 256 --img-size 32 --landscape-steps 11 \
-  --models teacher="$OUT/teacher/best.pt" fd_student="$OUT/fd/student.pt" \
-  ft_teacher="$OUT/ft_teacher_s0/best.pt" ft_fd="$OUT/ft_fd_s0/best.pt" --output "$OUT/analysis"
+# 6. diagnostics on held-out images (the same hold-out): teacher, FD student, the absolute-position
+#    ablation student, and the fine-tuned pair of the first seed
+MODELS="teacher=$OUT/teacher/best.pt fd_student=$OUT/fd/student.pt"
+if [ -f "$OUT/fd_abs_pos/student.pt" ] || [ "$DRY_RUN" = 1 ]; then MODELS="$MODELS abs_pos_student=$OUT/fd_abs_pos/student.pt"; fi
+MODELS="$MODELS ft_teacher=$OUT/ft_teacher_s$FIRST_SEED/best.pt ft_fd=$OUT/ft_fd_s$FIRST_SEED/best.pt"
+queue "analysis $PY analyze.py --data $DATA --val-split $VAL --split-seed 0 --num-images $ANALYSIS_IMAGES \
+  --img-size 32 --landscape-steps 11 --progress false --models $MODELS --output $OUT/analysis"
+flush
 
-$PY bench/repro_table.py "$OUT"
+[ "$DRY_RUN" = 1 ] || $PY bench/repro_table.py "$OUT"

@@ -16,10 +16,14 @@ def main(out: str) -> None:
     root = Path(out)
     rows, summary = [], {}
     names = {"teacher": "teacher (supervised from scratch), fine-tuned", "fd": "FD student, fine-tuned",
+             "scratch": "control: student network from scratch, FD + fine-tuning epochs",
+             "target_cls": "FD of the class token only, fine-tuned",
+             "target_avg": "FD of the average-pooled feature only, fine-tuned",
              "no_whiten": "FD without whitening, fine-tuned", "abs_pos": "FD with absolute pos. emb. "
              "instead of shared RPB, fine-tuned", "sym_drop": "FD with student drop path 0, fine-tuned"}
     for kind, name in names.items():
-        runs = sorted(root.glob(f"ft_{kind}_s*/results.json"))
+        pattern = "scratch_s*/results.json" if kind == "scratch" else f"ft_{kind}_s*/results.json"
+        runs = sorted(root.glob(pattern))
         top1 = [json.loads(r.read_text())["final"]["top1"] for r in runs]
         if not top1:
             continue

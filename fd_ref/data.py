@@ -243,6 +243,11 @@ class RobustImageFolder(Dataset):
     * Classes are all non-hidden sub-folders, sorted, even empty ones (so train and val folders with the
       same class folders agree on label indices). Hidden files and non-image extensions are ignored.
     * A missing folder, a folder without class sub-folders or without any image raises :class:`UserError`.
+    * ``in_memory=True`` decodes every file once, at construction, into one shared uint8 buffer (bad files
+      dropped as by :meth:`scan`), so each epoch reads pixels from memory instead of decoding files: for
+      small images (CIFAR's 32 px JPEGs) the decoding, not the model, would starve a GPU. Loader workers
+      share the buffer. Folders whose decoded pixels exceed ``max_memory_bytes`` are refused.
+      Datasets of the same folder built in one process share one decoding.
     """
 
     def __init__(
@@ -253,6 +258,8 @@ class RobustImageFolder(Dataset):
         verify: bool = False,
         max_pixels: int = 178_956_970,
         downscale_pixels: int = 4096 * 4096,
+        in_memory: bool = False,
+        max_memory_bytes: int = 8 << 30,
     ) -> None:
         self.root = Path(root).expanduser()
         self.transform = transform
@@ -285,8 +292,11 @@ class RobustImageFolder(Dataset):
         self._scan_dropped = 0
         # one flag per sample, in shared memory: loader workers' skips count in the main process too
         self._bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._decoded: _Decoded | None = None
         if verify:
             self.scan()
+        if in_memory:
+            self._decoded = _decode_folder(self, max_memory_bytes)
 
     @property
     def targets(self) -> list[int]:
@@ -302,7 +312,9 @@ class RobustImageFolder(Dataset):
         return len(self.samples)
 
     def load(self, path: str) -> Image.Image:
-        """Decode one file into RGB (raises on a bad file)."""
+        """Decode one file into RGB (raises on a bad file); from memory when decoded already."""
+        if self._decoded is not None:
+            return self._decoded.image(path)
         return load_rgb(path, max_pixels=self.max_pixels, downscale_pixels=self.downscale_pixels)
 
     def _try_load(self, path: str, index: int | None = None) -> Image.Image | None:
@@ -362,6 +374,52 @@ class RobustImageFolder(Dataset):
 _CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
+class _Decoded:
+    """Every image of a folder as RGB pixels in one shared uint8 buffer, found by path."""
+
+    def __init__(self, pixels: torch.Tensor, index: dict[str, tuple[int, int, int]]) -> None:
+        self.pixels, self.index = pixels, index  # path -> (offset, height, width)
+
+    def image(self, path: str) -> Image.Image:
+        offset, h, w = self.index[path]
+        return Image.fromarray(self.pixels[offset:offset + h * w * 3].view(h, w, 3).numpy())
+
+
+_DECODED_FOLDERS: dict[tuple, _Decoded] = {}
+
+
+def _decode_folder(folder: "RobustImageFolder", max_memory_bytes: int) -> _Decoded:
+    """Decode every readable file of ``folder`` once (dropping bad ones from its samples), or reuse the
+    decoding of the same folder made earlier in this process."""
+    key = (str(folder.root), tuple(folder.samples), folder.max_pixels, folder.downscale_pixels)
+    if key not in _DECODED_FOLDERS:
+        arrays: dict[str, np.ndarray] = {}
+        total = 0
+        for i, (path, _) in enumerate(folder.samples):
+            image = folder._try_load(path, i)
+            if image is None:
+                continue
+            arrays[path] = np.asarray(image, dtype=np.uint8)
+            total += arrays[path].size
+            if total > max_memory_bytes:
+                raise UserError(f"the images of {folder.root} take more than {max_memory_bytes / 2**30:.1f} GiB "
+                                "decoded; turn off --data-in-memory for this folder")
+        pixels = torch.empty(total, dtype=torch.uint8)
+        index, offset = {}, 0
+        for path, array in arrays.items():
+            pixels[offset:offset + array.size] = torch.from_numpy(array.reshape(-1))
+            index[path] = (offset, array.shape[0], array.shape[1])
+            offset += array.size
+        _DECODED_FOLDERS[key] = _Decoded(pixels.share_memory_(), index)
+    decoded = _DECODED_FOLDERS[key]
+    dropped = len(folder.samples) - len(decoded.index)
+    if dropped:
+        folder.samples = [(p, label) for p, label in folder.samples if p in decoded.index]
+        folder._scan_dropped += dropped
+        folder._bad_flags = torch.zeros(len(folder.samples), dtype=torch.uint8).share_memory_()
+    return decoded
+
+
 def _build_cifar(name: str, train: bool, transform: Transform | None, root_cache: Path) -> Dataset:
     import torchvision.datasets as tvd
 
@@ -391,6 +449,7 @@ def build_dataset(
     synthetic_image_size: int = 32,
     seed: int = 0,
     verify: bool = False,
+    in_memory: bool = False,
 ) -> Dataset:
     """Build the train (``train=True``) or validation dataset named by ``data``.
 
@@ -405,7 +464,7 @@ def build_dataset(
       validation set (ImageNet layout; both must have the same class folders). If it has ``train/`` but no
       ``val/``, or no ``train/`` at all, the one folder is returned for both, and the caller should carve a
       validation split with :func:`split_indices`. Folders are :class:`RobustImageFolder`\\ s (``verify``
-      is passed on).
+      and ``in_memory`` are passed on).
 
     The names ``synthetic``, ``cifar10``, ``cifar100`` (case-insensitive) win over same-named folders.
     """
@@ -425,10 +484,10 @@ def build_dataset(
         )
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir():
-        return RobustImageFolder(root, transform, verify=verify)
+        return RobustImageFolder(root, transform, verify=verify, in_memory=in_memory)
     if train or not val_dir.is_dir():
-        return RobustImageFolder(train_dir, transform, verify=verify)
-    dataset = RobustImageFolder(val_dir, transform, verify=verify)
+        return RobustImageFolder(train_dir, transform, verify=verify, in_memory=in_memory)
+    dataset = RobustImageFolder(val_dir, transform, verify=verify, in_memory=in_memory)
     if dataset.classes != _class_folders(train_dir):
         raise UserError(
             f"{val_dir} and {train_dir} have different class folders, so their labels would not match; "

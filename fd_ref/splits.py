@@ -23,8 +23,9 @@ def _has_val_folder(data: str) -> bool:
 def train_val_datasets(data: str, train_transform, val_transform, *, val_split: int = 0,
                        split_seed: int = 0, train_subset: int = 0, need_val: bool = True,
                        synthetic_size: int = 1024, img_size: int = 32, seed: int = 0,
-                       verify: bool = False) -> tuple[Dataset, Optional[Dataset]]:
-    kw = dict(synthetic_size=synthetic_size, synthetic_image_size=img_size, seed=seed, verify=verify)
+                       verify: bool = False, in_memory: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+    kw = dict(synthetic_size=synthetic_size, synthetic_image_size=img_size, seed=seed, verify=verify,
+              in_memory=in_memory)
     builtin = data.strip().lower() in ("synthetic", "cifar10", "cifar100")
     train = build_dataset(data, train=True, transform=train_transform, **kw)
     val: Optional[Dataset] = None

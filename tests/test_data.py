@@ -547,3 +547,26 @@ def test_fine_tuning_losses_follow_the_hand_formulas(batch: int, classes: int, s
     plain = build_criterion(False, 0.0)
     assert type(plain) is torch.nn.CrossEntropyLoss and plain.label_smoothing == 0.0
     assert plain(logits, labels).item() == pytest.approx(nll.mean().item(), rel=1e-5, abs=1e-6)
+
+
+def test_in_memory_folder_gives_the_same_images_and_drops_bad_files(tmp_path):
+    """in_memory=True decodes each file once: every item equals the decoded-from-disk item, bad files are
+    dropped and counted as by scan(), the decoding is shared by a second dataset of the folder, and the
+    memory limit refuses with one line."""
+    rng = np.random.default_rng(0)
+    for cls, n in (("a", 3), ("b", 4)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (5 + i, 7, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    disk = RobustImageFolder(tmp_path, verify=True)
+    memory = RobustImageFolder(tmp_path, in_memory=True)
+    assert memory.samples == disk.samples and memory.num_skipped == disk.num_skipped == 1
+    for i in range(len(disk)):
+        (a, la), (b, lb) = disk[i], memory[i]
+        assert la == lb and np.array_equal(np.asarray(a), np.asarray(b))
+    again = RobustImageFolder(tmp_path, in_memory=True)
+    assert again._decoded is memory._decoded and again.num_skipped == 1
+    (tmp_path / "b" / "9.png").write_bytes((tmp_path / "b" / "0.png").read_bytes())  # a new file set
+    with pytest.raises(UserError, match="decoded; turn off --data-in-memory"):
+        RobustImageFolder(tmp_path, in_memory=True, max_memory_bytes=100)

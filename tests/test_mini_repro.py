@@ -1,0 +1,80 @@
+"""bench/mini_repro.sh, the CIFAR-10 study: its stages' commands are valid for every preset, and the whole
+pipeline runs end to end at toy size on a tiny image folder the test makes (issue #12)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import analyze
+import finetune
+import train
+from fd_ref.config import resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "mini_repro.sh"
+DEFAULTS = {"train.py": train.DEFAULTS, "finetune.py": finetune.DEFAULTS, "analyze.py": analyze.DEFAULTS}
+
+
+def _folder(root: Path, per_class: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "train" / f"c{c}" / f"{i}.jpg")
+    return root
+
+
+def _run(data: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PY": sys.executable, "OUT": str(out), **env}
+    return subprocess.run(["bash", str(SCRIPT), str(data)], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_every_stage_command_resolves(tmp_path, preset):
+    """DRY_RUN prints each stage; every flag of every stage is one its script accepts, with the preset's
+    sizes (gpu: 6 heads, 100/100/50 epochs, images decoded into memory)."""
+    done = _run(tmp_path, tmp_path / "out", PRESET=preset, DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    stages = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    expected = {"teacher", "fd", "analysis"} | {f"{k}_s{s}" for k in ("ft_teacher", "ft_fd", "scratch")
+                                                for s in range(3)}
+    for ab in ("target_cls", "abs_pos", "no_whiten", "sym_drop", "target_avg"):
+        expected |= {f"fd_{ab}", f"ft_{ab}_s0", f"ft_{ab}_s1"}
+    assert set(stages) == expected
+    for name, command in stages.items():
+        words = shlex.split(command)
+        script = Path(words[1]).name
+        cfg = resolve_config(DEFAULTS[script], words[2:])
+        if script != "analyze.py":
+            assert cfg["val_split"] == 5000 and cfg["split_seed"] == 0 and cfg["data_in_memory"] is (preset == "gpu")
+            if "--model" in words:  # stages that build a network (fine-tunes take it from the checkpoint)
+                assert cfg["num_heads"] == (6 if preset == "gpu" else 2)
+    epochs = {n: resolve_config(DEFAULTS[Path(shlex.split(c)[1]).name], shlex.split(c)[2:]).get("epochs")
+              for n, c in stages.items()}
+    t, fd, ft = (100, 100, 50) if preset == "gpu" else (12, 12, 4)
+    assert (epochs["teacher"], epochs["fd"], epochs["ft_fd_s0"], epochs["scratch_s0"]) == (t, fd, ft, fd + ft)
+    assert "--target cls" in stages["fd_target_cls"] and "--pos-embed abs" in stages["fd_abs_pos"]
+
+
+def test_toy_pipeline_end_to_end_and_resume(tmp_path):
+    data, out = _folder(tmp_path / "data"), tmp_path / "out"
+    env = dict(PRESET="toy", SEEDS="0", ABLATIONS="", VAL="12", ANALYSIS_IMAGES="6")
+    done = _run(data, out, **env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for stage in ("teacher", "scratch_s0", "fd", "ft_teacher_s0", "ft_fd_s0", "analysis"):
+        assert (out / stage / "DONE").is_file(), stage
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"teacher", "fd", "scratch", "seconds", "diagnostics"}
+    assert not list(out.glob("fd_*/")), "ABLATIONS='' runs no ablation"
+    # rerunning the same command finds every stage done and runs nothing again
+    again = _run(data, out, **env)
+    assert again.returncode == 0 and again.stdout.count("done already") == 6, again.stdout
