@@ -32,6 +32,7 @@ import torch
 
 from .errors import UserError
 from .model_file import ModelFile, build_vit, read_model_file
+from .vit import PRESETS
 
 BEIT_ARCHITECTURE = "beit_base_patch16_224"  # any registered Beit entry point: model_args set every size
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,7 +66,7 @@ def beit_model_args(config: Mapping[str, Any], path: Path | str = "the model") -
                 in_chans=int(config.get("in_chans", 3)), embed_dim=int(config.get("embed_dim", 768)),
                 depth=int(config.get("depth", 12)), num_heads=int(config.get("num_heads", 12)),
                 mlp_ratio=float(config.get("mlp_ratio", 4.0)), qkv_bias=bool(config.get("qkv_bias", True)),
-                init_values=float(scale) if scale else None,
+                init_values=float(scale) if scale else 0.0,  # 0, not None: timm drops None arguments
                 use_abs_pos_emb=pos == "abs", use_rel_pos_bias=pos == "rpb",
                 use_shared_rel_pos_bias=pos == "shared_rpb",
                 num_classes=int(config.get("num_classes", 0)), global_pool="avg" if pool == "avg" else "token",
@@ -127,12 +128,14 @@ def _max_difference(fd_model: torch.nn.Module, timm_model: torch.nn.Module, args
 def model_card(mf: ModelFile, args: Mapping[str, Any], folder_name: str, repo_id: Optional[str]) -> str:
     train_cfg, results = _training_config(mf), _results(mf)
     teacher = mf.blob.get("teacher") or train_cfg.get("teacher")
+    if teacher in PRESETS and not train_cfg.get("teacher_checkpoint") and "teacher_checkpoint" in train_cfg:
+        teacher = f"{teacher} (randomly initialised: a machinery check, not a real distillation)"
     kind = ("fine-tuned classifier" if args["num_classes"] > 0 else
             "feature-distilled student (backbone, no classifier)")
     name = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder_name}"
     lines = [
         "---", "library_name: timm", "tags:", "- image-feature-extraction" if not args["num_classes"]
-        else "- image-classification", "- feature-distillation", "- fd-ref", "license: mit", "---", "",
+        else "- image-classification", "- feature-distillation", "- fd-ref", "---", "",
         f"# {repo_id or folder_name}", "",
         f"A {kind} trained with [fd-ref](https://arxiv.org/abs/2205.14141)'s Feature Distillation "
         "(Wei et al., *Contrastive Learning Rivals Masked Image Modeling in Fine-tuning via Feature "
@@ -216,7 +219,11 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(mf, args, folder.name, repo_id))
-        tmp.chmod(0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():  # mkdtemp / safetensors create private files; give the usual permissions
+            path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
