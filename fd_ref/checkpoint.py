@@ -233,7 +233,10 @@ def load_vit(path: str | os.PathLike, **overrides):
     if not config:
         raise UserError(f"{path} does not record its architecture (no model_config); build the model "
                         f"with --model and load it as --pretrained instead")
+    state = model_state(blob)
+    if config.get("linear_probe"):  # finetune.py --linear-probe: the frozen backbone is the ViT
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        config = {k: v for k, v in config.items() if k != "linear_probe"}
     model = VisionTransformer(**{**config, **overrides})
-    summary = load_weights(model, to_fd_ref_keys(model_state(blob)), what=Path(path).name,
-                           ignore=(r"projection\..*",))
+    summary = load_weights(model, to_fd_ref_keys(state), what=Path(path).name, ignore=(r"projection\..*",))
     return model, summary

@@ -70,6 +70,12 @@ def test_linear_probe_file_is_evaluated(student, tmp_path):
     metrics = finetune.main(EVAL + ["--pretrained", str(out / "checkpoint.pt")])
     for key in ("top1", "top5", "val_loss"):
         assert metrics[key] == pytest.approx(results["final"][key], rel=1e-9, abs=1e-9)
+    # analyze.py reads the same file: the probe's frozen backbone, every tensor loaded
+    from fd_ref.checkpoint import load_vit
+    backbone, summary = load_vit(out / "checkpoint.pt")
+    assert backbone.num_classes == 0 and "missing" not in summary
+    probe = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    assert torch.equal(backbone.blocks[0].mlp.fc1.weight, probe["backbone.blocks.0.mlp.fc1.weight"])
 
 
 def _eval_script(args: list[str]) -> subprocess.CompletedProcess:
