@@ -35,6 +35,7 @@ from fd_ref.position import resize_relative_position_bias_table
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lr
 from fd_ref.splits import train_val_datasets
+from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
 from fd_ref.vit import PRESETS, VisionTransformer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ DEFAULTS = dict(
     log_every=10,
     seed=0,
     progress=None,
+    tensorboard=False,           # also write loss, lr, grad norm, img/s, MFU (and evaluation) to OUTPUT/tensorboard
 )
 # ----------------------------------------------------------------------------------------------------------
 
@@ -259,6 +261,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
 def main(argv=None) -> dict:
     cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__))
+    if cfg["tensorboard"] and not cfg["eval_only"]:
+        require_tensorboard()  # a missing package fails here, before anything is built or written
     info = init_distributed()
     seed_everything(cfg["seed"], info.rank)
     precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
@@ -339,6 +343,8 @@ def main(argv=None) -> dict:
     resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
     if cfg["resume"] or Path(resume).exists():
         trainer.resume(resume)
+    tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
+    trainer.on_log = tensorboard
 
     if info.is_main:
         Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
@@ -348,6 +354,8 @@ def main(argv=None) -> dict:
         print(f"{mode}: {len(train_set)} train / {len(val_set)} val images, {info.world_size} process(es), "
               f"{precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
     history = trainer.fit()
+    if tensorboard is not None:
+        tensorboard.close()
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
         model, val_loader, info.device, trainer._autocast)
