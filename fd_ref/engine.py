@@ -295,16 +295,20 @@ class Trainer:
         s, accum = self.s, self.s.accum_steps
         images_per_step = s.batch_size * accum * self.info.world_size
         t_last, steps_since = time.perf_counter(), 0
-        paused = 0.0  # seconds since t_last spent saving and evaluating: not training, so not in img/s
+        paused = 0.0  # seconds since t_last spent saving, evaluating, starting the loader: not in img/s
         loss_sum = torch.zeros((), device=self.device)
         while self.epoch < s.epochs and self.step < self.total_steps:
+            t_epoch, first = time.perf_counter(), True
             self.sampler.set_epoch(self.epoch, start=self.micro)
             for batch in self.loader:
+                if first:  # starting the loader (workers, the first batch) is not a training step either
+                    paused += time.perf_counter() - t_epoch
+                    first = False
                 if self.micro >= self.steps_per_epoch * accum:
                     break
                 if self.flops_per_image is None and self.peak is None:
                     self._measure_flops(batch)
-                    t_last = time.perf_counter()
+                    t_last, paused = time.perf_counter(), 0.0
                 last_micro = (self.micro + 1) % accum == 0
                 sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
                 with sync:

@@ -125,10 +125,17 @@ def test_img_per_s_counts_training_steps_only(tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(engine, "time", clock)
     trainer, _ = _tiny_trainer(tmp_path, clock, layer_groups=False)
+    set_epoch = trainer.sampler.set_epoch
+
+    def slow_loader_start(*args, **kwargs):  # a loader whose workers take 500 s to start each epoch
+        clock.now += 500.0
+        return set_epoch(*args, **kwargs)
+
+    trainer.sampler.set_epoch = slow_loader_start
     trainer.fit()
     records = [r for r in read_log(tmp_path) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]  # step 6 comes right after the first evaluation
-    # every logged interval: 2 steps x 4 images in 2 s of training, whatever the evaluation took
+    # every logged interval: 2 steps x 4 images in 2 s of training, whatever evaluation and loader start took
     assert [r["img_per_s"] for r in records] == pytest.approx([4.0] * 4)
 
 
