@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import export
 import finetune
@@ -116,24 +119,26 @@ def test_finetuned_model_loads_with_its_head_and_gives_the_same_logits(finetuned
     assert f"{results['final']['top1']}" in card  # the run's numbers are quoted
 
 
-@pytest.mark.parametrize("pos_embed, global_pool, layer_scale, qkv_bias, num_classes", [
-    ("abs", "cls", None, True, 5),
-    ("abs", "avg", 0.1, False, 0),
-    ("rpb", "cls", 0.1, True, 3),
-    ("shared_rpb", "avg", None, True, 4),
-])
-def test_every_layout_round_trips(tmp_path, pos_embed, global_pool, layer_scale, qkv_bias, num_classes):
-    """Position embedding, pooling, layer scale and q/v bias variants: timm gives fd-ref's outputs."""
-    torch.manual_seed(0)
-    fd = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, qkv_bias=qkv_bias,
-                           layer_scale_init=layer_scale, pos_embed=pos_embed, global_pool=global_pool,
-                           num_classes=num_classes).eval()
+@settings(max_examples=10)
+@given(pos_embed=st.sampled_from(["shared_rpb", "rpb", "abs"]), global_pool=st.sampled_from(["cls", "avg"]),
+       layer_scale=st.sampled_from([None, 0.1, 1e-5]), qkv_bias=st.booleans(), num_classes=st.integers(0, 5),
+       depth=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]), patch=st.sampled_from([4, 8]),
+       seed=st.integers(0, 2**16))
+def test_every_layout_round_trips(pos_embed, global_pool, layer_scale, qkv_bias, num_classes, depth, heads,
+                                  patch, seed):
+    """Any position embedding, pooling, layer scale, q/v bias, depth, width and grid: plain timm's model from
+    the exported folder gives fd-ref's features and outputs (fp32, 1e-5)."""
+    torch.manual_seed(seed)
+    fd = VisionTransformer(img_size=16, patch_size=patch, embed_dim=8 * heads, depth=depth, num_heads=heads,
+                           qkv_bias=qkv_bias, layer_scale_init=layer_scale, pos_embed=pos_embed,
+                           global_pool=global_pool, num_classes=num_classes).eval()
     with torch.no_grad():  # no parameter left at a symmetric init (zeros, ones): every mapping is exercised
         for p in fd.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    save_atomic({"model": fd.state_dict(), "model_config": fd.config}, tmp_path / "m.pt")
-    export.main([str(tmp_path / "m.pt"), str(tmp_path / "out")])
-    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_atomic({"model": fd.state_dict(), "model_config": fd.config}, Path(tmp) / "m.pt")
+        export.main([str(Path(tmp) / "m.pt"), str(Path(tmp) / "out")])
+        model = timm.create_model(f"local-dir:{Path(tmp) / 'out'}", pretrained=True).eval()
     x = _images(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), fd.forward_features(x), rtol=0, atol=1e-5)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
 import finetune
@@ -80,8 +83,8 @@ def test_missing_tensorboard_is_one_error_before_anything_is_written(tmp_path, m
 
 # -- img/s and lr ----------------------------------------------------------------------------------------------
 class FakeClock:
-    """A stand-in for the engine's ``time`` module: each training micro-step takes 1 s, each evaluation
-    1000 s, so the measured speed shows whether evaluation time leaked into it."""
+    """A stand-in for the engine's ``time`` module, advanced by the test: training micro-steps, evaluations
+    and loader starts take the times the test chooses, so the measured speed shows what leaked into it."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -90,7 +93,8 @@ class FakeClock:
         return self.now
 
 
-def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool) -> tuple[Trainer, WarmupCosine]:
+def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_s: float = 1.0,
+                  eval_s: float = 1000.0) -> tuple[Trainer, WarmupCosine]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
@@ -105,11 +109,11 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool) -> tu
     scheduler = WarmupCosine(optimizer, base_lr=0.1, total_steps=8, warmup_steps=2, min_lr=0.01, warmup_lr=0.0)
 
     def step_fn(batch):
-        clock.now += 1.0
+        clock.now += step_s
         return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
     def on_epoch_end(epoch: int) -> dict:
-        clock.now += 1000.0  # a slow evaluation
+        clock.now += eval_s  # a slow evaluation
         return {"top1": 50.0}
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
@@ -121,22 +125,25 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool) -> tu
     return trainer, scheduler
 
 
-def test_img_per_s_counts_training_steps_only(tmp_path, monkeypatch):
+@given(step_s=st.floats(0.01, 10.0), eval_s=st.floats(0.0, 1e4), loader_s=st.floats(0.0, 1e3))
+def test_img_per_s_counts_training_steps_only(step_s, eval_s, loader_s):
+    """img/s = images per step x steps / (elapsed - saving - evaluation - loader start), so with every
+    micro-step taking step_s seconds each logged value is batch / step_s, whatever the pauses took."""
     clock = FakeClock()
-    monkeypatch.setattr(engine, "time", clock)
-    trainer, _ = _tiny_trainer(tmp_path, clock, layer_groups=False)
-    set_epoch = trainer.sampler.set_epoch
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "time", clock)
+        trainer, _ = _tiny_trainer(Path(folder), clock, layer_groups=False, step_s=step_s, eval_s=eval_s)
+        set_epoch = trainer.sampler.set_epoch
 
-    def slow_loader_start(*args, **kwargs):  # a loader whose workers take 500 s to start each epoch
-        clock.now += 500.0
-        return set_epoch(*args, **kwargs)
+        def slow_loader_start(*args, **kwargs):  # a loader whose workers take loader_s to start each epoch
+            clock.now += loader_s
+            return set_epoch(*args, **kwargs)
 
-    trainer.sampler.set_epoch = slow_loader_start
-    trainer.fit()
-    records = [r for r in read_log(tmp_path) if "loss" in r]
+        trainer.sampler.set_epoch = slow_loader_start
+        trainer.fit()
+        records = [r for r in read_log(Path(folder)) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]  # step 6 comes right after the first evaluation
-    # every logged interval: 2 steps x 4 images in 2 s of training, whatever evaluation and loader start took
-    assert [r["img_per_s"] for r in records] == pytest.approx([4.0] * 4)
+    assert [r["img_per_s"] for r in records] == pytest.approx([4 / step_s] * 4, rel=1e-6)
 
 
 def test_logged_lr_is_the_base_lr_of_the_schedule(tmp_path):
