@@ -52,12 +52,12 @@ def draw_training_curves(runs: list[tuple[str, list[dict]]], path: str | Path, d
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels))
     for ax, (key, title, log_scale) in zip(axes, panels):
-        for label, records in runs:
+        for colour, (label, records) in enumerate(runs):  # one colour per run in every panel
             train_only = [r for r in records if "loss" in r] if key != "top1" else records
             steps, values = _series(train_only, key)
             if steps:
                 ax.plot(steps, values, marker="o" if key == "top1" or len(steps) < 12 else None,
-                        markersize=3, label=label)
+                        markersize=3, label=label, color=f"C{colour % 10}")
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
         if log_scale and all(v > 0 for _, r in runs for v in _series(r, key)[1]):
