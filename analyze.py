@@ -8,6 +8,7 @@ more models next to each other:
     python analyze.py --img-size 224 --data /data/imagenet --models \\
         dino=dino_vit_base@dino_vitbase16_pretrain.pth fd=out/fd_dino/student.pt
     python analyze.py --models base=out/ft_base/best.pt fd=out/ft_fd/best.pt --landscape-2d
+    python analyze.py --log out/quickstart out/quickstart_ft      # training curves from log.jsonl
 
 A model is ``label=source``; ``source`` is a file written by train.py / finetune.py (student.pt, best.pt,
 checkpoint.pt: the architecture comes from its recorded model_config), a teacher name of
@@ -50,6 +51,8 @@ from fd_ref.checkpoint import load_vit
 from fd_ref.cli import run_main
 from fd_ref.config import resolve_config
 from fd_ref.errors import UserError
+from fd_ref.plots import FIGURE as CURVES
+from fd_ref.plots import draw_training_curves, read_run
 from fd_ref.teachers import PAPER_TEACHERS, build_teacher
 from fd_ref.vit import PRESETS
 
@@ -58,6 +61,7 @@ from fd_ref.vit import PRESETS
 DEFAULTS = dict(
     # models
     models=["student=out/quickstart/student.pt"],  # label=source, source: a .pt file | teacher name | name@weights
+    log=[],                      # run folders (label=folder): draw their training curves from log.jsonl instead
     img_size=32,                 # input size of teachers (fd_ref files use their recorded img_size)
     # data
     data="synthetic",            # synthetic | cifar10 | cifar100 | ImageFolder path (its val/ split if any)
@@ -595,6 +599,11 @@ def _check_settings(cfg: dict) -> None:
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="analyze.py", description=__doc__.splitlines()[0])
     _check_settings(cfg)
+    if cfg["log"]:  # training curves only: loss and lr against step, runs side by side
+        runs = [read_run(str(spec)) for spec in cfg["log"]]
+        path = draw_training_curves(runs, Path(cfg["output"]) / CURVES, dpi=cfg["dpi"])
+        print(f"wrote: {path} ({len(runs)} run(s): {', '.join(label for label, _ in runs)})", flush=True)
+        return
     specs = parse_model_specs(cfg["models"])
     layer_tokens = [parse_layer(t) for t in cfg["layers"]]
     progress = _parse_progress(cfg["progress"])

@@ -12,6 +12,7 @@ The loop is fd_ref.engine.Trainer, the same one train.py runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -30,6 +31,7 @@ from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everythin
 from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.lars import Lars
+from fd_ref.model_file import build_vit, load_strict, read_model_file, vit_arguments
 from fd_ref.optim import build_optimizer
 from fd_ref.precision import resolve_precision
 from fd_ref.position import resize_relative_position_bias_table
@@ -37,6 +39,7 @@ from fd_ref.probe import PROBE_POOLS, LinearProbe
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
+from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
 from fd_ref.vit import PRESETS, VisionTransformer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,13 +95,14 @@ DEFAULTS = dict(
     # run
     output="out/quickstart_ft",
     resume=None,
-    eval_only=False,
+    eval_only=False,             # evaluate --pretrained (or --resume) as the file records it (head included), then exit
     eval_every=1,                # evaluate every N epochs (and always after the last)
     max_steps=0,
     save_every=0,
     log_every=10,
     seed=0,
     progress=None,
+    tensorboard=False,           # also write loss, lr, grad norm, img/s, MFU (and evaluation) to OUTPUT/tensorboard
 )
 # ----------------------------------------------------------------------------------------------------------
 
@@ -196,6 +200,42 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     return model, summary
 
 
+def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
+    """--eval-only: the model in --pretrained (or --resume) exactly as the file records it (architecture,
+    head, fc_norm), on the validation split of --data; no training flag is needed, nothing is written."""
+    path = cfg["resume"] or cfg["pretrained"]
+    mf = read_model_file(path)
+    if mf.num_classes == 0:
+        raise UserError(f"{path} has no classification head (a distilled student?); --eval-only evaluates a "
+                        f"fine-tuned model: pass --pretrained OUT/best.pt or OUT/checkpoint.pt of finetune.py")
+    if mf.linear_probe:
+        model = LinearProbe(VisionTransformer(**vit_arguments({**mf.config, "num_classes": 0})), mf.num_classes,
+                            pool=mf.config.get("probe_pool", "avg"))
+        load_strict(model, mf.state, mf.path)
+    else:
+        model = build_vit(mf)
+    img_size = int(mf.config.get("img_size", cfg["img_size"]))
+    transform = eval_transform(img_size, cfg["crop_pct"], norm=cfg["eval_norm"])
+    _, val_set = train_val_datasets(cfg["data"], transform, transform, val_split=cfg["val_split"],
+                                    split_seed=cfg["split_seed"], synthetic_size=cfg["synthetic_size"],
+                                    img_size=img_size, seed=cfg["seed"])
+    base = val_set.dataset if isinstance(val_set, torch.utils.data.Subset) else val_set
+    data_classes = len(getattr(base, "classes", None) or [])
+    if data_classes and data_classes != mf.num_classes:
+        raise UserError(f"{path} classifies {mf.num_classes} classes but {cfg['data']} has {data_classes}; "
+                        f"evaluate it on the data it was fine-tuned for")
+    loader, _ = make_loader(val_set, cfg["batch_size"], seed=cfg["seed"], shuffle=False, rank=info.rank,
+                            world_size=info.world_size, num_workers=cfg["num_workers"], drop_last=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    metrics = evaluate(model.to(info.device), loader, info.device, autocast)
+    if info.is_main:
+        print(f"evaluated {path} ({mf.num_classes} classes, {img_size} px) on {len(val_set)} images of "
+              f"{cfg['data']}", flush=True)
+        print(json.dumps(metrics), flush=True)
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set."""
@@ -222,9 +262,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
 def main(argv=None) -> dict:
     cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__))
+    if cfg["tensorboard"] and not cfg["eval_only"]:
+        require_tensorboard()  # a missing package fails here, before anything is built or written
     info = init_distributed()
     seed_everything(cfg["seed"], info.rank)
     precision = resolve_precision(cfg["precision"], info.device)
+    if cfg["eval_only"]:
+        return evaluate_only(cfg, info, precision)
 
     if cfg["probe_pool"] not in PROBE_POOLS:
         raise UserError(f"--probe-pool must be one of {', '.join(PROBE_POOLS)}, got {cfg['probe_pool']!r}")
@@ -309,12 +353,8 @@ def main(argv=None) -> dict:
     resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
     if cfg["resume"] or Path(resume).exists():
         trainer.resume(resume)
-
-    if cfg["eval_only"]:
-        metrics = evaluate(model, val_loader, info.device, trainer._autocast)
-        if info.is_main:
-            print(json.dumps(metrics), flush=True)
-        return metrics
+    tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
+    trainer.on_log = tensorboard
 
     if info.is_main:
         Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
@@ -324,6 +364,8 @@ def main(argv=None) -> dict:
         print(f"{mode}: {len(train_set)} train / {len(val_set)} val images, {info.world_size} process(es), "
               f"{precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
     history = trainer.fit()
+    if tensorboard is not None:
+        tensorboard.close()
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
         model, val_loader, info.device, trainer._autocast)

@@ -29,8 +29,9 @@ from fd_ref.precision import resolve_precision
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
+from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
 from fd_ref.teachers import build_teacher
-from fd_ref.vit import create_vit
+from fd_ref.vit import PRESETS, create_vit
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: the offline quickstart. The published recipes live in configs/*.yaml.
@@ -87,6 +88,7 @@ DEFAULTS = dict(
     log_every=10,
     seed=0,
     progress=None,               # None: a progress bar on a terminal, plain lines otherwise
+    tensorboard=False,           # also write loss, lr, grad norm, img/s, MFU to OUTPUT/tensorboard (rank 0)
 )
 # ----------------------------------------------------------------------------------------------------------
 
@@ -101,6 +103,8 @@ def build_student(cfg: dict) -> nn.Module:
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__))
+    if cfg["tensorboard"]:
+        require_tensorboard()  # a missing package fails here, before anything is built or written
     info = init_distributed()
     seed_everything(cfg["seed"], info.rank)
     precision = resolve_precision(cfg["precision"], info.device)
@@ -167,6 +171,8 @@ def main(argv=None) -> None:
     resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
     if cfg["resume"] or Path(resume).exists():
         trainer.resume(resume)
+    tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
+    trainer.on_log = tensorboard
     if info.is_main:
         Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
         save_yaml({**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
@@ -175,7 +181,17 @@ def main(argv=None) -> None:
         print(f"distilling {cfg['teacher']} ({teacher.embed_dim}-d, grid {teacher.grid}) into {cfg['model']} "
               f"({n_student / 1e6:.1f}M params, grid {student.grid}) on {len(dataset)} images, "
               f"{info.world_size} process(es), {precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
+        random_teacher = cfg["teacher"] in PRESETS and not cfg["teacher_checkpoint"]
+        if random_teacher:
+            print(f"note: the teacher {cfg['teacher']} is randomly initialised (no --teacher-checkpoint): this "
+                  f"checks the machinery, not the method", flush=True)
+        if random_teacher and cfg["data"].strip().lower() != "synthetic":
+            print(f"warning: distilling a random teacher on {cfg['data']}; for a real run pass --config "
+                  f"configs/fd_*.yaml or --teacher dino_vit_base|deit_vit_base|clip_vit_base|clip_vit_large",
+                  flush=True)
     trainer.fit()
+    if tensorboard is not None:
+        tensorboard.close()
     if info.is_main:
         print(f"done: {Path(cfg['output']) / 'student.pt'}", flush=True)
 

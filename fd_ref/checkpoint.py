@@ -260,7 +260,13 @@ def load_vit(path: str | os.PathLike, **overrides):
     if not config:
         raise UserError(f"{path} does not record its architecture (no model_config); build the model "
                         f"with --model and load it as --pretrained instead")
+    state = model_state(blob)
+    probe_pool = config.get("probe_pool", "cls") if config.get("linear_probe") else None
+    if probe_pool:  # finetune.py --linear-probe: the frozen backbone is the ViT
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        config = {k: v for k, v in config.items() if k not in ("linear_probe", "probe_pool")}
     model = VisionTransformer(**{**config, **overrides})
-    summary = load_weights(model, to_fd_ref_keys(model_state(blob)), what=Path(path).name,
-                           ignore=(r"projection\..*",))
+    if probe_pool == "avg":  # fd_ref.probe.LinearProbe: the mean-pooling probe drops the final norm
+        model.norm = torch.nn.Identity()
+    summary = load_weights(model, to_fd_ref_keys(state), what=Path(path).name, ignore=(r"projection\..*",))
     return model, summary

@@ -399,7 +399,7 @@ def _decode_folder(folder: "RobustImageFolder", max_memory_bytes: int) -> _Decod
             image = folder._try_load(path, i)
             if image is None:
                 continue
-            arrays[path] = np.asarray(image, dtype=np.uint8)
+            arrays[path] = np.array(image, dtype=np.uint8)  # a writable copy
             total += arrays[path].size
             if total > max_memory_bytes:
                 raise UserError(f"the images of {folder.root} take more than {max_memory_bytes / 2**30:.1f} GiB "

@@ -169,6 +169,7 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._bar = None
         self.history: list[dict] = []
+        self.on_log: Optional[Callable[[dict], None]] = None  # rank 0: called with every log record (TensorBoard)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -234,6 +235,8 @@ class Trainer:
         if self.info.is_main:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.on_log is not None:
+                self.on_log(record)
 
     # -- the loop ------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -295,15 +298,20 @@ class Trainer:
         s, accum = self.s, self.s.accum_steps
         images_per_step = s.batch_size * accum * self.info.world_size
         t_last, steps_since = time.perf_counter(), 0
+        paused = 0.0  # seconds since t_last spent saving, evaluating, starting the loader: not in img/s
         loss_sum = torch.zeros((), device=self.device)
         while self.epoch < s.epochs and self.step < self.total_steps:
+            t_epoch, first = time.perf_counter(), True
             self.sampler.set_epoch(self.epoch, start=self.micro)
             for batch in self.loader:
+                if first:  # starting the loader (workers, the first batch) is not a training step either
+                    paused += time.perf_counter() - t_epoch
+                    first = False
                 if self.micro >= self.steps_per_epoch * accum:
                     break
                 if self.flops_per_image is None and self.peak is None:
                     self._measure_flops(batch)
-                    t_last = time.perf_counter()
+                    t_last, paused = time.perf_counter(), 0.0
                 last_micro = (self.micro + 1) % accum == 0
                 sync = contextlib.nullcontext() if (last_micro or self.ddp is None) else self.ddp.no_sync()
                 with sync:
@@ -327,12 +335,15 @@ class Trainer:
                 steps_since += 1
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
-                    self._log_step(step_loss, grad_norm, images_per_step * steps_since / (now - t_last))
-                    t_last, steps_since = now, 0
+                    seconds = max(now - t_last - paused, 1e-9)
+                    self._log_step(step_loss, grad_norm, images_per_step * steps_since / seconds)
+                    t_last, steps_since, paused = now, 0, 0.0
                 if self._bar is not None:
                     self._bar.update(1)
                 if s.save_every and self.step % s.save_every == 0:
+                    t_pause = time.perf_counter()
                     self.save()
+                    paused += time.perf_counter() - t_pause
                 self.faults.maybe_die(self.step, self.info.rank)
                 if self._stop_signal is not None:
                     self._stop_on_signal()
@@ -340,7 +351,9 @@ class Trainer:
                     break
             if self.micro >= self.steps_per_epoch * accum:  # the epoch is complete
                 self.epoch, self.micro = self.epoch + 1, 0
+                t_pause = time.perf_counter()
                 self._end_epoch()
+                paused += time.perf_counter() - t_pause
             elif self.step >= self.total_steps:
                 break
         self.save()
@@ -406,7 +419,9 @@ class Trainer:
 
     def _log_step(self, step_loss: torch.Tensor, grad_norm: float, img_per_s: float) -> None:
         loss = float(all_reduce_mean(step_loss)) if self.info.world_size > 1 else float(step_loss)
-        lr = max(g["lr"] for g in self.optimizer.param_groups)
+        # the base lr: the group at lr_scale 1 (the head under layer decay), not a decayed layer's
+        groups = self.optimizer.param_groups
+        lr = next((g["lr"] for g in groups if g.get("lr_scale", 1.0) == 1.0), max(g["lr"] for g in groups))
         record = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "img_per_s": img_per_s, "world_size": self.info.world_size}
         if self.flops_per_image and self.peak:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_file, load_weights, model_state
+from . import hub
 from .errors import UserError
 from .position import Grid
 from .vit import PRESETS, VisionTransformer, create_vit
@@ -110,10 +111,19 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
             if "missing" in summary:
                 raise UserError(f"teacher checkpoint {checkpoint} does not fit {display}: {summary}")
         else:
-            if not _hub_reachable():  # use the local cache if any, and fail at once instead of retrying
-                os.environ["HF_HUB_OFFLINE"] = "1"
-                _set_hub_offline()
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+            # one quick request through huggingface_hub's own configuration (HF_ENDPOINT, proxies,
+            # HF_HUB_OFFLINE); unreachable: the local cache only, failing at once instead of retrying
+            offline = hub.hub_unreachable(_hub_repo(timm_name))
+            if offline:
+                hub.set_offline()
+            try:
+                model = timm.create_model(timm_name, pretrained=True, **kwargs)
+            except Exception:  # noqa: BLE001 - whatever timm raises when the cache lacks the weights
+                if offline:
+                    raise UserError(f"could not get the weights of teacher {display!r}: {offline}, and they are "
+                                    f"not in the local cache; pass --teacher-checkpoint PATH with local "
+                                    f"weights") from None
+                raise
     except UserError:
         raise
     except RuntimeError as e:
@@ -132,26 +142,14 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
                    name=display, feat_after_norm=feat_after_norm)
 
 
-def _set_hub_offline() -> None:
-    """Switch huggingface_hub to offline mode now: it reads HF_HUB_OFFLINE only when first imported (timm
-    imports it), so setting the environment variable later alone would leave it retrying for ~50 s."""
+def _hub_repo(timm_name: str) -> str:
+    """The hub repository timm downloads ``timm_name``'s weights from (timm/<name> when unrecorded)."""
+    import timm
     try:
-        import huggingface_hub.constants as hf_constants
-    except ImportError:
-        return
-    hf_constants.HF_HUB_OFFLINE = True
-
-
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """True when the Hugging Face hub answers a TCP connection (False offline or with HF_HUB_OFFLINE)."""
-    import socket
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+    except Exception:  # noqa: BLE001 - an unknown name: timm.create_model reports it
+        cfg = None
+    return getattr(cfg, "hf_hub_id", None) or f"timm/{timm_name}"
 
 
 def _checkpoint_filter(timm_name: str):

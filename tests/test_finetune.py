@@ -341,7 +341,7 @@ def test_eval_only_prints_the_metrics(quickstart, student, capsys):
     out, results = quickstart
     before = (out / "log.jsonl").read_text(), (out / "results.json").read_text()
     capsys.readouterr()
-    metrics = finetune.main(FT + ["--pretrained", str(student), "--output", str(out), "--eval-only"])
+    metrics = finetune.main(FT + ["--pretrained", str(out / "checkpoint.pt"), "--eval-only"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) == {"top1", "top5", "val_loss"} and printed == pytest.approx(metrics)
     # the checkpoint's model, evaluated again: the run's final numbers

@@ -3,7 +3,6 @@ readable errors (unknown name, offline without weights, wrong image size)."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import timm
@@ -90,7 +89,8 @@ def test_teacher_is_frozen_and_stays_in_eval(tmp_path):
 
 
 def test_unknown_teacher_names(monkeypatch, no_network, tmp_path):
-    monkeypatch.setattr(teachers, "_hub_reachable", lambda *a, **k: False)
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="unknown teacher"):
         build_teacher("resnet_teacher_that_does_not_exist", img_size=32)
     dummy = tmp_path / "w.pth"
@@ -105,16 +105,13 @@ def test_paper_teacher_offline_without_checkpoint_fails_fast(monkeypatch, no_net
     import huggingface_hub.constants as hf_constants
     import timm.models.vision_transformer as tvit
 
-    monkeypatch.setattr(teachers, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hf_constants.HF_HUB_OFFLINE)  # restored afterwards
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # as huggingface_hub reads it at import
     # Skip timm's weight init of the 86M-parameter ViT-B: irrelevant here and slow on a shared CPU.
     monkeypatch.setattr(tvit.VisionTransformer, "init_weights", lambda self, *a, **k: None)
-    start = time.monotonic()
-    with pytest.raises(UserError, match="--teacher-checkpoint"):
+    with pytest.raises(UserError, match="offline mode.*--teacher-checkpoint"):
         build_teacher("dino_vit_base", img_size=32)
-    assert time.monotonic() - start < 20  # no network retries with back-off
-    assert no_network == []  # and not even an attempt to connect
+    assert no_network == []  # not even an attempt to connect
 
 
 def test_timm_teacher_checkpoint_of_another_model_is_refused(tmp_path, no_network):

@@ -1,0 +1,91 @@
+"""A model file written by train.py / finetune.py, read back as the model it records.
+
+``student.pt`` (train.py), ``best.pt`` and ``checkpoint.pt`` (both scripts) all hold the weights under
+``"model"`` and the constructor arguments of the fd_ref ViT under ``"model_config"`` (``num_classes``,
+``global_pool``, position embedding, layer scale, ...). :func:`read_model_file` checks that a file is one of
+these and returns its weights in fd_ref keys (the FD projection, which only exists during distillation,
+dropped); :func:`build_vit` rebuilds the network exactly, head and ``fc_norm`` included, refusing a file
+whose weights do not fill the model. ``finetune.py --eval-only``, ``export.py`` and ``analyze.py`` read
+files this way, so they accept the same files.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .checkpoint import load_file, model_state, to_fd_ref_keys
+from .errors import UserError
+from .vit import VisionTransformer
+
+FILES_HINT = "student.pt, best.pt or checkpoint.pt written by train.py / finetune.py"
+
+
+@dataclass
+class ModelFile:
+    path: Path
+    config: dict[str, Any]            # the recorded model_config
+    state: dict[str, torch.Tensor]    # fd_ref keys, without the FD projection
+    blob: Mapping[str, Any]           # everything else the file records (teacher, metrics, config, ...)
+
+    @property
+    def linear_probe(self) -> bool:
+        return bool(self.config.get("linear_probe"))
+
+    @property
+    def num_classes(self) -> int:
+        """Rows of the classifier the weights hold (0: no head, e.g. a distilled student)."""
+        head = self.state.get("head.weight")
+        return int(head.shape[0]) if head is not None else 0
+
+
+def read_model_file(path: str | os.PathLike) -> ModelFile:
+    """Load ``path`` and check that it is an fd-ref model file (see the module docstring)."""
+    path = Path(path)
+    blob = load_file(path)
+    config = blob.get("model_config") if isinstance(blob, Mapping) else None
+    if not isinstance(config, Mapping) or not config or "model" not in blob:
+        raise UserError(f"{path} is not an fd-ref model file (it records no model_config and weights); "
+                        f"pass a {FILES_HINT}")
+    state = model_state(blob)
+    state = {k: v for k, v in to_fd_ref_keys(state).items() if not k.startswith("projection.")}
+    return ModelFile(path, dict(config), state, blob)
+
+
+def vit_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``config`` that are arguments of :class:`VisionTransformer` (drops e.g.
+    ``linear_probe``, which describes a wrapper around the ViT)."""
+    names = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    return {k: v for k, v in config.items() if k in names}
+
+
+def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(state)`` with every key required; a mismatch becomes one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        detail = (f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]})" if shapes else
+                  f"missing {', '.join(missing[:4])}" if missing else f"unexpected {', '.join(unexpected[:4])}")
+        raise UserError(f"{path} does not match the architecture it records ({detail}); the file is damaged "
+                        f"or was edited")
+    model.load_state_dict(state, strict=True)
+
+
+def build_vit(mf: ModelFile) -> VisionTransformer:
+    """The fd_ref ViT that ``mf`` records, its weights loaded in full, in eval mode."""
+    if mf.linear_probe:
+        raise UserError(f"{mf.path} is a linear probe (a frozen backbone + BatchNorm + linear head), not a "
+                        f"plain ViT; use the checkpoint it was probed from")
+    try:
+        model = VisionTransformer(**vit_arguments(mf.config))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{mf.path} records an architecture this fd-ref cannot build ({e})") from None
+    load_strict(model, mf.state, mf.path)
+    return model.eval()
