@@ -1,7 +1,8 @@
 """Saving and loading weights safely, and the key conversions FD needs.
 
 - ``save_atomic``: write to a temporary file in the same folder, flush to disk, then rename, so a crash
-  or SIGKILL mid-write never leaves a half-written checkpoint under the real name.
+  or SIGKILL mid-write never leaves a half-written checkpoint under the real name; a full disk or a
+  read-only folder becomes one :class:`UserError`, with the old file untouched and the temporary removed.
 - ``load_file``: ``torch.load(weights_only=True)`` (a pickle that would run code is refused) or
   safetensors; every failure becomes one readable :class:`UserError`.
 - ``expand_shared_rpb``: FD's shared relative position bias (one table for the whole student, paper
@@ -11,6 +12,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -25,8 +27,21 @@ from .errors import UserError
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename). An OS error on the way (no
+    space, a quota, a read-only or unwritable folder) raises :class:`UserError`; ``path`` keeps its old
+    content and no temporary file stays behind."""
     path = Path(path)
+    try:
+        _save_atomic(obj, path)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        code = f", {errno.errorcode[e.errno]}" if e.errno in errno.errorcode else ""
+        raise UserError(f"could not write {path} ({reason}{code}); the previous {path.name}, if any, is "
+                        f"unchanged and no temporary file was left; free space or make {path.parent} "
+                        f"writable") from None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -39,8 +54,10 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 
@@ -222,6 +239,22 @@ def to_fd_ref_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return dict(state_dict)
 
 
+def check_model_config(config: Mapping[str, Any], source: str | os.PathLike) -> dict[str, Any]:
+    """``config`` (a checkpoint's ``model_config``) if :class:`~fd_ref.vit.VisionTransformer` accepts all its
+    keys; a newer checkpoint's unknown keys raise one :class:`UserError` naming them."""
+    import inspect
+
+    from .vit import VisionTransformer
+
+    accepted = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise UserError(f"{source} records model_config keys this version of fd_ref does not know: "
+                        f"{', '.join(f'{k}={config[k]!r}' for k in unknown)}; it was written by a newer "
+                        f"version, so update fd_ref (or load its weights with --pretrained and --model)")
+    return dict(config)
+
+
 def load_vit(path: str | os.PathLike, **overrides):
     """Rebuild an fd_ref ViT from a file that records its ``model_config`` (student.pt, best.pt,
     checkpoint.pt of train.py / finetune.py) and load its weights; ``overrides`` change constructor
@@ -233,7 +266,7 @@ def load_vit(path: str | os.PathLike, **overrides):
     if not config:
         raise UserError(f"{path} does not record its architecture (no model_config); build the model "
                         f"with --model and load it as --pretrained instead")
-    model = VisionTransformer(**{**config, **overrides})
+    model = VisionTransformer(**check_model_config({**config, **overrides}, path))
     summary = load_weights(model, to_fd_ref_keys(model_state(blob)), what=Path(path).name,
                            ignore=(r"projection\..*",))
     return model, summary
