@@ -49,7 +49,14 @@ def _save_atomic(obj: Any, path: Path) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _KeepWriteError(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                # torch's zip writer reports a failed write as "unexpected pos ...": raise the OS error itself
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,6 +66,23 @@ def _save_atomic(obj: Any, path: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+class _KeepWriteError:
+    """A write-only file wrapper that remembers the first OSError its file raised (no space, quota, ...)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

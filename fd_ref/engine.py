@@ -196,6 +196,7 @@ class Trainer:
         self.flops_per_image: Optional[float] = None
         self.peak: Optional[float] = None
         self._stop_signal: int = 0  # the stop signal this rank received (0: none)
+        self._stopping = False
         self._bar = None
         self.history: list[dict] = []
 
@@ -362,8 +363,9 @@ class Trainer:
                 raise self._peer_failure(e) from None
             raise
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            if not self._stopping:  # when stopping, a second signal during the exit must not kill the process
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
             if self._bar is not None:
                 self._bar.close()
         return self.history
@@ -548,6 +550,7 @@ class Trainer:
     def _stop(self, received: dict[int, int]) -> None:
         """Save one checkpoint (rank 0 writes, every rank's random state in it), print one line on every rank
         and exit with :data:`STOP_EXIT_CODE` on every rank."""
+        self._stopping = True
         self.save()
         names = sorted({signal.Signals(sig).name for sig in received.values()})
         what = " and ".join(names)

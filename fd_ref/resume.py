@@ -31,6 +31,9 @@ RUN_CONTROL_KEYS: frozenset[str] = frozenset({
     "compile", "grad_checkpointing",                           # the same computation, run another way
 })
 
+# Recorded but not compared: follows from settings that are compared (lr and total_batch).
+DERIVED_KEYS: frozenset[str] = frozenset({"lr_scaled"})
+
 _ABSENT = object()
 
 
@@ -50,7 +53,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     defaults = defaults or {}
     out = {}
     for key in sorted(set(saved) | set(current)):
-        if key in RUN_CONTROL_KEYS:
+        if key in RUN_CONTROL_KEYS or key in DERIVED_KEYS:
             continue
         a = saved.get(key, defaults.get(key, _ABSENT))
         b = current.get(key, defaults.get(key, _ABSENT))
