@@ -15,7 +15,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,8 @@ import torch.distributed as dist
 from fd_ref.errors import UserError
 
 __all__ = ["DistInfo", "init_distributed", "is_main", "world_size", "rank", "barrier", "all_reduce_mean",
-           "cleanup", "seed_everything", "DEFAULT_TIMEOUT_S", "all_reduce_ints", "gather_to_main",
+           "cleanup", "seed_everything", "DEFAULT_TIMEOUT_S", "all_reduce_ints", "all_reduce_ints_start",
+           "gather_to_main",
            "broadcast_from_main", "is_peer_failure", "roll_call", "ROLL_CALL_S"]
 
 DEFAULT_TIMEOUT_S: float = 600.0
@@ -182,6 +183,21 @@ def all_reduce_ints(values: list[int], op: str = "sum") -> list[int]:
     return t.tolist()
 
 
+def all_reduce_ints_start(values: list[int]) -> Callable[[], list[int]]:
+    """Start summing ``values`` over ranks without waiting for it; the returned function waits (usually not
+    at all, if called a step later) and gives the same list on every rank. For a check that may lag one
+    step behind, at no cost: the collective runs while the next step computes."""
+    if not _active() or dist.get_world_size() == 1:
+        return lambda: list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> list[int]:
+        work.wait()
+        return t.tolist()
+    return finish
+
+
 def gather_to_main(obj: Any) -> Optional[list[Any]]:
     """Every rank's (picklable) ``obj``, in rank order, on rank 0; ``None`` on the other ranks."""
     if not _active() or dist.get_world_size() == 1:
@@ -202,8 +218,8 @@ def broadcast_from_main(obj: Any) -> Any:
 
 # -- peer failures ---------------------------------------------------------------------------------------
 ROLL_CALL_S: float = 5.0  # how long survivors wait for each other's answer after a failed collective
-_PEER_SIGNS = ("gloo", "nccl", "connection closed", "connection reset", "read error", "timed out", "broken pipe",
-               "processgroup", "socket")
+_PEER_SIGNS = ("gloo", "nccl", "connection closed", "connection reset", "read error", "timed out", "timeout",
+               "pair closure", "broken pipe", "processgroup", "socket")
 
 
 def is_peer_failure(error: BaseException) -> bool:

@@ -8,7 +8,8 @@ atomic checkpoints every ``save_every`` steps and at every epoch end, exact resu
 SIGTERM or SIGUSR1. Only rank 0 writes files.
 
 Many ranks, one truth: a stop signal may reach any subset of the ranks, so after every optimiser step the
-ranks all-reduce who received one (one tiny collective) and all stop after the same step; the checkpoint
+ranks all-reduce who received one (one tiny collective that runs while the next step computes, so it costs
+no time) and all stop after the same step, the one after the signal; the checkpoint
 holds every rank's random state, so the resumed run retraces the uninterrupted one. A collective that
 fails because a peer died or hung ends the survivors with one line (:class:`~fd_ref.errors.RunStopped`)
 naming the rank and the last complete checkpoint.
@@ -37,8 +38,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_file, remove_stale_temporaries, save_atomic
-from .distributed import (DistInfo, all_reduce_ints, barrier, gather_to_main, is_peer_failure,
-                          roll_call)
+from .distributed import (DistInfo, all_reduce_ints, all_reduce_ints_start, barrier, gather_to_main,
+                          is_peer_failure, roll_call)
 from .errors import RunStopped, UserError
 from .flops import count_flops, peak_flops
 from .sampler import ShardedBatchSampler
@@ -197,6 +198,7 @@ class Trainer:
         self.peak: Optional[float] = None
         self._stop_signal: int = 0  # the stop signal this rank received (0: none)
         self._stopping = False
+        self._stop_votes: Optional[Callable[[], list[int]]] = None  # the agreement under way (several ranks)
         self._bar = None
         self.history: list[dict] = []
 
@@ -434,6 +436,7 @@ class Trainer:
                 self._end_epoch()
             elif self.step >= self.total_steps:
                 break
+        self._finish_stop_check()
         self.save()
         if self.export and self.info.is_main:
             self.export(self.out)
@@ -535,17 +538,27 @@ class Trainer:
 
     def _check_stop(self) -> None:
         """After every optimiser step: did a stop signal reach any rank? Every rank contributes the signal it
-        received (0: none) to one small all-reduce, so all ranks see the same answer and stop after the
-        same step; then :meth:`_stop` saves and exits."""
+        received (0: none) to a small all-reduce started after step k and read after step k + 1 (by then
+        it has long finished, so nobody waits), so all ranks see the same answer after the same step and
+        stop there; then :meth:`_stop` saves and exits. A single process stops at once."""
         if self.info.world_size == 1:
             if self._stop_signal:
                 self._stop({0: self._stop_signal})
             return
-        mine = [0] * self.info.world_size
-        mine[self.info.rank] = self._stop_signal
-        received = all_reduce_ints(mine)
+        received = self._stop_votes() if self._stop_votes is not None else []
+        self._stop_votes = None
         if any(received):
             self._stop({r: sig for r, sig in enumerate(received) if sig})
+        mine = [0] * self.info.world_size
+        mine[self.info.rank] = self._stop_signal
+        self._stop_votes = all_reduce_ints_start(mine)
+
+    def _finish_stop_check(self) -> None:
+        """The run ended normally: complete the agreement under way (a signal during the last step no
+        longer matters)."""
+        if self._stop_votes is not None:
+            self._stop_votes()
+            self._stop_votes = None
 
     def _stop(self, received: dict[int, int]) -> None:
         """Save one checkpoint (rank 0 writes, every rank's random state in it), print one line on every rank
