@@ -8,8 +8,8 @@ kill, power loss of a node that mounts the folder over NFS: the server's lock ma
 stale ``.lock`` file never blocks a resume: only a live holder does.
 
 POSIX locks belong to the process (DataLoader workers forked from it do not inherit them) and are
-released as soon as the process closes *any* descriptor of the file, so this module keeps exactly one
-descriptor per folder per process (:data:`_HELD`) and never opens the file twice. Under torchrun only
+released as soon as the process closes *any* descriptor of the file, so this module keeps at most one
+descriptor per folder per process (:data:`_HELD`). Under torchrun only
 rank 0 takes the lock; the other ranks learn the outcome from it.
 """
 from __future__ import annotations
@@ -98,24 +98,25 @@ def _read_holder(fd: int) -> str:
     return text.splitlines()[0] if text else "pid unknown"
 
 
-_HELD: dict[str, OutputLock] = {}
+_HELD: dict[str, OutputLock] = {}  # "pid:folder" -> the lock this process holds on that folder
 
 
 def lock_output(folder: str | os.PathLike) -> OutputLock:
-    """The lock on ``folder`` for this process, taken once (a second call in the same process returns the
-    same lock, so in-process reruns work)."""
-    key = os.path.realpath(folder)
-    lock = _HELD.get(key)
-    if lock is None or lock.fd is None:
-        lock = OutputLock(folder)
-        lock.acquire()
-        _HELD[key] = lock
+    """Take the lock on ``folder`` for this process. A lock this process still holds there (an earlier
+    in-process run, e.g. ``train.main`` called twice) is handed over: released and taken afresh."""
+    key = f"{os.getpid()}:{os.path.realpath(folder)}"  # a forked child holds none of its parent's locks
+    old = _HELD.pop(key, None)
+    if old is not None:
+        old.release()
+    lock = OutputLock(folder)
+    lock.acquire()
+    _HELD[key] = lock
     return lock
 
 
 def unlock_output(lock: OutputLock, discard: bool = False) -> None:
     """Release ``lock`` (and with ``discard``, remove what acquiring it created)."""
-    _HELD.pop(os.path.realpath(lock.folder), None)
+    _HELD.pop(f"{os.getpid()}:{os.path.realpath(lock.folder)}", None)
     if discard:
         lock.discard()
     else:

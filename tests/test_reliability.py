@@ -324,6 +324,21 @@ def test_a_finished_run_says_so_and_touches_nothing(tmp_path: Path) -> None:
     assert snapshot(out) == before
 
 
+def test_finetune_refuses_other_settings_and_keeps_a_finished_run(tmp_path: Path) -> None:
+    """The same checks in finetune.py (in-process): a finished run returns its results.json untouched."""
+    import finetune
+
+    out = tmp_path / "ft"
+    argv = [*rb.FINETUNE, "--from-scratch", "--patch-size", "16", "--depth", "1", "--embed-dim", "32",
+            "--num-heads", "2", "--progress", "false", "--output", str(out)]
+    results = finetune.main(argv)
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"other settings: mixup 0.8 -> 0.5 .*--allow-config-change"):
+        finetune.main(argv + ["--mixup", "0.5"])
+    assert finetune.main(argv + ["--eval-every", "2"]) == json.loads(json.dumps(results))
+    assert snapshot(out) == before
+
+
 # -- the comparison itself ---------------------------------------------------------------------------------
 _values = st.one_of(st.integers(-5, 5), st.floats(allow_nan=False, width=32), st.text(max_size=3), st.booleans(),
                     st.none())
