@@ -29,8 +29,8 @@ from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everythin
 from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
-from fd_ref.resume import begin_run
 from fd_ref.position import resize_relative_position_bias_table
+from fd_ref.resume import begin_run
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lr
 from fd_ref.splits import train_val_datasets
