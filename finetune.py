@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fd_ref.checkpoint import (expand_shared_rpb, infer_vit_options, load_file, load_weights, model_state,
-                               save_atomic, to_fd_ref_keys)
+                               to_fd_ref_keys)
 from fd_ref.cli import run_main
-from fd_ref.config import help_from_source, resolve_config, save_yaml
+from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_transform, probe_transform
-from fd_ref.distributed import all_reduce_mean, init_distributed, seed_everything
+from fd_ref.distributed import init_distributed, seed_everything
 from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.lars import Lars
@@ -36,6 +36,7 @@ from fd_ref.optim import build_optimizer
 from fd_ref.precision import resolve_precision
 from fd_ref.position import resize_relative_position_bias_table
 from fd_ref.probe import PROBE_POOLS, LinearProbe
+from fd_ref.resume import begin_run
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
@@ -95,6 +96,7 @@ DEFAULTS = dict(
     # run
     output="out/quickstart_ft",
     resume=None,
+    allow_config_change=False,   # resume even though settings other than run control differ from the checkpoint's
     eval_only=False,             # evaluate --pretrained (or --resume) as the file records it (head included), then exit
     eval_every=1,                # evaluate every N epochs (and always after the last)
     max_steps=0,
@@ -346,20 +348,18 @@ def main(argv=None) -> dict:
             return {}
         return evaluate(model, val_loader, info.device, trainer._autocast)
 
+    resolved = {**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
+                "lr_scaled": lr}
     trainer = Trainer(step_fn=step_fn, state_module=model, optimizer=optimizer, scheduler=scheduler,
-                      loader=loader, sampler=sampler, settings=settings, info=info, config=cfg,
+                      loader=loader, sampler=sampler, settings=settings, info=info, config=resolved,
                       model_config=model.config, ddp=ddp,
                       on_epoch_end=on_epoch_end)
-    resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
-    if cfg["resume"] or Path(resume).exists():
-        trainer.resume(resume)
+    results_path = Path(cfg["output"]) / "results.json"
+    if not begin_run(trainer, config=cfg, defaults=DEFAULTS, deliverable=results_path):
+        return json.loads(results_path.read_text())  # that run already finished: its results
     tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
     trainer.on_log = tensorboard
-
     if info.is_main:
-        Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
-        save_yaml({**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
-                   "lr_scaled": lr}, Path(cfg["output"]) / "config.yaml")
         mode = "linear probe" if cfg["linear_probe"] else "from scratch" if cfg["from_scratch"] else "fine-tune"
         print(f"{mode}: {len(train_set)} train / {len(val_set)} val images, {info.world_size} process(es), "
               f"{precision}, batch {total_batch}, lr {lr:.2e}", flush=True)

@@ -7,7 +7,7 @@ whitened feature map.
 
 Settings: DEFAULTS below <- --config YAML <- flags (``python train.py --help`` lists them all). Outputs in
 --output: checkpoint.pt (resume state), student.pt (what finetune.py loads), config.yaml, log.jsonl.
-Rerunning the same command resumes from checkpoint.pt.
+Rerunning the same command resumes from checkpoint.pt (fd_ref.resume checks that it is the same run).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from fd_ref.checkpoint import save_atomic
 from fd_ref.cli import run_main
-from fd_ref.config import help_from_source, resolve_config, save_yaml
+from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import pretrain_transform
 from fd_ref.distill import FeatureDistillation
 from fd_ref.distributed import init_distributed, seed_everything
@@ -26,6 +26,7 @@ from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
 from fd_ref.precision import resolve_precision
+from fd_ref.resume import begin_run
 from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
@@ -83,6 +84,7 @@ DEFAULTS = dict(
     # run
     output="out/quickstart",
     resume=None,                 # a checkpoint to continue from (default: --output/checkpoint.pt if present)
+    allow_config_change=False,   # resume even though settings other than run control differ from the checkpoint's
     max_steps=0,                 # stop after this many optimiser steps (0: all epochs)
     save_every=0,                # also checkpoint every N steps (0: at epoch ends)
     log_every=10,
@@ -165,18 +167,16 @@ def main(argv=None) -> None:
         save_atomic({"model": student.state_dict(), "model_config": student.config,
                      "teacher": cfg["teacher"]}, folder / "student.pt")
 
+    resolved = {**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
+                "lr_scaled": lr}
     trainer = Trainer(step_fn=step_fn, state_module=trainable, optimizer=optimizer, scheduler=scheduler,
-                      loader=loader, sampler=sampler, settings=settings, info=info, config=cfg,
+                      loader=loader, sampler=sampler, settings=settings, info=info, config=resolved,
                       model_config=student.config, ddp=ddp, export=export)
-    resume = cfg["resume"] or (Path(cfg["output"]) / "checkpoint.pt")
-    if cfg["resume"] or Path(resume).exists():
-        trainer.resume(resume)
+    if not begin_run(trainer, config=cfg, defaults=DEFAULTS, deliverable=Path(cfg["output"]) / "student.pt"):
+        return  # that run already finished
     tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
     trainer.on_log = tensorboard
     if info.is_main:
-        Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
-        save_yaml({**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
-                   "lr_scaled": lr}, Path(cfg["output"]) / "config.yaml")
         n_student = sum(p.numel() for p in student.parameters())
         print(f"distilling {cfg['teacher']} ({teacher.embed_dim}-d, grid {teacher.grid}) into {cfg['model']} "
               f"({n_student / 1e6:.1f}M params, grid {student.grid}) on {len(dataset)} images, "

@@ -1,7 +1,8 @@
 """Saving and loading weights safely, and the key conversions FD needs.
 
 - ``save_atomic``: write to a temporary file in the same folder, flush to disk, then rename, so a crash
-  or SIGKILL mid-write never leaves a half-written checkpoint under the real name.
+  or SIGKILL mid-write never leaves a half-written checkpoint under the real name; a full disk or a
+  read-only folder becomes one :class:`UserError`, with the old file untouched and the temporary removed.
 - ``load_file``: ``torch.load(weights_only=True)`` (a pickle that would run code is refused) or
   safetensors; every failure becomes one readable :class:`UserError`.
 - ``expand_shared_rpb``: FD's shared relative position bias (one table for the whole student, paper
@@ -11,6 +12,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -25,8 +27,21 @@ from .errors import UserError
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename). An OS error on the way (no
+    space, a quota, a read-only or unwritable folder) raises :class:`UserError`; ``path`` keeps its old
+    content and no temporary file stays behind."""
     path = Path(path)
+    try:
+        _save_atomic(obj, path)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        code = f", {errno.errorcode[e.errno]}" if e.errno in errno.errorcode else ""
+        raise UserError(f"could not write {path} ({reason}{code}); the previous {path.name}, if any, is "
+                        f"unchanged and no temporary file was left; free space or make {path.parent} "
+                        f"writable") from None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -34,14 +49,40 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _KeepWriteError(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                # torch's zip writer reports a failed write as "unexpected pos ...": raise the OS error itself
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
+
+
+class _KeepWriteError:
+    """A write-only file wrapper that remembers the first OSError its file raised (no space, quota, ...)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
@@ -249,6 +290,22 @@ def infer_vit_options(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     )
 
 
+def check_model_config(config: Mapping[str, Any], source: str | os.PathLike) -> dict[str, Any]:
+    """``config`` (a checkpoint's ``model_config``) if :class:`~fd_ref.vit.VisionTransformer` accepts all its
+    keys; a newer checkpoint's unknown keys raise one :class:`UserError` naming them."""
+    import inspect
+
+    from .vit import VisionTransformer
+
+    accepted = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise UserError(f"{source} records model_config keys this version of fd_ref does not know: "
+                        f"{', '.join(f'{k}={config[k]!r}' for k in unknown)}; it was written by a newer "
+                        f"version, so update fd_ref (or load its weights with --pretrained and --model)")
+    return dict(config)
+
+
 def load_vit(path: str | os.PathLike, **overrides):
     """Rebuild an fd_ref ViT from a file that records its ``model_config`` (student.pt, best.pt,
     checkpoint.pt of train.py / finetune.py) and load its weights; ``overrides`` change constructor
@@ -265,7 +322,7 @@ def load_vit(path: str | os.PathLike, **overrides):
     if probe_pool:  # finetune.py --linear-probe: the frozen backbone is the ViT
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         config = {k: v for k, v in config.items() if k not in ("linear_probe", "probe_pool")}
-    model = VisionTransformer(**{**config, **overrides})
+    model = VisionTransformer(**check_model_config({**config, **overrides}, path))
     if probe_pool == "avg":  # fd_ref.probe.LinearProbe: the mean-pooling probe drops the final norm
         model.norm = torch.nn.Identity()
     summary = load_weights(model, to_fd_ref_keys(state), what=Path(path).name, ignore=(r"projection\..*",))

@@ -1,16 +1,18 @@
-"""Running a script's ``main``: user errors become one line on stderr and exit code 2, no traceback."""
+"""Running a script's ``main``: user errors become one line on stderr and exit code 2, a stopped run (a
+failed peer rank) one line and exit code 1, no traceback. Output-folder locks are released on the way out."""
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-from .errors import UserError
+from .errors import RunStopped, UserError
+from .runlock import release_all
 
 
 def run_main(main: Callable[[], object]) -> None:
     try:
         main()
-    except UserError as e:
+    except (UserError, RunStopped) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _shutdown_distributed()
         raise SystemExit(e.exit_code) from None
@@ -19,6 +21,8 @@ def run_main(main: Callable[[], object]) -> None:
               file=sys.stderr, flush=True)
         _shutdown_distributed()
         raise SystemExit(130) from None
+    finally:
+        release_all()
 
 
 def _shutdown_distributed() -> None:

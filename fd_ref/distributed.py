@@ -5,14 +5,17 @@ Launch with ``torchrun --nproc_per_node=N script.py ...``: torchrun sets ``RANK`
 (NCCL on GPUs, gloo on CPU). Without those variables everything runs as rank 0 of a world of size 1.
 
 Collectives use a bounded timeout (``FD_DIST_TIMEOUT`` seconds, default 600) so that when one rank dies the
-others fail with an error instead of hanging forever.
+others fail with an error instead of hanging forever. When a collective fails because a peer died or hung,
+:func:`is_peer_failure` recognises the error and :func:`roll_call` names the ranks that no longer answer.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import random
+import time
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +23,9 @@ import torch.distributed as dist
 from fd_ref.errors import UserError
 
 __all__ = ["DistInfo", "init_distributed", "is_main", "world_size", "rank", "barrier", "all_reduce_mean",
-           "cleanup", "seed_everything", "DEFAULT_TIMEOUT_S"]
+           "cleanup", "seed_everything", "DEFAULT_TIMEOUT_S", "all_reduce_ints", "all_reduce_ints_start",
+           "gather_to_main",
+           "broadcast_from_main", "is_peer_failure", "roll_call", "ROLL_CALL_S"]
 
 DEFAULT_TIMEOUT_S: float = 600.0
 TIMEOUT_ENV: str = "FD_DIST_TIMEOUT"
@@ -160,6 +165,106 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(comm, op=dist.ReduceOp.SUM)
     comm /= dist.get_world_size()
     return comm.to(tensor.device)
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_ints(values: list[int], op: str = "sum") -> list[int]:
+    """``values`` reduced element-wise over ranks (``op``: "sum", "min" or "max"), the same list on every
+    rank; one small collective. Unchanged when not distributed."""
+    if not _active() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def all_reduce_ints_start(values: list[int]) -> Callable[[], list[int]]:
+    """Start summing ``values`` over ranks without waiting for it; the returned function waits (usually not
+    at all, if called a step later) and gives the same list on every rank. For a check that may lag one
+    step behind, at no cost: the collective runs while the next step computes."""
+    if not _active() or dist.get_world_size() == 1:
+        return lambda: list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> list[int]:
+        work.wait()
+        return t.tolist()
+    return finish
+
+
+def gather_to_main(obj: Any) -> Optional[list[Any]]:
+    """Every rank's (picklable) ``obj``, in rank order, on rank 0; ``None`` on the other ranks."""
+    if not _active() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's (picklable) ``obj`` on every rank."""
+    if not _active() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- peer failures ---------------------------------------------------------------------------------------
+ROLL_CALL_S: float = 5.0  # how long survivors wait for each other's answer after a failed collective
+_PEER_SIGNS = ("gloo", "nccl", "connection closed", "connection reset", "read error", "timed out", "timeout",
+               "pair closure", "broken pipe", "processgroup", "socket")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` (raised by a collective, directly or inside DDP's backward) means that another
+    rank died, hung or lost its connection, rather than a failure of this rank's own computation."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(sign in text for sign in _PEER_SIGNS)
+
+
+def roll_call(wait_s: float = ROLL_CALL_S) -> Optional[list[int]]:
+    """After a failed collective: the ranks that do not answer within ``wait_s`` seconds (the failed ones),
+    or ``None`` if that cannot be known. Leaves the process group (so ranks blocked on this one fail
+    at once rather than at their timeout), then each survivor checks in through the rendezvous store.
+
+    The store lives in rank 0 (plain ``env://``) or in torchrun's agent; if it cannot be reached and rank 0
+    hosts it, rank 0 is the one that failed.
+    """
+    if not _active():
+        return None
+    me, ws = dist.get_rank(), dist.get_world_size()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private helper: best effort
+        store = None
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the group is broken anyway
+        pass
+    if store is None:
+        return None
+    prefix = f"fd_ref/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1.0)))
+        store.set(f"{prefix}{me}", "1")
+        deadline = time.monotonic() + wait_s
+        alive = {me}
+        while len(alive) < ws and time.monotonic() < deadline:
+            alive |= {r for r in range(ws) if r not in alive and store.check([f"{prefix}{r}"])}
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store itself is gone
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        return None if agent_store or me == 0 else [0]
+    return [r for r in range(ws) if r not in alive]
 
 
 def cleanup() -> None:

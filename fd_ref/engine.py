@@ -5,7 +5,14 @@ owns everything else, identically for both jobs: mixed precision (autocast, a Gr
 gradient accumulation (DDP gradient sync only on the last micro-batch), clipping, the per-iteration
 schedule, NaN/Inf handling, progress (tqdm on a terminal, plain lines otherwise), ``log.jsonl``, MFU,
 atomic checkpoints every ``save_every`` steps and at every epoch end, exact resume, and a graceful stop on
-SIGTERM. Only rank 0 writes files.
+SIGTERM or SIGUSR1. Only rank 0 writes files.
+
+Many ranks, one truth: a stop signal may reach any subset of the ranks, so after every optimiser step the
+ranks all-reduce who received one (one tiny collective that runs while the next step computes, so it costs
+no time) and all stop after the same step, the one after the signal; the checkpoint
+holds every rank's random state, so the resumed run retraces the uninterrupted one. A collective that
+fails because a peer died or hung ends the survivors with one line (:class:`~fd_ref.errors.RunStopped`)
+naming the rank and the last complete checkpoint.
 
 One optimiser step = ``accum_steps`` micro-batches on each of ``world_size`` ranks, so
 
@@ -31,12 +38,15 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_file, remove_stale_temporaries, save_atomic
-from .distributed import DistInfo, all_reduce_mean, barrier
-from .errors import UserError
+from .distributed import (DistInfo, all_reduce_ints, all_reduce_ints_start, barrier, gather_to_main,
+                          is_peer_failure, roll_call)
+from .errors import RunStopped, UserError
 from .flops import count_flops, peak_flops
 from .sampler import ShardedBatchSampler
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # pre-emption: SIGUSR1 is what several schedulers send first
+STOP_EXIT_CODE = 143                              # 128 + SIGTERM, whichever signal stopped the run
 
 
 # -- fault injection (tests only) -------------------------------------------------------------------------
@@ -44,7 +54,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # normal case) they do nothing. This is the one place they are read.
 #   FD_TEST_DIE_AT_STEP=k     the process exits abruptly (os._exit(1): no cleanup, like a crash or an OOM
 #                             kill) right after optimiser step k (and its checkpoint, if one is due) ...
-#   FD_TEST_DIE_RANK=r        ... on rank r only (default: every rank)
+#   FD_TEST_DIE_RANK=r        ... on rank r only (default: every rank); also for the two below
+#   FD_TEST_HANG_AT_STEP=k    the process stops answering (sleeps for good, alive) after step k
+#   FD_TEST_SIGNAL_AT_STEP=k:SIG  the process sends itself signal SIG (e.g. SIGTERM) after step k
 #   FD_TEST_NAN_AT_STEPS=a,b  the loss of the a-th, b-th, ... optimiser step attempt (1-based, skipped
 #                             steps included: step + skipped + 1) is replaced by NaN
 @dataclass(frozen=True)
@@ -52,26 +64,43 @@ class FaultInjection:
     die_at_step: int = 0
     die_rank: Optional[int] = None
     nan_at_steps: frozenset = frozenset()
+    hang_at_step: int = 0
+    signal_at_step: int = 0
+    signal_name: str = ""
 
     @classmethod
     def from_env(cls) -> "FaultInjection":
         def text(key: str) -> str:
             return os.environ.get(key, "").strip()
         try:
+            at, _, name = text("FD_TEST_SIGNAL_AT_STEP").partition(":")
+            if name and not hasattr(signal, name):
+                raise ValueError
             return cls(die_at_step=int(text("FD_TEST_DIE_AT_STEP") or 0),
                        die_rank=int(text("FD_TEST_DIE_RANK")) if text("FD_TEST_DIE_RANK") else None,
-                       nan_at_steps=frozenset(int(x) for x in text("FD_TEST_NAN_AT_STEPS").split(",") if x))
+                       nan_at_steps=frozenset(int(x) for x in text("FD_TEST_NAN_AT_STEPS").split(",") if x),
+                       hang_at_step=int(text("FD_TEST_HANG_AT_STEP") or 0),
+                       signal_at_step=int(at or 0), signal_name=name or "SIGTERM")
         except ValueError:
-            raise UserError("FD_TEST_DIE_AT_STEP / FD_TEST_DIE_RANK / FD_TEST_NAN_AT_STEPS (test fault "
-                            "injection) must be integers; unset them") from None
+            raise UserError("FD_TEST_DIE_AT_STEP / FD_TEST_DIE_RANK / FD_TEST_HANG_AT_STEP / FD_TEST_NAN_AT_STEPS "
+                            "/ FD_TEST_SIGNAL_AT_STEP (test fault injection) must be integers (k:SIGNAME for "
+                            "the last); unset them") from None
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         return loss * float("nan") if step in self.nan_at_steps else loss
 
     def maybe_die(self, step: int, rank: int) -> None:
-        if step == self.die_at_step and self.die_rank in (None, rank):
+        if self.die_rank not in (None, rank):
+            return
+        if step == self.die_at_step:
             print(f"fault injection: rank {rank} exits abruptly after step {step}", file=sys.stderr, flush=True)
             os._exit(1)
+        if step == self.hang_at_step:
+            print(f"fault injection: rank {rank} hangs after step {step}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+        if step == self.signal_at_step:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
 @dataclass
@@ -164,33 +193,67 @@ class Trainer:
         self.faults = FaultInjection.from_env()
         self.out = Path(settings.output)
         self.ckpt_path = self.out / "checkpoint.pt"
+        self.saved_step: Optional[int] = None  # step of the last complete checkpoint.pt, None: none yet
         self.flops_per_image: Optional[float] = None
         self.peak: Optional[float] = None
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: int = 0  # the stop signal this rank received (0: none)
+        self._stopping = False
+        self._stop_votes: Optional[Callable[[], list[int]]] = None  # the agreement under way (several ranks)
         self._bar = None
         self.history: list[dict] = []
         self.on_log: Optional[Callable[[dict], None]] = None  # rank 0: called with every log record (TensorBoard)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.state_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+    def state_dict(self, rng_ranks: Optional[list] = None) -> dict[str, Any]:
+        """Everything :meth:`resume` needs. ``rng_ranks``: every rank's random state (rank order), kept
+        when there are several ranks so that each one resumes its own streams."""
+        rng = rng_ranks[0] if rng_ranks else _rng_to_safe(capture_rng())
+        blob = {"model": self.state_module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "step": self.step, "epoch": self.epoch, "micro": self.micro, "best": self.best,
-                "skipped": self.skipped, "rng": _rng_to_safe(capture_rng()), "config": self.config,
+                "skipped": self.skipped, "rng": rng, "config": self.config,
                 "model_config": self.model_config}
+        if rng_ranks and len(rng_ranks) > 1:
+            blob["rng_ranks"] = rng_ranks
+        return blob
 
     def save(self) -> None:
+        """Write checkpoint.pt (rank 0) holding every rank's random state. A collective: every rank calls
+        it at the same step, and returns only once the file is complete (or raises the same error)."""
+        rng_ranks = gather_to_main(_rng_to_safe(capture_rng()))
+        error: Optional[UserError] = None
         if self.info.is_main:
-            save_atomic(self.state_dict(), self.ckpt_path)
+            try:
+                save_atomic(self.state_dict(rng_ranks), self.ckpt_path)
+            except UserError as e:
+                error = e
+        # doubles as the barrier after the write: no rank moves on (or exits) before the file is complete
+        ok = all_reduce_ints([int(error is None)], op="min")[0] if self.info.world_size > 1 else error is None
+        if not ok:
+            last = self._last_checkpoint()
+            if error is None:
+                raise UserError(f"rank 0 could not save step {self.step} (see its message); last complete "
+                                f"checkpoint: {last}")
+            raise UserError(f"saving step {self.step} failed: {error}; last complete checkpoint: {last}; then "
+                            f"run the same command again to resume")
+        self.saved_step = self.step
 
-    def resume(self, path: str | os.PathLike) -> None:
-        """Continue from a checkpoint written by :meth:`save` (model, optimiser, schedule, RNG, position)."""
-        blob = load_file(path, map_location="cpu")
+    def _last_checkpoint(self) -> str:
+        return f"{self.ckpt_path} (step {self.saved_step})" if self.saved_step is not None else "none yet"
+
+    def resume(self, path: str | os.PathLike, blob: Optional[dict] = None, keep_settings: bool = False) -> None:
+        """Continue from a checkpoint written by :meth:`save` (model, optimiser, schedule, RNG, position).
+
+        ``blob``: the checkpoint already loaded from ``path``. ``keep_settings``: the run continues with
+        changed settings (``--allow-config-change``), so the schedule's and the optimiser's hyper-parameters
+        stay those of this run; only their state (position, moments) comes from the checkpoint."""
+        blob = load_file(path, map_location="cpu") if blob is None else blob
         missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch") if k not in blob]
         if missing:
             raise UserError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                             f"pass it as pretrained weights instead")
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             self.state_module.load_state_dict(blob["model"])
             self.optimizer.load_state_dict(blob["optimizer"])
@@ -198,17 +261,29 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not match this model/optimiser "
                             f"({str(e).splitlines()[0][:160]}); use another --output or the original "
                             f"flags") from None
-        self.scheduler.load_state_dict(blob["scheduler"])
+        if keep_settings:
+            for group, own in zip(self.optimizer.param_groups, hyper):
+                group.update(own)
+            self.scheduler.load_state_dict({**self.scheduler.state_dict(),
+                                            "step_count": blob["scheduler"]["step_count"]})
+        else:
+            self.scheduler.load_state_dict(blob["scheduler"])
         if self.scaler and blob.get("scaler"):
             self.scaler.load_state_dict(blob["scaler"])
         self.step, self.epoch, self.micro = blob["step"], blob["epoch"], blob.get("micro", 0)
         self.best, self.skipped = blob.get("best", -math.inf), blob.get("skipped", 0)
-        if "rng" in blob:
+        self.saved_step = self.step if Path(path) == self.ckpt_path else None
+        rng_ranks = blob.get("rng_ranks")
+        if rng_ranks and len(rng_ranks) == self.info.world_size:
+            restore_rng(_rng_from_safe(rng_ranks[self.info.rank]))
+        elif "rng" in blob:
             restore_rng(_rng_from_safe(blob["rng"]))
+            saved_ranks = len(rng_ranks) if rng_ranks else 1
+            if saved_ranks != self.info.world_size:
+                self._print(f"note: {path} records the random state of {saved_ranks} rank(s), this run has "
+                            f"{self.info.world_size}; every rank resumes from rank 0's streams")
         else:  # an older checkpoint: continue, but the random streams differ from an uninterrupted run
             self._print(f"note: {path} records no random state; resuming with fresh random streams")
-        if self.info.is_main:
-            self._trim_log()
         self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def _trim_log(self) -> None:
@@ -233,8 +308,13 @@ class Trainer:
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.info.is_main:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UserError(f"could not append to {self.out / 'log.jsonl'} ({e.strerror or e}) at step "
+                                f"{self.step}; last complete checkpoint: {self._last_checkpoint()}; free space "
+                                f"or make {self.out} writable, then run the same command again") from None
             if self.on_log is not None:
                 self.on_log(record)
 
@@ -276,23 +356,40 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)
-            if self.step == 0:  # a fresh start: drop log lines of an earlier run killed before its first save
-                self._trim_log()
+            self._trim_log()  # lines past the resumed step (or of a run killed before its first save)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         show_bar = s.progress if s.progress is not None else sys.stdout.isatty()
         self._bar = None
         if show_bar and self.info.is_main:
             from tqdm import tqdm
             self._bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, unit="step")
-        old_handler = signal.signal(signal.SIGTERM, self._on_signal) if _in_main_thread() else None
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS} if _in_main_thread() else {}
         try:
             self._run(params)
+        except RuntimeError as e:
+            if self.info.world_size > 1 and is_peer_failure(e):
+                raise self._peer_failure(e) from None
+            raise
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            if not self._stopping:  # when stopping, a second signal during the exit must not kill the process
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
             if self._bar is not None:
                 self._bar.close()
         return self.history
+
+    def _peer_failure(self, error: RuntimeError) -> RunStopped:
+        """One line for a collective that failed because a peer died or hung (see ``roll_call``)."""
+        text = str(error).lower()
+        how = "timed out" if "timed out" in text or "timeout" in text else "lost its connection"
+        failed = roll_call()
+        if failed:
+            who = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
+        else:
+            who = "a peer rank (which one could not be told)"
+        return RunStopped(f"rank {self.info.rank}: {who} failed ({how}) during step {self.step + 1}; this rank "
+                          f"stops too; last complete checkpoint: {self._last_checkpoint()}; run the same "
+                          f"command again to resume")
 
     def _run(self, params: list[torch.Tensor]) -> None:
         s, accum = self.s, self.s.accum_steps
@@ -329,8 +426,7 @@ class Trainer:
                 before = self.step
                 grad_norm = self._optimizer_step(params, step_loss)
                 if self.step == before:  # a non-finite step was skipped: nothing to log or save
-                    if self._stop_signal is not None:
-                        self._stop_on_signal()
+                    self._check_stop()
                     continue
                 steps_since += 1
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
@@ -345,8 +441,8 @@ class Trainer:
                     self.save()
                     paused += time.perf_counter() - t_pause
                 self.faults.maybe_die(self.step, self.info.rank)
-                if self._stop_signal is not None:
-                    self._stop_on_signal()
+                if self.step < self.total_steps:  # (a signal after the last step: the run ends normally)
+                    self._check_stop()
                 if self.step >= self.total_steps:
                     break
             if self.micro >= self.steps_per_epoch * accum:  # the epoch is complete
@@ -356,6 +452,7 @@ class Trainer:
                 paused += time.perf_counter() - t_pause
             elif self.step >= self.total_steps:
                 break
+        self._finish_stop_check()
         self.save()
         if self.export and self.info.is_main:
             self.export(self.out)
@@ -363,11 +460,11 @@ class Trainer:
         barrier()
 
     def _report_skips(self) -> None:
-        """One line on what was skipped: unreadable images (rank 0's loader) and non-finite steps."""
+        """One line on what was skipped: unreadable images (all ranks) and non-finite steps."""
         parts = []
-        bad_images = skipped_images(self.loader)
+        bad_images = all_reduce_ints([skipped_images(self.loader)])[0]
         if bad_images:
-            where = " by rank 0" if self.info.world_size > 1 else ""
+            where = " over all ranks" if self.info.world_size > 1 else ""
             parts.append(f"{bad_images} unreadable image(s) skipped{where} (named in the warnings above)")
         if self.skipped:
             parts.append(f"{self.skipped} step(s) skipped for a non-finite loss (--nan-policy skip)")
@@ -392,7 +489,7 @@ class Trainer:
                 if self.scaler:
                     self.scaler.update()
                 return grad_norm
-            where = f"{self.ckpt_path} (step {self._saved_step()})" if self.ckpt_path.exists() else "none yet"
+            where = self._last_checkpoint()
             if s.nan_policy == "skip":
                 raise UserError(f"loss/grad norm not finite for {self.bad_in_row + 1} steps in a row (loss "
                                 f"{loss_value}, grad norm {grad_norm}) at step {self.step + 1}; training stopped, "
@@ -411,14 +508,15 @@ class Trainer:
         self.step += 1
         return grad_norm
 
-    def _saved_step(self) -> int | str:
-        try:
-            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["step"]
-        except Exception:  # noqa: BLE001
-            return "?"
-
     def _log_step(self, step_loss: torch.Tensor, grad_norm: float, img_per_s: float) -> None:
-        loss = float(all_reduce_mean(step_loss)) if self.info.world_size > 1 else float(step_loss)
+        bad_images = skipped_images(self.loader)
+        if self.info.world_size > 1:  # one collective: the loss (mean over ranks) and the skips (sum)
+            both = torch.stack([step_loss.detach().float().reshape(()),
+                                torch.tensor(float(bad_images), device=step_loss.device)])
+            both = _all_reduce_sum(both)
+            loss, bad_images = float(both[0]) / self.info.world_size, int(both[1])
+        else:
+            loss = float(step_loss)
         # the base lr: the group at lr_scale 1 (the head under layer decay), not a decayed layer's
         groups = self.optimizer.param_groups
         lr = next((g["lr"] for g in groups if g.get("lr_scale", 1.0) == 1.0), max(g["lr"] for g in groups))
@@ -429,7 +527,6 @@ class Trainer:
             record["mfu"] = self.flops_per_image * img_per_s / (self.peak * self.info.world_size)
         if self.skipped:
             record["skipped_steps"] = self.skipped
-        bad_images = skipped_images(self.loader)
         if bad_images:
             record["skipped_images"] = bad_images
         self._log(record)
@@ -457,12 +554,49 @@ class Trainer:
         if self.export and self.info.is_main:
             self.export(self.out)
 
-    def _stop_on_signal(self) -> None:
+    def _check_stop(self) -> None:
+        """After every optimiser step: did a stop signal reach any rank? Every rank contributes the signal it
+        received (0: none) to a small all-reduce started after step k and read after step k + 1 (by then
+        it has long finished, so nobody waits), so all ranks see the same answer after the same step and
+        stop there; then :meth:`_stop` saves and exits. A single process stops at once."""
+        if self.info.world_size == 1:
+            if self._stop_signal:
+                self._stop({0: self._stop_signal})
+            return
+        received = self._stop_votes() if self._stop_votes is not None else []
+        self._stop_votes = None
+        if any(received):
+            self._stop({r: sig for r, sig in enumerate(received) if sig})
+        mine = [0] * self.info.world_size
+        mine[self.info.rank] = self._stop_signal
+        self._stop_votes = all_reduce_ints_start(mine)
+
+    def _finish_stop_check(self) -> None:
+        """The run ended normally: complete the agreement under way (a signal during the last step no
+        longer matters)."""
+        if self._stop_votes is not None:
+            self._stop_votes()
+            self._stop_votes = None
+
+    def _stop(self, received: dict[int, int]) -> None:
+        """Save one checkpoint (rank 0 writes, every rank's random state in it), print one line on every rank
+        and exit with :data:`STOP_EXIT_CODE` on every rank."""
+        self._stopping = True
         self.save()
-        name = signal.Signals(self._stop_signal).name
-        self._print(f"received {name}: saved {self.ckpt_path} at step {self.step}; run the same command "
-                    f"again to resume")
-        raise SystemExit(128 + self._stop_signal)
+        names = sorted({signal.Signals(sig).name for sig in received.values()})
+        what = " and ".join(names)
+        if self.info.world_size == 1:
+            self._print(f"received {what}: saved {self.ckpt_path} at step {self.step}; run the same command "
+                        f"again to resume")
+        else:
+            on = f"rank{'s' if len(received) > 1 else ''} {', '.join(map(str, sorted(received)))}"
+            if self.info.is_main:
+                self._print(f"received {what} on {on}: saved {self.ckpt_path} at step {self.step}, where all "
+                            f"{self.info.world_size} ranks stopped; run the same command again to resume")
+            else:
+                print(f"rank {self.info.rank}: stopped after step {self.step} ({what} on {on}); rank 0 saved "
+                      f"{self.ckpt_path}", flush=True)
+        raise SystemExit(STOP_EXIT_CODE)
 
 
 def skipped_images(loader) -> int:
@@ -477,6 +611,16 @@ def skipped_images(loader) -> int:
             return int(count)
         dataset = getattr(dataset, "dataset", None)
     return 0
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a float tensor (moved to the communication device under NCCL and back)."""
+    import torch.distributed as dist
+    comm = tensor
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:
+        comm = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(comm, op=dist.ReduceOp.SUM)
+    return comm.to(tensor.device)
 
 
 def _in_main_thread() -> bool:

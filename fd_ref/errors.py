@@ -11,3 +11,10 @@ class UserError(Exception):
     """An error caused by the user's input; its message says what is wrong and what to do."""
 
     exit_code = 2
+
+
+class RunStopped(Exception):
+    """A run that cannot go on for a reason outside this process (a peer rank died or hung). The scripts
+    print its message as one line (no traceback) and exit with status 1."""
+
+    exit_code = 1

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_file, load_weights, model_state
+from .checkpoint import check_model_config, load_file, load_weights, model_state
 from . import hub
 from .errors import UserError
 from .position import Grid
@@ -173,7 +173,7 @@ def _fd_ref_teacher(name: str, img_size: int, checkpoint: Optional[str], feat_af
             if config.get("img_size") != img_size:
                 raise UserError(f"teacher checkpoint {checkpoint} was trained at {config.get('img_size')} px "
                                 f"but --img-size is {img_size}; pass --img-size {config.get('img_size')}")
-            model = VisionTransformer(**config)
+            model = VisionTransformer(**check_model_config(config, checkpoint))
         else:
             model = create_vit(name, img_size=img_size, **overrides)
         state = model_state(blob)

@@ -79,6 +79,9 @@ def _serve() -> None:
                 os.dup2(handle, fd)
                 os.close(handle)
             os.environ.update(req["env"])
+            if req.get("fsize"):  # a file-size limit: writes past it fail with EFBIG, like a full disk
+                import resource
+                resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
             os.chdir(req["cwd"])
             script = str(ROOT / req["script"])
             sys.argv = [script, *req["args"]]
@@ -153,22 +156,30 @@ class Result:
 class Proc:
     """A running script: ``poll()``, ``wait(timeout)``, ``signal(sig)``, then ``result()``."""
 
-    def __init__(self, script: str, args: list[str], env: dict, logdir: Path, real: bool) -> None:
+    def __init__(self, script: str, args: list[str], env: dict, logdir: Path, real: bool,
+                 fsize: Optional[int] = None) -> None:
         logdir.mkdir(parents=True, exist_ok=True)
         n = len(list(logdir.glob("*.out")))
         self.out_path, self.err_path = logdir / f"{n}.out", logdir / f"{n}.err"
+        self.out_path.touch()  # claim the name now: a process started right after picks the next one
+        self.err_path.touch()
         self.rc: Optional[int] = None
         self.popen: Optional[subprocess.Popen] = None
         if real:
+            def limit() -> None:
+                if fsize:
+                    import resource
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
                 self.popen = subprocess.Popen([sys.executable, script, *args], cwd=ROOT,
-                                              env={**os.environ, **BASE_ENV, **env},
+                                              env={**os.environ, **BASE_ENV, **env}, preexec_fn=limit,
                                               stdin=subprocess.DEVNULL, stdout=out, stderr=err)
             self.pid = self.popen.pid
         else:
             self.launcher = _get_launcher(logdir.parent)
             reply = self.launcher.ask(op="spawn", script=script, args=args, env={**BASE_ENV, **env},
-                                      cwd=str(ROOT), stdout=str(self.out_path), stderr=str(self.err_path))
+                                      cwd=str(ROOT), stdout=str(self.out_path), stderr=str(self.err_path),
+                                      fsize=fsize)
             self.pid = reply["pid"]
 
     def poll(self) -> Optional[int]:
@@ -199,13 +210,15 @@ class Proc:
         return Result(self.rc, self.out_path.read_text(), self.err_path.read_text())
 
 
-def start(tmp: Path, script: str, *args: str, env: Optional[dict] = None, real: bool = REAL) -> Proc:
-    return Proc(script, [str(a) for a in args], env or {}, tmp / "logs", real)
+def start(tmp: Path, script: str, *args: str, env: Optional[dict] = None, real: bool = REAL,
+          fsize: Optional[int] = None) -> Proc:
+    """Start ``script`` with ``args``; ``fsize``: a limit in bytes on the size of any file it writes."""
+    return Proc(script, [str(a) for a in args], env or {}, tmp / "logs", real, fsize)
 
 
 def run(tmp: Path, script: str, *args: str, env: Optional[dict] = None, timeout: float = 60,
-        real: bool = REAL) -> Result:
-    proc = start(tmp, script, *args, env=env, real=real)
+        real: bool = REAL, fsize: Optional[int] = None) -> Result:
+    proc = start(tmp, script, *args, env=env, real=real, fsize=fsize)
     proc.wait(timeout)
     return proc.result()
 
