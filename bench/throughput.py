@@ -558,6 +558,15 @@ def default_peak_n(dtype: torch.dtype, cuda: bool) -> int:
     return 2048 if cpu_has_native_bf16() else 256  # emulated bf16 is slow: a smaller matmul keeps it quick
 
 
+def datasheet_peak(dtype: torch.dtype, device: torch.device) -> Optional[float]:
+    """A known GPU's dense datasheet FLOP/s in ``dtype`` (fd_ref.flops' table), else None."""
+    if device.type != "cuda":
+        return None
+    from fd_ref.flops import _GPU_PEAK
+    name = torch.cuda.get_device_name(device)
+    return next((v for (fragment, dt), v in _GPU_PEAK.items() if fragment in name and dt == dtype), None)
+
+
 def ratio_to(ref: Optional[Config], c: Config) -> tuple[Optional[float], Optional[float]]:
     """(median over rounds of ref time / c time in the same round, ref's fastest / c's fastest)."""
     if ref is None:
@@ -735,6 +744,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         mem = max(m for m in c.mems) if c.mems and c.mems[0] is not None else None
         speedup, speedup_min = ratio_to(first("baseline", prec), c)
         vs_timm, vs_timm_min = ratio_to(first("timm", prec), c)
+        sheet = datasheet_peak(DTYPES[prec], device)
         records.append(dict(
             config=c.name, impl=c.knobs.impl, student=args.student, teacher=args.teacher,
             img_size=args.img_size, batch=args.batch, precision=prec, device=str(device),
@@ -743,7 +753,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             step_s_min=min(c.times), img_per_s=args.batch / t, flops_per_step=c.flops, flops_per_s=c.flops / t,
             matmul_peak_flops_per_s=peak[prec], matmul_peak_n=peak_n[prec],
             matmul_peak_by_threads={str(n): v for (pr, n), v in peaks.items() if pr == prec},
-            fraction_of_peak=c.flops / t / peak[prec], peak_step_memory_bytes=mem,
+            fraction_of_peak=c.flops / t / peak[prec], datasheet_peak_flops_per_s=sheet,
+            mfu_datasheet=c.flops / t / sheet if sheet else None, peak_step_memory_bytes=mem,
             peak_step_tensor_bytes=c.tensor_peak,
             memory_kind="cuda max_memory_allocated above step start" if cuda
             else "VmHWM above VmRSS at step start (after malloc_trim; blocks >= 1 MiB mmapped)",
@@ -777,7 +788,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
               f"{100 * rec['fraction_of_peak']:>6.1f}% {mem / 2**20 if mem is not None else float('nan'):>8.0f} "
               f"{tmem / 2**20 if tmem is not None else float('nan'):>10.1f} "
               f"{'' if sp is None else f'{sp:.2f}x':>8} {rec['step_s_min']:>7.2f} "
-              f"{'' if spm is None else f'{spm:.2f}x':>7} {'' if vt is None else f'{vt:.2f}x':>7}")
+              f"{'' if spm is None else f'{spm:.2f}x':>7} {'' if vt is None else f'{vt:.2f}x':>7}"
+              + (f"  MFU {100 * rec['mfu_datasheet']:.1f}% of the datasheet {rec['datasheet_peak_flops_per_s'] / 1e12:.0f} "
+                 f"TFLOP/s" if rec["mfu_datasheet"] else ""))
     if args.json:
         with open(args.json, "a") as f:
             for rec in records:

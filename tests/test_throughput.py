@@ -138,3 +138,12 @@ def test_timm_side_is_the_same_fd_step():
     assert loss.item() > 0.05
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert timm_side.teacher.training is False and not any(p.requires_grad for p in timm_side.teacher.parameters())
+
+
+def test_gpu_check_script_parses():
+    """bench/gpu_check.sh (run on a GPU machine) is valid bash; its CUDA tests are in tests/test_cuda.py."""
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "tests/test_cuda.py" in script.read_text()
