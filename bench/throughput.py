@@ -30,12 +30,20 @@ The *baseline* is the straightforward step: explicit ``softmax(q k^T * scale + B
 numbers per call, next to a [B*N, C] x [C, 3C] matmul), the teacher run under autocast (bf16)
 rather than cast, a for-loop AdamW (``foreach=False``). The *optimised* configuration is fd_ref as shipped:
 the model's defaults and ``build_optimizer``'s choice, plus, like train.py, the teacher cast to bf16
-outright when training in bf16 on CUDA. ``--levers`` adds one configuration per single lever applied to the
-baseline, to see what each gives on its own.
+outright when training in bf16 (CPU and CUDA). ``--compile`` adds *compiled*, the optimised configuration
+under ``torch.compile``, next to the eager one. ``--timm`` adds *timm*: the same FD step built from timm's
+own ``Beit`` student (shared relative position bias, layer scale 0.1, the student preset's width and depth)
+and timm's ``VisionTransformer`` as teacher (the teacher preset's shape), with the same projection, whitened
+target, smooth-L1 and optimiser; every row's ``vs timm`` is timm's step time / its own, in the same round.
+``--levers`` adds one configuration per single lever applied to the baseline. ``--precision fp32 bf16``
+runs every configuration in each precision, in one run; each row's ``% peak`` is against the matmul rate of
+its own precision, and on CUDA ``MFU`` against the GPU's datasheet peak.
 
     python bench/throughput.py                                   # ViT-S/16 <- ViT-S/16, 224 px, batch 16, fp32
+    python bench/throughput.py --precision fp32 bf16 --timm --compile --no-baseline
     python bench/throughput.py --levers --steps 3 --warmup 1
-    python bench/throughput.py --device cuda --student vit_base --teacher vit_base --batch 128 --precision bf16
+    python bench/throughput.py --device cuda --student vit_base --teacher vit_base --batch 128 --precision bf16 \
+        --compile --no-baseline
 """
 from __future__ import annotations
 
