@@ -105,9 +105,10 @@ def test_fused_attention_equals_explicit_formula_on_cuda(pos_embed):
 
 
 # -- bf16 autocast FD step ------------------------------------------------------------------------------------
-def _fd_model(bf16_teacher: bool) -> FeatureDistillation:
+def _fd_model(bf16_teacher: bool, drop_path: float = 0.0) -> FeatureDistillation:
     torch.manual_seed(0)
-    student = create_vit("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+    student = create_vit("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4,
+                         drop_path_rate=drop_path)
     teacher = build_teacher("vit_tiny", img_size=32, patch_size=8, depth=2)
     model = FeatureDistillation(student, teacher).cuda().train()
     if bf16_teacher:
@@ -143,16 +144,17 @@ def test_fp16_run_uses_a_grad_scaler(tmp_path):
 
 
 def test_compiled_step_equals_eager_on_cuda():
+    """The model and batch of TINY below (drop path 0.1, batch 16, in bf16 the teacher cast to bf16 as train.py
+    does), so that test_compiled_train_run_on_cuda can reuse the bf16 graph instead of compiling again."""
     import torch._inductor.config as inductor_config
-    x = torch.randn(8, 3, 32, 32, device="cuda")
+    x = torch.randn(16, 3, 32, 32, device="cuda")
     results = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(inductor_config, "fallback_random", True)  # the same drop-path masks as eager
         for compiled in (False, True):
-            model = _fd_model(bf16_teacher=False)
-            forward = torch.compile(model) if compiled else model
             for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                model.zero_grad(set_to_none=True)
+                model = _fd_model(bf16_teacher=dtype is not None, drop_path=0.1)
+                forward = torch.compile(model) if compiled else model
                 torch.manual_seed(5)
                 with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                     loss = forward(x)
