@@ -30,12 +30,20 @@ The *baseline* is the straightforward step: explicit ``softmax(q k^T * scale + B
 numbers per call, next to a [B*N, C] x [C, 3C] matmul), the teacher run under autocast (bf16)
 rather than cast, a for-loop AdamW (``foreach=False``). The *optimised* configuration is fd_ref as shipped:
 the model's defaults and ``build_optimizer``'s choice, plus, like train.py, the teacher cast to bf16
-outright when training in bf16 on CUDA. ``--levers`` adds one configuration per single lever applied to the
-baseline, to see what each gives on its own.
+outright when training in bf16 (CPU and CUDA). ``--compile`` adds *compiled*, the optimised configuration
+under ``torch.compile``, next to the eager one. ``--timm`` adds *timm*: the same FD step built from timm's
+own ``Beit`` student (shared relative position bias, layer scale 0.1, the student preset's width and depth)
+and timm's ``VisionTransformer`` as teacher (the teacher preset's shape), with the same projection, whitened
+target, smooth-L1 and optimiser; every row's ``vs timm`` is timm's step time / its own, in the same round.
+``--levers`` adds one configuration per single lever applied to the baseline. ``--precision fp32 bf16``
+runs every configuration in each precision, in one run; each row's ``% peak`` is against the matmul rate of
+its own precision, and on CUDA ``MFU`` against the GPU's datasheet peak.
 
     python bench/throughput.py                                   # ViT-S/16 <- ViT-S/16, 224 px, batch 16, fp32
+    python bench/throughput.py --precision fp32 bf16 --timm --compile --no-baseline
     python bench/throughput.py --levers --steps 3 --warmup 1
-    python bench/throughput.py --device cuda --student vit_base --teacher vit_base --batch 128 --precision bf16
+    python bench/throughput.py --device cuda --student vit_base --teacher vit_base --batch 128 --precision bf16 \
+        --compile --no-baseline
 """
 from __future__ import annotations
 
@@ -82,6 +90,8 @@ class Knobs:
     threads: int = 0                     # torch.set_num_threads for this configuration (0: the run's setting)
     compile: bool = False                # torch.compile the whole distillation module
     grad_checkpointing: bool = False     # recompute student blocks in the backward pass
+    impl: str = "fd_ref"                 # whose student and teacher: fd_ref | timm (Beit student, ViT teacher)
+    precision: str = ""                  # fp32 | bf16 (autocast); "" until the run sets it
 
 
 BASELINE = Knobs()
@@ -99,13 +109,19 @@ LEVERS: dict[str, dict] = {
 BF16_LEVERS: dict[str, dict] = {"teacher cast to bf16": dict(teacher_cast=True)}
 
 
-def optimised_knobs(args: argparse.Namespace) -> Knobs:
-    """fd_ref as shipped: the model's own defaults, build_optimizer's choice, train.py's bf16 teacher on CUDA."""
+def optimised_knobs(args: argparse.Namespace, precision: str) -> Knobs:
+    """fd_ref as shipped: the model's own defaults, build_optimizer's choice, and, like train.py, the frozen
+    teacher cast to bf16 outright when training in bf16 (CPU and CUDA)."""
     probe = create_vit(args.student, img_size=args.img_size, depth=1)
     return Knobs(student_fused_attn=probe.blocks[0].attn.fused, teacher_fused_attn=probe.blocks[0].attn.fused,
-                 teacher_cast=args.precision == "bf16" and torch.device(args.device).type == "cuda",
-                 optimizer="library",
-                 compile=args.compile, grad_checkpointing=args.grad_checkpointing)
+                 teacher_cast=precision == "bf16", optimizer="library",
+                 grad_checkpointing=args.grad_checkpointing, precision=precision)
+
+
+def timm_knobs(precision: str) -> Knobs:
+    """timm's own models as shipped (fused attention on), the same optimiser and bf16 teacher as fd_ref."""
+    return Knobs(student_fused_attn=True, teacher_fused_attn=True, teacher_cast=precision == "bf16",
+                 optimizer="library", impl="timm", precision=precision)
 
 
 # -- memory ---------------------------------------------------------------------------------------------
@@ -247,7 +263,59 @@ def build_base(args: argparse.Namespace, device: torch.device) -> FeatureDistill
     return FeatureDistillation(student, teacher).to(device)
 
 
-def make_optimizer(model: FeatureDistillation, kind: str) -> torch.optim.Optimizer:
+class TimmDistillation(nn.Module):
+    """The same FD step built from timm's own models, an independent implementation of the same networks:
+    student ``timm.models.beit.Beit`` (shared relative position bias, no absolute embedding, layer scale 0.1,
+    q/v bias, class token, final LayerNorm over all tokens), teacher ``timm``'s ``VisionTransformer`` of the
+    teacher preset's shape (frozen, eval mode), a linear projection, and the loss written out with plain torch:
+
+        target = layer_norm(teacher.forward_features(x).float())          (no affine, eps 1e-5)
+        loss   = smooth_l1(projection(student.forward_features(x)).float(), target, beta=2.0)
+
+    Random weights, like fd_ref's side (speed does not depend on the values)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, beta: float = 2.0) -> None:
+        super().__init__()
+        self.student, self.teacher, self.beta = student, teacher, beta
+        self.projection = nn.Linear(student.embed_dim, teacher.embed_dim)
+        self.teacher.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.teacher.eval()
+        with torch.no_grad():
+            t = self.teacher.forward_features(x.to(next(self.teacher.parameters()).dtype))
+            target = nn.functional.layer_norm(t.float(), (t.shape[-1],), eps=1e-5)
+        pred = self.projection(self.student.forward_features(x))
+        return nn.functional.smooth_l1_loss(pred.float(), target, beta=self.beta)
+
+
+def build_timm_base(args: argparse.Namespace, device: torch.device) -> TimmDistillation:
+    """timm's Beit student and ViT teacher with the widths, depths, heads and patch sizes of fd_ref's presets."""
+    from timm.models.beit import Beit
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from fd_ref.vit import PRESETS
+    if args.student not in PRESETS or args.teacher not in PRESETS:
+        raise SystemExit(f"--timm needs fd_ref preset names for --student and --teacher ({', '.join(PRESETS)})")
+    s, t = PRESETS[args.student], PRESETS[args.teacher]
+    shape = lambda p: dict(img_size=args.img_size, patch_size=p["patch_size"], embed_dim=p["embed_dim"],  # noqa: E731
+                           depth=p["depth"], num_heads=p["num_heads"], mlp_ratio=4.0, qkv_bias=True,
+                           num_classes=0)
+    torch.manual_seed(0)
+    student = Beit(**shape(s), use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                   init_values=0.1, global_pool="token", drop_path_rate=0.0)
+    teacher = TimmViT(**shape(t), global_pool="token")
+    student.embed_dim, teacher.embed_dim = s["embed_dim"], t["embed_dim"]
+    return TimmDistillation(student, teacher).to(device)
+
+
+def set_timm_fused_attn(model: nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+
+
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     trainable = nn.ModuleDict({"student": model.student, "projection": model.projection})
     lr, wd = 1.5e-4, 0.05
     if kind == "library":
@@ -256,8 +324,10 @@ def make_optimizer(model: FeatureDistillation, kind: str) -> torch.optim.Optimiz
     return torch.optim.AdamW(param_groups(trainable, wd), lr=lr, weight_decay=wd, **kernel)
 
 
-def build_config(name: str, knobs: Knobs, base: FeatureDistillation, images: torch.Tensor,
+def build_config(name: str, knobs: Knobs, base: nn.Module, images: torch.Tensor,
                  args: argparse.Namespace, device: torch.device) -> Config:
+    if knobs.impl == "timm":
+        return build_timm_config(name, knobs, base, images, device)
     model = copy.deepcopy(base)
     model.student.set_fused_attn(knobs.student_fused_attn)
     if hasattr(model.teacher.model, "set_fused_attn"):
@@ -266,7 +336,7 @@ def build_config(name: str, knobs: Knobs, base: FeatureDistillation, images: tor
         for module in model.modules():
             if hasattr(module, "explicit_on_cpu_training"):
                 module.explicit_on_cpu_training = False
-    dtype = DTYPES[args.precision]
+    dtype = DTYPES[knobs.precision]
     if knobs.teacher_cast and dtype != torch.float32:
         model.teacher.to(dtype)
     if knobs.grad_checkpointing:
@@ -304,6 +374,33 @@ def build_config(name: str, knobs: Knobs, base: FeatureDistillation, images: tor
         return step
 
     return Config(name, knobs, step=run(forward), eager_step=run(loss_fn))
+
+
+def build_timm_config(name: str, knobs: Knobs, base: TimmDistillation, images: torch.Tensor,
+                      device: torch.device) -> Config:
+    model = copy.deepcopy(base)
+    set_timm_fused_attn(model.student, knobs.student_fused_attn)
+    set_timm_fused_attn(model.teacher, knobs.teacher_fused_attn)
+    dtype = DTYPES[knobs.precision]
+    if knobs.teacher_cast and dtype != torch.float32:
+        model.teacher.to(dtype)
+    model.train()
+    opt = make_optimizer(model, knobs.optimizer)
+    autocast = (contextlib.nullcontext if dtype == torch.float32
+                else lambda: torch.autocast(device.type, dtype=dtype))
+    forward = torch.compile(model) if knobs.compile else model
+
+    def run(fn) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            with autocast():
+                loss = fn(images)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+
+    return Config(name, knobs, step=run(forward), eager_step=run(model))
 
 
 # -- component levers, side by side (--micro) -------------------------------------------------------------
@@ -446,6 +543,45 @@ def print_micro(results: list[dict], args: argparse.Namespace, device: torch.dev
 
 
 # -- the run --------------------------------------------------------------------------------------------
+def cpu_flags() -> list[str]:
+    """The CPU's matrix-relevant flags as lscpu shows them (Linux /proc/cpuinfo): which kernels oneDNN can use."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def default_peak_n(dtype: torch.dtype, cuda: bool) -> int:
+    if cuda:
+        return 4096
+    if dtype == torch.float32:
+        return 2048
+    from fd_ref.precision import cpu_has_native_bf16
+    return 2048 if cpu_has_native_bf16() else 256  # emulated bf16 is slow: a smaller matmul keeps it quick
+
+
+def datasheet_peak(dtype: torch.dtype, device: torch.device) -> Optional[float]:
+    """A known GPU's dense datasheet FLOP/s in ``dtype`` (fd_ref.flops' table), else None."""
+    if device.type != "cuda":
+        return None
+    from fd_ref.flops import _GPU_PEAK
+    name = torch.cuda.get_device_name(device)
+    return next((v for (fragment, dt), v in _GPU_PEAK.items() if fragment in name and dt == dtype), None)
+
+
+def ratio_to(ref: Optional[Config], c: Config) -> tuple[Optional[float], Optional[float]]:
+    """(median over rounds of ref time / c time in the same round, ref's fastest / c's fastest)."""
+    if ref is None:
+        return None, None
+    return (statistics.median(b / x for b, x in zip(ref.times, c.times)), min(ref.times) / min(c.times))
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -454,22 +590,28 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                    help="an fd_ref preset (random weights) or any build_teacher name")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--precision", choices=sorted(DTYPES), nargs="+", default=["fp32"],
+                   help="one or more: every configuration runs in each (names then end in the precision)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the optimised configuration")
+    p.add_argument("--compile", action="store_true",
+                   help="add 'compiled': the optimised configuration under torch.compile, next to the eager one")
+    p.add_argument("--timm", action="store_true",
+                   help="add 'timm': the same FD step with timm's Beit student and ViT teacher")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the optimised config")
     p.add_argument("--levers", action="store_true", help="also run the baseline with each single lever")
     p.add_argument("--only", nargs="*", default=None, help="run only these configurations (names as printed)")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline (no speed-up column)")
     p.add_argument("--peak-n", type=int, default=0,
-                   help="matmul size for the peak (default 2048 fp32 / 256 bf16 on CPU, 4096 on CUDA)")
+                   help="matmul size for the peak (default 4096 on CUDA; on CPU 2048, 256 for emulated bf16)")
     p.add_argument("--micro", type=int, default=0, metavar="REPS",
                    help="instead of full steps, time each lever on its own component, REPS rounds side by side")
     p.add_argument("--json", default=None, help="append one JSON line per configuration to this file")
     args = p.parse_args(argv)
+    precisions = list(dict.fromkeys(args.precision))
+    args.precision = precisions[0]  # --micro measures in the first one
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -477,13 +619,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    dtype = DTYPES[args.precision]
     cuda = device.type == "cuda"
-    if not args.peak_n:
-        args.peak_n = 4096 if cuda else (2048 if dtype == torch.float32 else 256)
+    peak_n = {prec: args.peak_n or default_peak_n(DTYPES[prec], cuda) for prec in precisions}
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, on both sides of the ratio
         torch.backends.cudnn.allow_tf32 = False
+    flags = [] if cuda else cpu_flags()
 
     if args.micro:
         load_before = os.getloadavg()
@@ -497,59 +638,75 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                     f.write(json.dumps(dict(r, kind="micro", student=args.student, teacher=args.teacher,
                                             img_size=args.img_size, batch=args.batch, precision=args.precision,
                                             device=str(device), threads=threads, reps=args.micro,
-                                            loadavg_before=load_before, loadavg_after=load_after,
-                                            torch=torch.__version__,
+                                            cpu_flags=flags, loadavg_before=load_before,
+                                            loadavg_after=load_after, torch=torch.__version__,
                                             utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))) + "\n")
         return results
 
     configs_wanted: list[tuple[str, Knobs]] = []
-    if not args.no_baseline:
-        configs_wanted.append(("baseline", BASELINE))
-    configs_wanted.append(("optimised", optimised_knobs(args)))
-    if args.levers:
-        levers = {**LEVERS, **(BF16_LEVERS if dtype != torch.float32 else {})}
-        configs_wanted += [(name, replace(BASELINE, **delta)) for name, delta in levers.items()]
+    suffix = (lambda prec: f" {prec}") if len(precisions) > 1 else (lambda prec: "")
+    for prec in precisions:
+        if not args.no_baseline:
+            configs_wanted.append(("baseline" + suffix(prec), replace(BASELINE, precision=prec)))
+        optimised = optimised_knobs(args, prec)
+        configs_wanted.append(("optimised" + suffix(prec), optimised))
+        if args.compile:
+            configs_wanted.append(("compiled" + suffix(prec), replace(optimised, compile=True)))
+        if args.timm:
+            configs_wanted.append(("timm" + suffix(prec), timm_knobs(prec)))
+        if args.levers:
+            levers = {**LEVERS, **(BF16_LEVERS if prec != "fp32" else {})}
+            configs_wanted += [(name + suffix(prec), replace(BASELINE, precision=prec, **delta))
+                               for name, delta in levers.items()]
     if args.only:
+        names = [n for n, _ in configs_wanted]
         configs_wanted = [(n, k) for n, k in configs_wanted if n in args.only]
         if not configs_wanted:
-            raise SystemExit(f"--only matched nothing; names: baseline, optimised, {', '.join(LEVERS)}")
+            raise SystemExit(f"--only matched nothing; names: {', '.join(names)}")
 
     load_before = os.getloadavg()
-    base = build_base(args, device)
+    bases: dict[str, nn.Module] = {"fd_ref": build_base(args, device)}
+    if any(k.impl == "timm" for _, k in configs_wanted):
+        bases["timm"] = build_timm_base(args, device)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device)
-    configs = [build_config(n, k, base, images, args, device) for n, k in configs_wanted]
+    configs = [build_config(n, k, bases[k.impl], images, args, device) for n, k in configs_wanted]
     memory = CudaPeakMemory(device) if cuda else CpuPeakMemory()
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def set_threads(c: Config) -> None:
         torch.set_num_threads(c.knobs.threads or threads)
 
-    # Model FLOPs: one eager step of the baseline under FlopCounterMode. Every configuration does the same
-    # arithmetic; the baseline's explicit attention makes every matmul visible to the counter (the CPU flash
-    # kernel is not counted), and no recomputation from gradient checkpointing is counted (MFU convention).
-    counter = next((c for c in configs if c.knobs == BASELINE), None)
-    if counter is None:
-        counter = build_config("flops", BASELINE, base, images, args, device)
-    model_flops = count_flops(counter.eager_step)
-    for c in configs:
-        c.flops = model_flops
-    del base, counter
-    # Warm-up (compilation happens here for --compile).
+    # Model FLOPs: one eager step per implementation under FlopCounterMode, attention written out (explicit
+    # softmax) so that the counter sees every matmul (the CPU flash kernel is not counted). Every
+    # configuration of one implementation does the same arithmetic; no recomputation from gradient
+    # checkpointing is counted (MFU convention).
+    for impl in {c.knobs.impl for c in configs}:
+        knobs = replace(BASELINE, precision=precisions[0], impl=impl, optimizer="library")
+        counter = build_config("flops", knobs, bases[impl], images, args, device)
+        model_flops = count_flops(counter.eager_step)
+        for c in configs:
+            if c.knobs.impl == impl:
+                c.flops = model_flops
+        del counter
+    del bases
+    # Warm-up (compilation happens here for compiled configurations).
+    t_warm = time.perf_counter()
     for _ in range(args.warmup):
         for c in configs:
             set_threads(c)
             c.step()
     sync()
+    warmup_seconds = time.perf_counter() - t_warm
 
-    # The machine's matmul rate, for every thread count a configuration uses; the peak is the best of them.
-    thread_counts = sorted({c.knobs.threads or threads for c in configs})
-    peaks: dict[int, list[float]] = {n: [] for n in thread_counts}
+    # The machine's matmul rate for every (precision, thread count) used; the peak is the best of them.
+    keys = sorted({(c.knobs.precision, c.knobs.threads or threads) for c in configs})
+    peaks: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
 
     def measure_peaks() -> None:
-        for n in thread_counts:
+        for prec, n in keys:
             torch.set_num_threads(n)
-            peaks[n].append(matmul_rate(dtype, device, args.peak_n, reps=3))
+            peaks[prec, n].append(matmul_rate(DTYPES[prec], device, peak_n[prec], reps=3))
 
     t_start = time.perf_counter()
     for r in range(args.steps):
@@ -580,58 +737,68 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     bench_seconds = time.perf_counter() - t_start
     load_after = os.getloadavg()
     # Load on a shared machine only ever slows a matmul down: the peak is the best round (each round's
-    # rate being the median of 3 matmuls), for the best thread count.
-    peak_by_threads = {n: max(v) for n, v in peaks.items()}
-    peak = max(peak_by_threads.values())
+    # rate being the median of 3 matmuls), for the best thread count, per precision.
+    peak_by_key = {k: max(v) for k, v in peaks.items()}
+    peak = {prec: max(v for (pr, _), v in peak_by_key.items() if pr == prec) for prec in precisions
+            if any(pr == prec for pr, _ in peak_by_key)}
 
-    base_cfg = next((c for c in configs if c.name == "baseline"), None)
+    def first(name: str, prec: str) -> Optional[Config]:
+        return next((c for c in configs if c.name == name + suffix(prec)), None)
+
     records = []
     for c in configs:
+        prec = c.knobs.precision
         t = statistics.median(c.times)
         mem = max(m for m in c.mems) if c.mems and c.mems[0] is not None else None
-        speedup = speedup_min = None
-        if base_cfg is not None:
-            speedup = statistics.median(b / x for b, x in zip(base_cfg.times, c.times))
-            speedup_min = min(base_cfg.times) / min(c.times)
+        speedup, speedup_min = ratio_to(first("baseline", prec), c)
+        vs_timm, vs_timm_min = ratio_to(first("timm", prec), c)
+        sheet = datasheet_peak(DTYPES[prec], device)
         records.append(dict(
-            config=c.name, student=args.student, teacher=args.teacher, img_size=args.img_size,
-            batch=args.batch, precision=args.precision, device=str(device),
+            config=c.name, impl=c.knobs.impl, student=args.student, teacher=args.teacher,
+            img_size=args.img_size, batch=args.batch, precision=prec, device=str(device),
             device_name=torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-            threads=c.knobs.threads or threads, step_s_median=t, step_s_all=c.times,
+            cpu_flags=flags, threads=c.knobs.threads or threads, step_s_median=t, step_s_all=c.times,
             step_s_min=min(c.times), img_per_s=args.batch / t, flops_per_step=c.flops, flops_per_s=c.flops / t,
-            matmul_peak_flops_per_s=peak, matmul_peak_n=args.peak_n,
-            matmul_peak_by_threads={str(n): v for n, v in peaks.items()},
-            fraction_of_peak=c.flops / t / peak, peak_step_memory_bytes=mem,
+            matmul_peak_flops_per_s=peak[prec], matmul_peak_n=peak_n[prec],
+            matmul_peak_by_threads={str(n): v for (pr, n), v in peaks.items() if pr == prec},
+            fraction_of_peak=c.flops / t / peak[prec], datasheet_peak_flops_per_s=sheet,
+            mfu_datasheet=c.flops / t / sheet if sheet else None, peak_step_memory_bytes=mem,
             peak_step_tensor_bytes=c.tensor_peak,
             memory_kind="cuda max_memory_allocated above step start" if cuda
             else "VmHWM above VmRSS at step start (after malloc_trim; blocks >= 1 MiB mmapped)",
-            speedup_vs_baseline=speedup, speedup_of_fastest_steps=speedup_min, knobs=asdict(c.knobs),
-            steps=args.steps, warmup=args.warmup,
+            speedup_vs_baseline=speedup, speedup_of_fastest_steps=speedup_min,
+            speedup_vs_timm=vs_timm, speedup_vs_timm_of_fastest_steps=vs_timm_min, knobs=asdict(c.knobs),
+            steps=args.steps, warmup=args.warmup, warmup_seconds=warmup_seconds,
             loadavg_before=load_before, loadavg_after=load_after, bench_seconds=bench_seconds,
             process_peak_rss_bytes=process_peak_rss(), torch=torch.__version__,
             utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             command="python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)))
 
-    print(f"{args.student} <- {args.teacher}, {args.img_size} px, batch {args.batch}, {args.precision}, "
-          f"{device}, {threads} threads; load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
-          f"{args.precision} matmul {args.peak_n}^3 (best of {args.steps + 1} rounds): "
-          + ", ".join(f"{v / 1e9:.1f} GFLOP/s at {n} thread{'s' if n > 1 else ''}"
-                      for n, v in peak_by_threads.items())
-          + f"; % peak is of the best, {peak / 1e9:.1f}")
+    print(f"{args.student} <- {args.teacher}, {args.img_size} px, batch {args.batch}, {device}"
+          + (f" (flags: {' '.join(flags) or 'none of note'})" if not cuda else f" ({records[0]['device_name']})")
+          + f", {threads} threads; load {load_before[0]:.2f} -> {load_after[0]:.2f}; warm-up "
+          f"{warmup_seconds:.0f} s")
+    for prec in peak:
+        print(f"{prec} matmul {peak_n[prec]}^3 (best of {args.steps + 1} rounds): "
+              + ", ".join(f"{v / 1e9:.1f} GFLOP/s at {n} thread{'s' if n > 1 else ''}"
+                          for (pr, n), v in peak_by_key.items() if pr == prec)
+              + f"; % peak of {prec} rows is of the best, {peak[prec] / 1e9:.1f}")
     header = (f"{'config':<28} {'step s':>7} {'img/s':>7} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'mem MiB':>8} {'tensor MiB':>10} {'speed-up':>8} {'min s':>7} {'min su':>7}")
+              f"{'mem MiB':>8} {'tensor MiB':>10} {'speed-up':>8} {'min s':>7} {'min su':>7} {'vs timm':>7}")
     print(header)
     print("-" * len(header))
     for rec in records:
         mem = rec["peak_step_memory_bytes"]
-        sp, spm = rec["speedup_vs_baseline"], rec["speedup_of_fastest_steps"]
+        sp, spm, vt = rec["speedup_vs_baseline"], rec["speedup_of_fastest_steps"], rec["speedup_vs_timm"]
         tmem = rec["peak_step_tensor_bytes"]
         print(f"{rec['config']:<28} {rec['step_s_median']:>7.2f} {rec['img_per_s']:>7.2f} "
               f"{rec['flops_per_step'] / 1e9:>10.1f} {rec['flops_per_s'] / 1e9:>8.1f} "
               f"{100 * rec['fraction_of_peak']:>6.1f}% {mem / 2**20 if mem is not None else float('nan'):>8.0f} "
               f"{tmem / 2**20 if tmem is not None else float('nan'):>10.1f} "
               f"{'' if sp is None else f'{sp:.2f}x':>8} {rec['step_s_min']:>7.2f} "
-              f"{'' if spm is None else f'{spm:.2f}x':>7}")
+              f"{'' if spm is None else f'{spm:.2f}x':>7} {'' if vt is None else f'{vt:.2f}x':>7}"
+              + (f"  MFU {100 * rec['mfu_datasheet']:.1f}% of the datasheet {rec['datasheet_peak_flops_per_s'] / 1e12:.0f} "
+                 f"TFLOP/s" if rec["mfu_datasheet"] else ""))
     if args.json:
         with open(args.json, "a") as f:
             for rec in records:

@@ -9,6 +9,7 @@ for known GPUs, or measured here with a large matmul in the training precision (
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -23,9 +24,14 @@ _GPU_PEAK = {
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """Total FLOPs of everything ``fn`` runs (a multiply-add counts 2)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    """Total FLOPs of everything ``fn`` runs (a multiply-add counts 2).
+
+    The counter tracks modules through global forward hooks, about which a ``torch.compile``-d module warns
+    (they fire once more for its wrapper): harmless for a count of operations, so that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+        with FlopCounterMode(display=False) as counter:
+            fn()
     return counter.get_total_flops()
 
 

@@ -1,4 +1,5 @@
-"""bench/throughput.py on a tiny pair, and the attention path choice it measures."""
+"""bench/throughput.py on a tiny pair, the attention path choice it measures, and its timm side (the same FD
+step built from timm's Beit and ViT)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fd_ref.checkpoint import to_timm_beit
+from fd_ref.loss import smooth_l1
 from fd_ref.vit import create_vit
+from fd_ref.whitening import whiten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import throughput  # noqa: E402
@@ -82,3 +86,64 @@ def test_throughput_micro_runs():
     groups = {r["group"] for r in results}
     assert any("AdamW" in g for g in groups) and any("attention" in g for g in groups)
     assert all(r["time_s"] > 0 for r in results)
+
+
+def test_throughput_sides_in_one_run(tmp_path, monkeypatch):
+    """fp32 and bf16, eager and compiled, fd_ref and timm: all measured in one run, each against the matmul
+    peak of its own precision, with ratios to the baseline and to timm of the same precision. (torch.compile
+    is replaced by the identity here: compiling is tested in tests/test_compile.py; this checks the wiring.)"""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    out = tmp_path / "bench.jsonl"
+    records = throughput.main(TINY + ["--steps", "1", "--warmup", "1", "--precision", "fp32", "bf16", "--compile",
+                                      "--timm", "--json", str(out)])
+    names = [r["config"] for r in records]
+    assert names == [f"{c} {p}" for p in ("fp32", "bf16") for c in ("baseline", "optimised", "compiled", "timm")]
+    assert len(compiled) == 2 and len(out.read_text().splitlines()) == 8
+    by = {r["config"]: r for r in records}
+    for p in ("fp32", "bf16"):
+        assert {by[f"{c} {p}"]["precision"] for c in ("baseline", "optimised", "compiled", "timm")} == {p}
+        assert by[f"timm {p}"]["impl"] == "timm" and by[f"timm {p}"]["speedup_vs_timm"] == pytest.approx(1.0)
+        assert by[f"optimised {p}"]["speedup_vs_timm"] > 0 and by[f"compiled {p}"]["knobs"]["compile"]
+        assert not by[f"optimised {p}"]["knobs"]["compile"]
+        for r in (by[f"{c} {p}"] for c in ("baseline", "optimised", "compiled", "timm")):
+            assert r["fraction_of_peak"] == pytest.approx(r["flops_per_s"] / r["matmul_peak_flops_per_s"])
+    # each precision has its own measured peak; the teacher is cast to bf16 in bf16, like train.py
+    assert by["optimised fp32"]["matmul_peak_flops_per_s"] != by["optimised bf16"]["matmul_peak_flops_per_s"]
+    assert by["optimised bf16"]["knobs"]["teacher_cast"] and not by["optimised fp32"]["knobs"]["teacher_cast"]
+    # both implementations' FLOPs counted, nearly equal (the timm teacher has an absolute position embedding
+    # instead of a relative bias)
+    assert by["timm fp32"]["flops_per_step"] == pytest.approx(by["optimised fp32"]["flops_per_step"], rel=0.02)
+
+
+def test_timm_side_is_the_same_fd_step():
+    """The timm side computes fd_ref's FD loss: with fd_ref's student weights loaded into timm's Beit (strictly:
+    same parameters, same shapes), the same projection and the same teacher, its loss equals fd_ref's
+    smooth_l1(projection(student(x)), whiten(teacher(x))) with beta 2."""
+    import argparse
+    args = argparse.Namespace(student="vit_tiny", teacher="vit_tiny", img_size=32)
+    timm_side = throughput.build_timm_base(args, torch.device("cpu")).train()
+    torch.manual_seed(3)
+    ours = create_vit("vit_tiny", img_size=32, patch_size=16).train()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    result = timm_side.student.load_state_dict(to_timm_beit(ours.state_dict()), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loss = timm_side(x)
+        target = whiten(timm_side.teacher.forward_features(x))
+        expected = smooth_l1(timm_side.projection(ours.forward_features(x)), target, beta=2.0)
+        assert (ours.forward_features(x) - timm_side.student.forward_features(x)).abs().max() < 1e-5
+    assert loss.item() > 0.05
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert timm_side.teacher.training is False and not any(p.requires_grad for p in timm_side.teacher.parameters())
+
+
+def test_gpu_check_script_parses():
+    """bench/gpu_check.sh (run on a GPU machine) is valid bash; its CUDA tests are in tests/test_cuda.py."""
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "tests/test_cuda.py" in script.read_text()
