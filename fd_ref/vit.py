@@ -109,6 +109,11 @@ class Attention(nn.Module):
         # same tensor memory (bench/README.md). So training with a trainable bias on the CPU takes the
         # explicit formula even when ``fused``; False forces SDPA there too.
         self.explicit_on_cpu_training = True
+        # On a CPU with native bf16, SDPA's CPU kernels in bf16 measured slower than the explicit formula:
+        # 2.3x for a training step and 1.1-3.5x without gradients at width 64 / 65 tokens, 1.2-1.5x for a
+        # ViT-S/16 teacher block (bench/README.md). So bf16 attention on the CPU takes the explicit formula
+        # even when ``fused``; False forces SDPA there too.
+        self.explicit_on_cpu_bf16 = True
 
     def _qkv_bias(self) -> Optional[torch.Tensor]:
         if self.q_bias is None:
@@ -128,6 +133,8 @@ class Attention(nn.Module):
         fused = self.fused and not return_attn
         if (fused and self.explicit_on_cpu_training and self.training and q.device.type == "cpu"
                 and bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+            fused = False
+        if fused and self.explicit_on_cpu_bf16 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
             fused = False
         if fused:
             mask = None if bias is None else bias.to(q.dtype).unsqueeze(0)
@@ -276,8 +283,9 @@ class VisionTransformer(nn.Module):
     def set_fused_attn(self, enabled: bool) -> None:
         """Choose scaled_dot_product_attention (True) or the explicit softmax formula (False).
 
-        With True, training on the CPU with a trainable position bias still uses the explicit formula (see
-        ``Attention.explicit_on_cpu_training``)."""
+        With True, the CPU still uses the explicit formula for training with a trainable position bias and
+        for bf16 attention, where it measured faster (``Attention.explicit_on_cpu_training``,
+        ``Attention.explicit_on_cpu_bf16``)."""
         for block in self.blocks:
             block.attn.fused = enabled
 

@@ -292,3 +292,34 @@ def test_from_timm_beit_round_trips_keys():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(fresh.forward_features(x), model.forward_features(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("pos_embed", ["abs", "shared_rpb"])
+def test_bf16_attention_on_the_cpu_takes_the_explicit_formula(monkeypatch, pos_embed):
+    """Under bf16 on the CPU, fused=True uses the explicit formula (faster there, bench/README.md) unless
+    explicit_on_cpu_bf16 is switched off; both paths give the same features and gradients up to bf16 rounding."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, pos_embed=pos_embed)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for explicit in (True, False):
+        for block in model.blocks:
+            block.attn.explicit_on_cpu_bf16 = explicit
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.eval().forward_features(x)
+        out.float().square().mean().backward()
+        assert (len(calls) == 0) is explicit
+        results.append((out.float().detach(), model.blocks[0].attn.qkv.weight.grad.clone()))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(ga, gb, atol=0.05 * ga.abs().max().item(), rtol=0.05)
+    with torch.no_grad():  # fp32 keeps SDPA
+        calls.clear()
+        model.forward_features(x)
+        assert len(calls) == 2
