@@ -114,14 +114,7 @@ def _expected_layer(name: str) -> int:
 
 
 def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
-    trainers = []
-
-    class Recording(finetune.Trainer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            trainers.append(self)
-
-    monkeypatch.setattr(finetune, "Trainer", Recording)
+    trainers = _recording_trainer(monkeypatch)
     decay, wd = 0.6, 0.05
     finetune.main(FT + ["--pretrained", str(student), "--layer-decay", str(decay), "--weight-decay", str(wd),
                         "--max-steps", "1", "--warmup-epochs", "1", "--output", str(tmp_path)])
