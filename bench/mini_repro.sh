@@ -44,7 +44,7 @@ SEEDS=${SEEDS:-"0 1 2"}         # fine-tuning seeds of the teacher and the FD st
 ABL_SEEDS=${ABL_SEEDS:-"0 1"}   # fine-tuning seeds of each ablation
 ABLATIONS=${ABLATIONS-"target_cls abs_pos no_whiten sym_drop target_avg"}
 WORKERS=${WORKERS:-$D_WORKERS}
-PAR=${PAR:-$D_PAR}              # stages run side by side
+PAR=${PAR:-$D_PAR}              # stages run side by side (each as soon as the stages it needs are done)
 IN_MEMORY=${IN_MEMORY:-$D_MEM}  # yes: decode the images once into memory (small images: JPEG decoding starves a GPU)
 PRECISION=${PRECISION:-auto}    # auto: bf16 on a GPU or a CPU with native bf16, fp32 elsewhere
 ANALYSIS_IMAGES=${ANALYSIS_IMAGES:-256}
@@ -71,51 +71,60 @@ stage() { # name, command...: run unless marked done; log to OUT/name.log
   mkdir -p "$OUT/$name"; echo "$((SECONDS - t0))" > "$OUT/$name/seconds"; touch "$OUT/$name/DONE"
   echo "[$(date +%T)] $name: finished in $((SECONDS - t0)) s"
 }
-JOBS=()
-queue() { JOBS+=("$*"); }   # a stage to run; `flush` runs the queue PAR at a time, in order
-flush() {
-  local i=0 failed=0
-  while [ $i -lt ${#JOBS[@]} ]; do
-    local pids=()
-    for ((k = 0; k < PAR && i < ${#JOBS[@]}; k++, i++)); do
-      if [ "$PAR" = 1 ] || [ "$DRY_RUN" = 1 ]; then eval "stage ${JOBS[$i]}" || failed=1
-      else eval "stage ${JOBS[$i]}" & pids+=($!); fi
+J_NAME=(); J_DEPS=(); J_CMD=()
+queue() { # name "dependencies" command...: a stage that may start once its dependencies are done
+  J_NAME+=("$1"); J_DEPS+=("$2"); shift 2; J_CMD+=("$*")
+}
+run_queue() { # run the queued stages PAR at a time: the first ready one in queue order takes a free slot
+  local n=${#J_NAME[@]} i d name ready running=0 pid rc
+  local -A status=() owner=()
+  for ((i = 0; i < n; i++)); do status[${J_NAME[$i]}]=pending; done
+  while :; do
+    for ((i = 0; i < n && running < PAR; i++)); do
+      name=${J_NAME[$i]}
+      [ "${status[$name]}" = pending ] || continue
+      ready=1
+      for d in ${J_DEPS[$i]}; do
+        if [ -n "${status[$d]+x}" ]; then [ "${status[$d]}" = done ] || ready=0
+        else [ -f "$OUT/$d/DONE" ] || [ "$DRY_RUN" = 1 ] || ready=0; fi
+      done
+      [ $ready = 1 ] || continue
+      if [ "$DRY_RUN" = 1 ]; then stage "$name" ${J_CMD[$i]}; status[$name]=done; i=-1; continue; fi
+      stage "$name" ${J_CMD[$i]} & owner[$!]=$name; status[$name]=running; running=$((running + 1))
     done
-    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    [ $running -gt 0 ] || break
+    rc=0; wait -n -p pid || rc=$?
+    status[${owner[$pid]}]=$([ $rc = 0 ] && echo done || echo failed); running=$((running - 1))
   done
-  JOBS=()
-  [ $failed = 0 ] || { echo "a stage failed; fix it and rerun the same command to continue"; exit 1; }
+  for name in "${J_NAME[@]}"; do
+    [ "${status[$name]}" = done ] || { echo "stage $name did not finish (${status[$name]}); fix the cause and rerun the same command to continue"; exit 1; }
+  done
 }
 
 scratch() { # seed: the control, the FD student's network (per-block RPB) from random weights
-  queue "scratch_s$1 $PY finetune.py --from-scratch $ARCH --pos-embed rpb --data $DATA $SPLIT $FT_RECIPE \
+  queue "scratch_s$1" "" $PY finetune.py --from-scratch $ARCH --pos-embed rpb --data $DATA $SPLIT $FT_RECIPE \
     --layer-decay 1.0 --epochs $((FD_EPOCHS + FT_EPOCHS)) --eval-every $((FD_EPOCHS + FT_EPOCHS)) --seed $1 \
-    --output $OUT/scratch_s$1"
+    --output $OUT/scratch_s$1
 }
-finetune() { # name, checkpoint, seed
-  queue "$1_s$3 $PY finetune.py --pretrained $2 --data $DATA $SPLIT $FT_RECIPE --layer-decay 0.75 \
-    --epochs $FT_EPOCHS --eval-every $FT_EPOCHS --seed $3 --output $OUT/$1_s$3"
+finetune() { # name, distillation stage, checkpoint, seed
+  queue "$1_s$4" "$2" $PY finetune.py --pretrained $3 --data $DATA $SPLIT $FT_RECIPE --layer-decay 0.75 \
+    --epochs $FT_EPOCHS --eval-every $FT_EPOCHS --seed $4 --output $OUT/$1_s$4
 }
 set -- $SEEDS; FIRST_SEED=$1
 
-# 1. teacher: supervised from scratch, absolute position embedding (DeiT-like), light augmentation;
-#    side by side with the first control run (which needs no teacher)
-queue "teacher $PY finetune.py --from-scratch $ARCH --pos-embed abs --data $DATA $SPLIT \
+# 1. teacher: supervised from scratch, absolute position embedding (DeiT-like), light augmentation
+queue teacher "" $PY finetune.py --from-scratch $ARCH --pos-embed abs --data $DATA $SPLIT \
   --epochs $T_EPOCHS --batch-size $BATCH --lr 4e-3 --warmup-epochs 1 --layer-decay 1.0 --drop-path 0.1 \
   --mixup 0 --cutmix 0 --auto-augment rand-m5-mstd0.5-inc1 --random-erasing 0 --color-jitter 0 --crop-pct 1.0 \
-  --eval-every $T_EPOCHS --output $OUT/teacher"
-scratch "$FIRST_SEED"
-flush
-
+  --eval-every $T_EPOCHS --output $OUT/teacher
+scratch "$FIRST_SEED"   # needs no teacher: runs beside it
 # 2. feature distillation into a fresh student of the same size (shared RPB, whitened targets, smooth-L1)
-queue "fd $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --output $OUT/fd"
+queue fd teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --output $OUT/fd
+# 3. the same fine-tuning recipe for teacher and FD student, every seed (the teacher's beside the FD run)
+for seed in $SEEDS; do finetune ft_teacher teacher "$OUT/teacher/best.pt" "$seed"; done
+for seed in $SEEDS; do finetune ft_fd fd "$OUT/fd/student.pt" "$seed"; done
+# 4. the control's other seeds
 for seed in $SEEDS; do [ "$seed" = "$FIRST_SEED" ] || scratch "$seed"; done
-# 3. the same fine-tuning recipe for teacher and FD student, every seed
-for seed in $SEEDS; do
-  finetune ft_teacher "$OUT/teacher/best.pt" "$seed"
-  finetune ft_fd "$OUT/fd/student.pt" "$seed"
-done
-flush
 
 # 5. ablations: one ingredient at a time, the same budgets
 for ab in $ABLATIONS; do
@@ -127,19 +136,19 @@ for ab in $ABLATIONS; do
     target_avg) FLAGS="--target avg" ;;           # the teacher's average-pooled feature only
     *) echo "unknown ablation $ab" >&2; exit 2 ;;
   esac
-  queue "fd_$ab $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --output $OUT/fd_$ab"
-  flush
-  for seed in $ABL_SEEDS; do finetune "ft_$ab" "$OUT/fd_$ab/student.pt" "$seed"; done
-  flush
+  queue "fd_$ab" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --output $OUT/fd_$ab
+  for seed in $ABL_SEEDS; do finetune "ft_$ab" "fd_$ab" "$OUT/fd_$ab/student.pt" "$seed"; done
 done
 
 # 6. diagnostics on held-out images (the same hold-out): teacher, FD student, the absolute-position
 #    ablation student, and the fine-tuned pair of the first seed
 MODELS="teacher=$OUT/teacher/best.pt fd_student=$OUT/fd/student.pt"
-if [ -f "$OUT/fd_abs_pos/student.pt" ] || [ "$DRY_RUN" = 1 ]; then MODELS="$MODELS abs_pos_student=$OUT/fd_abs_pos/student.pt"; fi
+DEPS="teacher fd ft_teacher_s$FIRST_SEED ft_fd_s$FIRST_SEED"
+case " $ABLATIONS " in *" abs_pos "*)
+  MODELS="$MODELS abs_pos_student=$OUT/fd_abs_pos/student.pt"; DEPS="$DEPS fd_abs_pos" ;; esac
 MODELS="$MODELS ft_teacher=$OUT/ft_teacher_s$FIRST_SEED/best.pt ft_fd=$OUT/ft_fd_s$FIRST_SEED/best.pt"
-queue "analysis $PY analyze.py --data $DATA --val-split $VAL --split-seed 0 --num-images $ANALYSIS_IMAGES \
-  --img-size 32 --landscape-steps 11 --progress false --models $MODELS --output $OUT/analysis"
-flush
+queue analysis "$DEPS" $PY analyze.py --data $DATA --val-split $VAL --split-seed 0 --num-images $ANALYSIS_IMAGES \
+  --img-size 32 --landscape-steps 11 --progress false --models $MODELS --output $OUT/analysis
+run_queue
 
 [ "$DRY_RUN" = 1 ] || $PY bench/repro_table.py "$OUT"
