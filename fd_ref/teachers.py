@@ -48,7 +48,7 @@ from .checkpoint import check_model_config, load_file, load_weights, model_state
 from . import hub
 from .errors import UserError
 from .position import Grid
-from .timm_backbone import head_norm, probe_layout, to_tokens
+from .timm_backbone import check_timm_name, head_norm, probe_layout, to_tokens
 from .vit import PRESETS, VisionTransformer, create_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,8 +140,8 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
             filter_fn = _checkpoint_filter(timm_name)
             if filter_fn is not None:
                 state = filter_fn(state, model)
-            summary = load_weights(model, state, what=f"teacher {display}", ignore=(r"head\..*",))
-            if "missing" in summary:
+            summary = load_weights(model, state, what=f"teacher {display}", ignore=(r"head\.(?!norm\.).*",))
+            if "missing" in summary:  # (a ConvNeXt's head norm is its final norm: loaded)
                 raise UserError(f"teacher checkpoint {checkpoint} does not fit {display}: {summary}")
         else:
             # one quick request through huggingface_hub's own configuration (HF_ENDPOINT, proxies,
@@ -241,7 +241,9 @@ def esvit_to_timm(blob, num_stages: int = 4) -> dict[str, torch.Tensor]:
     return out
 
 
-def _esvit_teacher(name: str, img_size: int, checkpoint: Optional[str], feat_after_norm: bool) -> Teacher:
+def _esvit_teacher(name: str, img_size: int, checkpoint: Optional[str], feat_after_norm: bool,
+                   timm_kwargs: Optional[dict] = None) -> Teacher:
+    """The EsViT teacher; ``timm_kwargs`` override the Swin-B shape (tests build a tiny one)."""
     import timm
 
     if checkpoint is None:
@@ -250,16 +252,21 @@ def _esvit_teacher(name: str, img_size: int, checkpoint: Optional[str], feat_aft
     if not os.path.isfile(checkpoint):
         raise UserError(f"teacher checkpoint {checkpoint} does not exist; check the path")
     stages = ESVIT_NAMES[name]
-    args = {**ESVIT_ARGS, "depths": ESVIT_ARGS["depths"][:stages], "num_heads": ESVIT_ARGS["num_heads"][:stages]}
+    base = {**ESVIT_ARGS, **(timm_kwargs or {})}
+    args = {**base, "depths": tuple(base["depths"])[:stages], "num_heads": tuple(base["num_heads"])[:stages]}
     try:
         model = timm.create_model(ESVIT_TIMM, pretrained=False, num_classes=0, img_size=img_size, **args)
     except Exception as e:  # noqa: BLE001 - e.g. an image size the stages cannot halve
         raise UserError(f"timm cannot build teacher {name} at {img_size} px ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     state = esvit_to_timm(load_file(checkpoint), stages)
-    summary = load_weights(model, state, what=f"teacher {name}")
-    if "missing" in summary or "unexpected" in summary:
-        raise UserError(f"teacher checkpoint {checkpoint} does not fit {name}: {summary}")
+    fresh = {"norm.weight", "norm.bias"} if stages < 4 else set()  # S3: the final norm stays at 1 / 0
+    missing, unexpected = sorted(set(model.state_dict()) - set(state) - fresh), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UserError(f"teacher checkpoint {checkpoint} does not fit {name}: "
+                        f"{'missing ' + ', '.join(missing[:4]) if missing else 'unexpected ' + ', '.join(unexpected[:4])}"
+                        f" ({len(missing)} missing, {len(unexpected)} unexpected); is it the released EsViT Swin-B?")
+    load_weights(model, state, what=f"teacher {name}")
     return _wrap_timm(model, img_size, name, feat_after_norm)
 
 
@@ -315,8 +322,9 @@ def build_teacher(name: str, img_size: int = 224, checkpoint: Optional[str] = No
     if name in PAPER_TEACHERS:
         return _timm_teacher(PAPER_TEACHERS[name], img_size, checkpoint, name, timm_kwargs, feat_after_norm)
     if name in ESVIT_NAMES:
-        return _esvit_teacher(name, img_size, checkpoint, feat_after_norm)
+        return _esvit_teacher(name, img_size, checkpoint, feat_after_norm, timm_kwargs)
     if name.startswith("timm:"):
+        check_timm_name(name, "teacher")  # before any download
         return _timm_teacher(name[len("timm:"):], img_size, checkpoint, name, timm_kwargs, feat_after_norm)
     if name in PRESETS:
         return _fd_ref_teacher(name, img_size, checkpoint, feat_after_norm, **overrides)

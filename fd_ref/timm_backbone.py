@@ -70,6 +70,8 @@ def parse_kwargs(value: Any, flag: str = "--model-kwargs") -> dict[str, Any]:
                 if ch == "," and depth == 0:
                     pieces.append(text[start:i])
                     start = i + 1
+            if depth != 0:
+                raise ValueError("unbalanced brackets")
             for piece in filter(str.strip, pieces):
                 key, sep, val = piece.partition("=")
                 if not sep or not key.strip():
