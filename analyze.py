@@ -54,7 +54,7 @@ from fd_ref.config import resolve_config
 from fd_ref.errors import UserError
 from fd_ref.plots import FIGURE as CURVES
 from fd_ref.plots import draw_training_curves, read_run
-from fd_ref.teachers import PAPER_TEACHERS, build_teacher
+from fd_ref.teachers import ESVIT_NAMES, PAPER_TEACHERS, build_teacher
 from fd_ref.timm_backbone import TimmBackbone
 from fd_ref.vit import PRESETS
 
@@ -132,11 +132,11 @@ class ModelSpec:
 
 
 def _is_teacher_name(name: str) -> bool:
-    return name.startswith("timm:") or name in PAPER_TEACHERS or name in PRESETS
+    return name.startswith("timm:") or name in PAPER_TEACHERS or name in ESVIT_NAMES or name in PRESETS
 
 
 def _teacher_names() -> str:
-    return ", ".join([*PAPER_TEACHERS, "timm:<name>", *PRESETS])
+    return ", ".join([*PAPER_TEACHERS, *ESVIT_NAMES, "timm:<name>", *PRESETS])
 
 
 def parse_model_spec(text: str) -> ModelSpec:

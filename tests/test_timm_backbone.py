@@ -422,3 +422,12 @@ def test_esvit_finetune_config():
     assert (cfg["img_size"], cfg["num_classes"], cfg["weight_decay"], cfg["clip_grad"]) == (224, 1000, 0.05, 5.0)
     assert (cfg["mixup"], cfg["cutmix"], cfg["label_smoothing"], cfg["random_erasing"]) == (0.8, 1.0, 0.1, 0.25)
     assert cfg["auto_augment"] == "rand-m9-mstd0.5-inc1" and cfg["output"] == "out/ft_esvit_swin_base"
+
+
+def test_export_refuses_a_timm_backbone_with_one_line(resnet_run, tmp_path, capsys):
+    import export
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: export.main([str(resnet_run / "student.pt"), str(tmp_path / "x")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "timm backbone" in err
+    assert not (tmp_path / "x").exists()
