@@ -21,7 +21,8 @@ Outputs in --output: attention_distance.png, head_similarity.png, attention_maps
 loss_landscape_1d.png, loss_landscape_2d.png (with --landscape-2d) and analysis.json, written last, with
 every plotted number. Each file is written to a temporary name and renamed, so none is ever half-written.
 The loss landscape needs a classifier head (a finetune.py model): models without one are skipped with a
-note. Settings: DEFAULTS below <- --config YAML <- flags (``python analyze.py --help``).
+note. The attention diagnostics need global attention maps (fd_ref and timm ViTs): a CNN or Swin (a timm
+backbone of train.py --model timm:<name>) gets the loss landscape only, the rest skipped with one line. Settings: DEFAULTS below <- --config YAML <- flags (``python analyze.py --help``).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ from fd_ref.config import resolve_config
 from fd_ref.errors import UserError
 from fd_ref.plots import FIGURE as CURVES
 from fd_ref.plots import draw_training_curves, read_run
-from fd_ref.teachers import PAPER_TEACHERS, build_teacher
+from fd_ref.teachers import ESVIT_NAMES, PAPER_TEACHERS, build_teacher
+from fd_ref.timm_backbone import TimmBackbone
 from fd_ref.vit import PRESETS
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,11 +132,11 @@ class ModelSpec:
 
 
 def _is_teacher_name(name: str) -> bool:
-    return name.startswith("timm:") or name in PAPER_TEACHERS or name in PRESETS
+    return name.startswith("timm:") or name in PAPER_TEACHERS or name in ESVIT_NAMES or name in PRESETS
 
 
 def _teacher_names() -> str:
-    return ", ".join([*PAPER_TEACHERS, "timm:<name>", *PRESETS])
+    return ", ".join([*PAPER_TEACHERS, *ESVIT_NAMES, "timm:<name>", *PRESETS])
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -341,6 +343,24 @@ def _num_classes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------------------------------
+_ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
+
+
+def attention_model(model: nn.Module) -> tuple[Optional[nn.Module], str]:
+    """The network whose global attention maps the Sec. 4 diagnostics read, or None and why not: fd_ref
+    ViTs and timm ViTs (also inside an fd_ref timm backbone) have them; CNNs and windowed attention (Swin)
+    have none, so only the loss landscape applies to them."""
+    net = model.model if isinstance(model, TimmBackbone) else model
+    if hasattr(net, "attention_maps"):
+        return net, ""
+    blocks = getattr(net, "blocks", None)
+    if (blocks is not None and len(blocks) and hasattr(getattr(net, "patch_embed", None), "grid_size")
+            and all(hasattr(getattr(b, "attn", None), n) for b in blocks for n in _ATTENTION_PARTS)):
+        return net, ""
+    kind = f"timm:{model.timm_name}" if isinstance(model, TimmBackbone) else type(net).__name__
+    return None, f"{kind} has no global self-attention maps (a CNN, or windowed attention)"
+
+
 def attention_statistics(loaded: Loaded, batches, layer_tokens, label: str, progress: bool) -> dict:
     """Per-layer attention distance [L][heads], head similarity [L] and the chosen average maps, each an
     exact image-weighted mean over the batches (every statistic is a mean over images)."""
@@ -628,9 +648,16 @@ def main(argv=None) -> None:
         result = {"label": spec.label, "source": spec.source, "kind": "teacher" if spec.teacher else "fd_ref",
                   "img_size": loaded.img_size, "num_classes": _num_classes(loaded.model),
                   "load_summary": loaded.summary}
-        result.update(attention_statistics(loaded, batches, layer_tokens, spec.label, progress))
-        means = ", ".join(f"{sum(h) / len(h):.1f}" for h in result["attention_distance"])
-        print(f"    attention distance per layer (px, mean over heads): {means}", flush=True)
+        net, why_not = attention_model(loaded.model)
+        if net is None:
+            result["attention"] = {"skipped": why_not}
+            print(f"    skipped for {spec.label}: attention distance, head similarity, attention maps: {why_not}",
+                  flush=True)
+        else:
+            with_net = Loaded(net, loaded.img_size, loaded.preprocess, loaded.summary)
+            result.update(attention_statistics(with_net, batches, layer_tokens, spec.label, progress))
+            means = ", ".join(f"{sum(h) / len(h):.1f}" for h in result["attention_distance"])
+            print(f"    attention distance per layer (px, mean over heads): {means}", flush=True)
         if cfg["landscape"]:
             result["landscape"] = landscape_of(loaded, batches, images.num_classes, cfg, progress)
             if "skipped" in result["landscape"]:
@@ -656,9 +683,13 @@ def main(argv=None) -> None:
         fn(subset, path, dpi=cfg["dpi"])
         written.append(path)
 
-    draw("distance", figure_distance, results)
-    draw("similarity", figure_similarity, results)
-    draw("maps", figure_maps, results)
+    with_attention = [r for r in results if "attention_distance" in r]
+    if with_attention:
+        draw("distance", figure_distance, with_attention)
+        draw("similarity", figure_similarity, with_attention)
+        draw("maps", figure_maps, with_attention)
+    else:
+        print("note: no model has attention maps, so no attention figures", flush=True)
     with_landscape = [r for r in results if r["landscape"] and "1d" in r["landscape"]]
     if with_landscape:
         draw("landscape_1d", figure_landscape_1d, with_landscape)

@@ -41,6 +41,8 @@ from fd_ref.sampler import make_loader
 from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
 from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
+from fd_ref.timm_backbone import (TimmBackbone, build_from_config, build_timm_optimizer, is_timm_config,
+                                  is_timm_name, load_backbone, parse_kwargs)
 from fd_ref.vit import PRESETS, VisionTransformer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,7 +63,8 @@ DEFAULTS = dict(
     from_scratch=False,          # ignore --pretrained: random initialisation
     linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head (LARS, plain CE)
     probe_pool="avg",            # linear probe features: avg (mean patch token + LayerNorm) | cls (normed class token)
-    model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch)
+    model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch); timm:<name> too
+    model_kwargs=None,           # timm arguments of a timm:<name> model from scratch (a timm student.pt records its own)
     patch_size=8,
     depth=4,
     embed_dim=None,
@@ -150,6 +153,11 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     if cfg["from_scratch"] or not cfg["pretrained"]:
         if probe:
             raise UserError("--linear-probe needs --pretrained weights (a frozen random backbone is no probe)")
+        if is_timm_name(cfg["model"]):
+            model = TimmBackbone(cfg["model"], cfg["img_size"], parse_kwargs(cfg["model_kwargs"]),
+                                 drop_path_rate=cfg["drop_path"])
+            model.reset_classifier(cfg["num_classes"])
+            return model, f"random initialisation of {cfg['model']} (from scratch), timm's classifier head"
         if cfg["model"] not in PRESETS:
             raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
         preset = PRESETS[cfg["model"]]
@@ -165,6 +173,8 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
                         f"--pretrained PATH, or --from-scratch")
     blob = load_file(path)
     source = blob.get("model_config") if isinstance(blob, dict) else None
+    if is_timm_config(source):
+        return build_timm_model(cfg, blob, source, path)
     if source:  # an older model_config may lack some keys: those take the constructor's defaults
         arch = {k: source[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
                                        "layer_scale_init", "act_layer", "pre_norm", "ln_eps", "patch_bias")
@@ -202,6 +212,29 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     return model, summary
 
 
+def build_timm_model(cfg: dict, blob, source: dict, path: str) -> tuple[nn.Module, str]:
+    """A timm backbone's file (fd_ref.timm_backbone), rebuilt from its recorded timm name and arguments:
+    fine-tuning gets timm's own classifier head (``reset_classifier``) and ``--drop-path``; the linear
+    probe freezes it (features: the mean of its last map's tokens + a LayerNorm without affine, or the class
+    token of a timm ViT). A classifier head in the file (a fine-tuned model) is not carried over."""
+    if source.get("linear_probe"):
+        raise UserError(f"{path} is a linear probe; fine-tune the checkpoint it was probed from")
+    if int(source.get("img_size", cfg["img_size"])) != cfg["img_size"]:
+        raise UserError(f"{path} was trained at {source.get('img_size')} px but --img-size is {cfg['img_size']}; "
+                        f"pass --img-size {source.get('img_size')}")
+    state = {k: v for k, v in model_state(blob).items() if not k.startswith(("model.head.", "projection."))}
+    backbone = load_backbone(source, state, path, num_classes=0,
+                             drop_path_rate=0.0 if cfg["linear_probe"] else cfg["drop_path"])
+    summary = f"loaded timm:{source['timm']} ({len(state)} tensors) from {path}"
+    if cfg["linear_probe"]:
+        if cfg["probe_pool"] == "cls" and backbone.num_prefix_tokens == 0:
+            raise UserError(f"--probe-pool cls needs a class token; timm:{source['timm']} has none: use "
+                            f"--probe-pool avg")
+        return LinearProbe(backbone, cfg["num_classes"], pool=cfg["probe_pool"]), summary
+    backbone.reset_classifier(cfg["num_classes"])
+    return backbone, summary + f", timm's classifier head for {cfg['num_classes']} classes"
+
+
 def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
     """--eval-only: the model in --pretrained (or --resume) exactly as the file records it (architecture,
     head, fc_norm), on the validation split of --data; no training flag is needed, nothing is written."""
@@ -211,8 +244,9 @@ def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
         raise UserError(f"{path} has no classification head (a distilled student?); --eval-only evaluates a "
                         f"fine-tuned model: pass --pretrained OUT/best.pt or OUT/checkpoint.pt of finetune.py")
     if mf.linear_probe:
-        model = LinearProbe(VisionTransformer(**vit_arguments({**mf.config, "num_classes": 0})), mf.num_classes,
-                            pool=mf.config.get("probe_pool", "avg"))
+        backbone = (build_from_config(mf.config, num_classes=0) if mf.is_timm else
+                    VisionTransformer(**vit_arguments({**mf.config, "num_classes": 0})))
+        model = LinearProbe(backbone, mf.num_classes, pool=mf.config.get("probe_pool", "avg"))
         load_strict(model, mf.state, mf.path)
     else:
         model = build_vit(mf)
@@ -297,7 +331,7 @@ def main(argv=None) -> dict:
     model.to(info.device)
     if info.is_main:
         print(summary, flush=True)
-    if cfg["grad_checkpointing"] and isinstance(model, VisionTransformer):
+    if cfg["grad_checkpointing"] and isinstance(model, (VisionTransformer, TimmBackbone)):
         model.set_grad_checkpointing(True)
     ddp, forward = None, model
     if info.world_size > 1:
@@ -312,6 +346,9 @@ def main(argv=None) -> dict:
     lr = lrs["base_lr"]
     if cfg["linear_probe"]:  # published main_linear.py: LARS over the head (momentum 0.9, trust 0.001)
         optimizer = Lars(model.head.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
+    elif isinstance(model, TimmBackbone):  # timm's own grouping of the family's layers
+        layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
+        optimizer = build_timm_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay)
     else:
         layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
         optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay,

@@ -32,6 +32,7 @@ from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
 from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
 from fd_ref.teachers import build_teacher
+from fd_ref.timm_backbone import TimmBackbone, check_timm_name, is_timm_name, parse_kwargs
 from fd_ref.vit import PRESETS, create_vit
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,10 +52,12 @@ DEFAULTS = dict(
     # teacher
     teacher="vit_tiny",          # dino_vit_base | deit_vit_base | clip_vit_base | clip_vit_large | timm:<name> | fd_ref preset
     teacher_checkpoint=None,     # local weights (.pth/.pt/.safetensors): nothing is downloaded
+    teacher_kwargs=None,         # timm arguments of a timm:<name> teacher: 'embed_dim=16,depths=[1,1]' or JSON / YAML mapping
     teacher_patch_size=8,        # shape of an fd_ref preset teacher built without a recorded config
     teacher_depth=4,
     # student
-    model="vit_tiny",            # vit_tiny | vit_small | vit_base | vit_large | vit_large_patch14
+    model="vit_tiny",            # vit_tiny | vit_small | vit_base | vit_large | vit_large_patch14 | timm:<name> (any timm backbone)
+    model_kwargs=None,           # timm arguments of a timm:<name> student: 'depths=[2,2,18,2],window_size=14' or JSON / YAML mapping
     patch_size=8,
     depth=4,                     # override the preset's depth (None: the preset's)
     embed_dim=None,
@@ -96,6 +99,14 @@ DEFAULTS = dict(
 
 
 def build_student(cfg: dict) -> nn.Module:
+    """fd_ref's ViT (the default), or ``timm:<name>``: a timm backbone (``fd_ref.timm_backbone``) built
+    with ``--model-kwargs``, ``--img-size`` and ``--drop-path``; the ViT shape flags (patch size, depth,
+    widths, position embedding, layer scale) do not apply to it."""
+    if is_timm_name(cfg["model"]):
+        return TimmBackbone(cfg["model"], cfg["img_size"], parse_kwargs(cfg["model_kwargs"], "--model-kwargs"),
+                            drop_path_rate=cfg["drop_path"])
+    if cfg["model_kwargs"]:
+        raise UserError(f"--model-kwargs applies to a timm:<name> student, not to {cfg['model']}")
     return create_vit(cfg["model"], img_size=cfg["img_size"], patch_size=cfg["patch_size"],
                       depth=cfg["depth"], embed_dim=cfg["embed_dim"], num_heads=cfg["num_heads"],
                       drop_path_rate=cfg["drop_path"], pos_embed=cfg["pos_embed"],
@@ -120,8 +131,11 @@ def main(argv=None) -> None:
                                     train_subset=cfg["train_subset"], need_val=False,
                                     synthetic_size=cfg["synthetic_size"], img_size=cfg["img_size"],
                                     seed=cfg["seed"], in_memory=cfg["data_in_memory"])
+    if is_timm_name(cfg["model"]):
+        check_timm_name(cfg["model"], "student")  # a bad name fails before any teacher download
     teacher = build_teacher(cfg["teacher"], img_size=cfg["img_size"], checkpoint=cfg["teacher_checkpoint"],
                             feat_after_norm=cfg["teacher_feat_after_norm"],
+                            timm_kwargs=parse_kwargs(cfg["teacher_kwargs"], "--teacher-kwargs") or None,
                             patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"])
     student = build_student(cfg)
     model = FeatureDistillation(student, teacher, beta=cfg["beta"], whiten_target=cfg["whiten"],

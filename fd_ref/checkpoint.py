@@ -318,6 +318,13 @@ def load_vit(path: str | os.PathLike, **overrides):
         raise UserError(f"{path} does not record its architecture (no model_config); build the model "
                         f"with --model and load it as --pretrained instead")
     state = model_state(blob)
+    if "timm" in config:  # a timm backbone (fd_ref.timm_backbone): rebuilt from its timm name and arguments
+        from .timm_backbone import load_backbone
+        if config.get("linear_probe"):
+            raise UserError(f"{path} is a linear probe of a timm backbone; analyse the checkpoint it was probed "
+                            f"from")
+        model = load_backbone({**config, **overrides}, state, path)
+        return model, f"loaded timm:{config['timm']} from {Path(path).name}"
     probe_pool = config.get("probe_pool", "cls") if config.get("linear_probe") else None
     if probe_pool:  # finetune.py --linear-probe: the frozen backbone is the ViT
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

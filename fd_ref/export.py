@@ -47,6 +47,9 @@ def beit_model_args(config: Mapping[str, Any], path: Path | str = "the model") -
     def refuse(what: str) -> UserError:
         return UserError(f"{path} cannot be exported to timm's Beit: {what}")
 
+    if "timm" in config:
+        raise refuse(f"it is a timm backbone (timm:{config['timm']}), not fd_ref's ViT; its weights (keys after "
+                     f"`model.`) load into timm.create_model({config['timm']!r}, **{config.get('timm_kwargs') or {}})")
     if config.get("linear_probe"):
         raise refuse("it is a linear probe (BatchNorm + linear head on a frozen backbone); export the "
                      "student it was probed from")

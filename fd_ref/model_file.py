@@ -37,8 +37,15 @@ class ModelFile:
         return bool(self.config.get("linear_probe"))
 
     @property
+    def is_timm(self) -> bool:
+        """A timm backbone (fd_ref.timm_backbone), rebuilt from its recorded timm name and arguments."""
+        return "timm" in self.config
+
+    @property
     def num_classes(self) -> int:
         """Rows of the classifier the weights hold (0: no head, e.g. a distilled student)."""
+        if self.is_timm and not self.linear_probe:
+            return int(self.config.get("num_classes", 0))
         head = self.state.get("head.weight")
         return int(head.shape[0]) if head is not None else 0
 
@@ -52,7 +59,9 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise UserError(f"{path} is not an fd-ref model file (it records no model_config and weights); "
                         f"pass a {FILES_HINT}")
     state = model_state(blob)
-    state = {k: v for k, v in to_fd_ref_keys(state).items() if not k.startswith("projection.")}
+    if "timm" not in config:  # a timm backbone keeps timm's own keys
+        state = to_fd_ref_keys(state)
+    state = {k: v for k, v in state.items() if not k.startswith("projection.")}
     return ModelFile(path, dict(config), state, blob)
 
 
@@ -78,11 +87,14 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path:
     model.load_state_dict(state, strict=True)
 
 
-def build_vit(mf: ModelFile) -> VisionTransformer:
-    """The fd_ref ViT that ``mf`` records, its weights loaded in full, in eval mode."""
+def build_vit(mf: ModelFile) -> torch.nn.Module:
+    """The fd_ref ViT (or timm backbone) that ``mf`` records, its weights loaded in full, in eval mode."""
     if mf.linear_probe:
         raise UserError(f"{mf.path} is a linear probe (a frozen backbone + BatchNorm + linear head), not a "
                         f"plain ViT; use the checkpoint it was probed from")
+    if mf.is_timm:
+        from .timm_backbone import load_backbone
+        return load_backbone(mf.config, mf.state, mf.path).eval()
     try:
         model = VisionTransformer(**vit_arguments(mf.config))
     except (TypeError, ValueError) as e:

@@ -44,8 +44,8 @@ class LinearProbe(nn.Module):
         if pool not in PROBE_POOLS:
             raise ValueError(f"probe pool must be one of {PROBE_POOLS}, got {pool!r}")
         self.pool = pool
-        if pool == "avg":  # the published mean-pooling model has no final norm over the tokens
-            backbone.norm = nn.Identity()
+        if pool == "avg" and isinstance(backbone, VisionTransformer):  # the published mean-pooling model has
+            backbone.norm = nn.Identity()                                  # no final norm over the tokens
         self.backbone = backbone.requires_grad_(False)
         self.bn = nn.BatchNorm1d(backbone.embed_dim, affine=False, eps=BN_EPS)
         self.head = nn.Linear(backbone.embed_dim, num_classes)

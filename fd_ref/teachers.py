@@ -20,7 +20,18 @@ Names:
   ``*_clip_224.openai`` ones, which run the same weights with exact GELU and give other features.
   A ``checkpoint`` may be timm's layout or an original release (OpenAI CLIP ``visual.*`` keys, DINO,
   DeiT): timm's own checkpoint filter maps it;
-- ``timm:<name>``: any timm ViT-like model with ``forward_features`` returning tokens;
+- ``timm:<name>``: any timm model with a spatial last feature map (``fd_ref.timm_backbone``): a ViT's
+  tokens, a CNN's [B, C, H, W] map (ResNet, ConvNeXt), Swin / SwinV2's [B, H, W, C] map, all read as tokens
+  [B, H*W, C] (no class token), taken after the model's final norm where it has one (Swin's ``norm``;
+  ConvNeXt's head norm, applied per position; a ResNet has none);
+- ``esvit_swin_base``: the paper's EsViT Swin-B teacher (published ``models/esvit.py``): timm's Swin with
+  patch 4, width 128, depths (2, 2, 18, 2), heads (4, 8, 16, 32), window 14, ImageNet mean/std; its last
+  stage after the final norm, 128 * 8 = 1024 channels on a 7 x 7 grid at 224 px (published
+  ``PRED_FEAT_S3: False``, the default of every published config). ``esvit_swin_base_s3`` is the published
+  ``PRED_FEAT_S3: True`` variant: the first three stages only, 128 * 4 = 512 channels on 14 x 14, with a
+  final LayerNorm at its initial weights (the released norm belongs to the fourth stage and is dropped).
+  Weights: the released EsViT checkpoint (``ESVIT_URL``), passed as ``checkpoint`` (:func:`esvit_to_timm`
+  maps its keys);
 - fd_ref's own presets (``vit_tiny`` ... ``vit_large``), e.g. a ViT trained by ``finetune.py``.
 """
 from __future__ import annotations
@@ -31,10 +42,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+import re
+
 from .checkpoint import check_model_config, load_file, load_weights, model_state
 from . import hub
 from .errors import UserError
 from .position import Grid
+from .timm_backbone import check_timm_name, head_norm, probe_layout, to_tokens
 from .vit import PRESETS, VisionTransformer, create_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,11 +68,13 @@ class Teacher(nn.Module):
 
     def __init__(self, model: nn.Module, embed_dim: int, grid: Grid, num_prefix_tokens: int,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 name: str = "", feat_after_norm: bool = True) -> None:
+                 name: str = "", feat_after_norm: bool = True, fmt: str = "tokens") -> None:
         super().__init__()
-        self.feat_after_norm = feat_after_norm
+        self.feat_after_norm, self.fmt = feat_after_norm, fmt
         avg_pool_vit = isinstance(model, VisionTransformer) and model.global_pool == "avg"
-        if not feat_after_norm and not avg_pool_vit:  # a mean-pooling fd_ref ViT: fc_norm is skipped instead
+        # ConvNeXt-like timm models normalise after pooling, in their head: that norm is applied per position
+        self.head_norm = feat_after_norm and fmt != "tokens" and head_norm(model) is not None
+        if not feat_after_norm and not avg_pool_vit and not (fmt != "tokens" and head_norm(model) is not None):
             if not isinstance(getattr(model, "norm", None), nn.Module):
                 raise UserError(f"teacher {name or type(model).__name__} has no final norm `norm` to leave "
                                 f"out; use --teacher-feat-after-norm")
@@ -85,6 +101,13 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self.scale + self.shift if self.renormalise else images
         tokens = self.model.forward_features(x.to(self.dtype))
+        if self.fmt != "tokens":  # a CNN / Swin map -> tokens [B, H*W, C]
+            if self.head_norm and self.fmt == "NCHW":
+                tokens = self.model.head.norm(tokens)
+            tokens = to_tokens(tokens, self.fmt)
+            if self.head_norm and self.fmt == "NHWC":
+                tokens = self.model.head.norm(tokens)
+            return tokens
         if self.feat_after_norm and isinstance(self.model, VisionTransformer) and self.model.global_pool == "avg":
             # Mean-pooling ViTs normalise after pooling; their final norm is fc_norm, applied per token.
             tokens = self.model.fc_norm(tokens)
@@ -96,19 +119,29 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
     import timm
 
     kwargs = dict(num_classes=0, img_size=img_size, **(timm_kwargs or {}))
+
+    def create(pretrained: bool) -> nn.Module:
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+        except TypeError as e:  # CNNs take no img_size
+            if "img_size" not in str(e) or "img_size" in (timm_kwargs or {}):
+                raise
+            kwargs.pop("img_size")
+            return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+
     try:
         if checkpoint is not None:
             if not os.path.isfile(checkpoint):
                 raise UserError(f"teacher checkpoint {checkpoint} does not exist; check the path")
-            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+            model = create(False)
             # timm's own filter maps original releases (DINO, OpenAI CLIP, DeiT) to its keys and resamples
             # position embeddings for another image size.
             state = model_state(load_file(checkpoint))
             filter_fn = _checkpoint_filter(timm_name)
             if filter_fn is not None:
                 state = filter_fn(state, model)
-            summary = load_weights(model, state, what=f"teacher {display}", ignore=(r"head\..*",))
-            if "missing" in summary:
+            summary = load_weights(model, state, what=f"teacher {display}", ignore=(r"head\.(?!norm\.).*",))
+            if "missing" in summary:  # (a ConvNeXt's head norm is its final norm: loaded)
                 raise UserError(f"teacher checkpoint {checkpoint} does not fit {display}: {summary}")
         else:
             # one quick request through huggingface_hub's own configuration (HF_ENDPOINT, proxies,
@@ -117,7 +150,7 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
             if offline:
                 hub.set_offline()
             try:
-                model = timm.create_model(timm_name, pretrained=True, **kwargs)
+                model = create(True)
             except Exception:  # noqa: BLE001 - whatever timm raises when the cache lacks the weights
                 if offline:
                     raise UserError(f"could not get the weights of teacher {display!r}: {offline}, and they are "
@@ -131,15 +164,110 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
             raise UserError(f"unknown teacher {display!r}: timm has no model {timm_name!r}") from None
         raise UserError(f"could not get the weights of teacher {display!r} ({str(e).splitlines()[0][:120]}); "
                         f"pass --teacher-checkpoint PATH with local weights") from None
+    except (TypeError, ValueError, AssertionError, IndexError) as e:  # arguments timm cannot build
+        raise UserError(f"timm cannot build teacher {display!r} with {timm_kwargs or 'its defaults'} at {img_size} "
+                        f"px ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     except Exception as e:  # noqa: BLE001 - network / hub failures come in many types
         raise UserError(f"could not download the weights of teacher {display!r} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                         f"offline? pass --teacher-checkpoint PATH with local weights") from None
     cfg = model.pretrained_cfg or {}
-    grid = tuple(model.patch_embed.grid_size)
-    return Teacher(model, model.num_features, grid, getattr(model, "num_prefix_tokens", 1),
-                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-                   name=display, feat_after_norm=feat_after_norm)
+    return _wrap_timm(model, img_size, display, feat_after_norm, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                      std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
+def _wrap_timm(model: nn.Module, img_size: int, display: str, feat_after_norm: bool,
+               mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Teacher:
+    """A timm model as a :class:`Teacher`: a ViT (``num_prefix_tokens`` and ``patch_embed.grid_size``)
+    returns its tokens; any other model's last feature map is measured once (``probe_layout``)."""
+    vit_like = hasattr(model, "num_prefix_tokens") and hasattr(getattr(model, "patch_embed", None), "grid_size")
+    if vit_like:
+        grid, prefix, fmt, width = tuple(model.patch_embed.grid_size), model.num_prefix_tokens, "tokens", \
+            model.num_features
+    else:
+        layout = probe_layout(model, img_size, f"teacher {display}")
+        grid, prefix, fmt, width = layout.grid, layout.num_prefix_tokens, layout.fmt, layout.channels
+    return Teacher(model, width, grid, prefix, mean=mean, std=std, name=display, feat_after_norm=feat_after_norm,
+                   fmt=fmt)
+
+
+# The released EsViT Swin-B checkpoint the published models/esvit.py downloads (weights under "student").
+ESVIT_URL = ("https://chunyleu.blob.core.windows.net/output/ckpts/esvit/swin/swin_base/bl_lr0.0005_nodes4_gpu16_"
+             "bs8_multicrop_epoch300_dino_aug_window14_lv/continued_from_epoch0200_dense_norm_true/"
+             "checkpoint_best.pth")
+ESVIT_TIMM = "swin_base_patch4_window7_224"
+ESVIT_ARGS = dict(patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=14)
+ESVIT_NAMES = {"esvit_swin_base": 4, "esvit_swin_base_s3": 3}  # name -> stages kept
+
+
+def esvit_to_timm(blob, num_stages: int = 4) -> dict[str, torch.Tensor]:
+    """The released EsViT checkpoint (published ``models/esvit.py``: ``torch.load(path)["student"]``, keys
+    of Microsoft's Swin after removing ``module.``) -> keys of timm's ``SwinTransformer``:
+
+    - the state is ``blob["student"]`` when the file holds one (a DINO-style training checkpoint), else the
+      file itself; prefixes ``module.`` (DDP) and ``backbone.`` (a multi-crop wrapper) are removed;
+    - Microsoft's Swin merges patches at the END of stage i (``layers.{i}.downsample``), timm at the START
+      of stage i + 1: ``layers.{i}.downsample.*`` -> ``layers.{i+1}.downsample.*`` (same tensors: both
+      concatenate the 2x2 neighbours in the order (0,0), (1,0), (0,1), (1,1), then norm, then reduction);
+    - buffers timm recomputes (``relative_position_index``, ``attn_mask``) and everything that is not the
+      backbone (the self-supervised heads ``head*``) are dropped;
+    - ``num_stages=3`` (``PRED_FEAT_S3``): stage 4, the merging into it and the final ``norm`` are dropped.
+    """
+    state = blob.get("student", blob) if isinstance(blob, dict) else blob
+    if not isinstance(state, dict):
+        raise UserError("EsViT checkpoint holds no state dict (expected a dict of weights under 'student')")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "backbone."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        if key.endswith(("relative_position_index", "attn_mask")) or not key.startswith(
+                ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")):
+            continue
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        if m:
+            key = f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
+        stage = re.match(r"layers\.(\d+)\.", key)
+        if stage and int(stage.group(1)) >= num_stages:
+            continue
+        if key.startswith("norm.") and num_stages < 4:
+            continue
+        out[key] = value
+    return out
+
+
+def _esvit_teacher(name: str, img_size: int, checkpoint: Optional[str], feat_after_norm: bool,
+                   timm_kwargs: Optional[dict] = None) -> Teacher:
+    """The EsViT teacher; ``timm_kwargs`` override the Swin-B shape (tests build a tiny one)."""
+    import timm
+
+    if checkpoint is None:
+        raise UserError(f"teacher {name} needs the released EsViT checkpoint: download {ESVIT_URL} and pass "
+                        f"--teacher-checkpoint PATH")
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"teacher checkpoint {checkpoint} does not exist; check the path")
+    stages = ESVIT_NAMES[name]
+    base = {**ESVIT_ARGS, **(timm_kwargs or {})}
+    args = {**base, "depths": tuple(base["depths"])[:stages], "num_heads": tuple(base["num_heads"])[:stages]}
+    try:
+        model = timm.create_model(ESVIT_TIMM, pretrained=False, num_classes=0, img_size=img_size, **args)
+    except Exception as e:  # noqa: BLE001 - e.g. an image size the stages cannot halve
+        raise UserError(f"timm cannot build teacher {name} at {img_size} px ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    state = esvit_to_timm(load_file(checkpoint), stages)
+    fresh = {"norm.weight", "norm.bias"} if stages < 4 else set()  # S3: the final norm stays at 1 / 0
+    missing, unexpected = sorted(set(model.state_dict()) - set(state) - fresh), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UserError(f"teacher checkpoint {checkpoint} does not fit {name}: "
+                        f"{'missing ' + ', '.join(missing[:4]) if missing else 'unexpected ' + ', '.join(unexpected[:4])}"
+                        f" ({len(missing)} missing, {len(unexpected)} unexpected); is it the released EsViT Swin-B?")
+    load_weights(model, state, what=f"teacher {name}")
+    return _wrap_timm(model, img_size, name, feat_after_norm)
 
 
 def _hub_repo(timm_name: str) -> str:
@@ -193,9 +321,12 @@ def build_teacher(name: str, img_size: int = 224, checkpoint: Optional[str] = No
     from a checkpoint that does not record its architecture; a checkpoint's ``model_config`` wins."""
     if name in PAPER_TEACHERS:
         return _timm_teacher(PAPER_TEACHERS[name], img_size, checkpoint, name, timm_kwargs, feat_after_norm)
+    if name in ESVIT_NAMES:
+        return _esvit_teacher(name, img_size, checkpoint, feat_after_norm, timm_kwargs)
     if name.startswith("timm:"):
+        check_timm_name(name, "teacher")  # before any download
         return _timm_teacher(name[len("timm:"):], img_size, checkpoint, name, timm_kwargs, feat_after_norm)
     if name in PRESETS:
         return _fd_ref_teacher(name, img_size, checkpoint, feat_after_norm, **overrides)
-    raise UserError(f"unknown teacher {name!r}; use one of {', '.join(PAPER_TEACHERS)}, timm:<timm model "
+    raise UserError(f"unknown teacher {name!r}; use one of {', '.join([*PAPER_TEACHERS, *ESVIT_NAMES])}, timm:<timm model "
                     f"name>, or an fd_ref preset ({', '.join(PRESETS)})")

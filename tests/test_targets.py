@@ -182,7 +182,7 @@ def test_train_settings_and_published_configs():
     cfg = resolve_config(train.DEFAULTS, ["--target", "avg", "--no-teacher-feat-after-norm"])
     assert cfg["target"] == "avg" and cfg["teacher_feat_after_norm"] is False
     fd_configs = sorted(CONFIGS.glob("fd_*.yaml"))
-    assert len(fd_configs) == 5
+    assert len(fd_configs) == 6  # the five ViT runs and EsViT Swin-B -> SwinV2-B
     for path in fd_configs:  # every published pre-training config: PRED_FEAT_AFTERNORM: True, full map
         raw = yaml.safe_load(path.read_text())
         assert raw["target"] == "full" and raw["teacher_feat_after_norm"] is True, path.name
