@@ -35,9 +35,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     summary = export_model(args.checkpoint, args.folder, overwrite=args.overwrite, repo_id=args.push_to_hub)
     m = summary["model_args"]
-    pos = "shared" if m["use_shared_rel_pos_bias"] else "per-block" if m["use_rel_pos_bias"] else "absolute"
-    print(f"wrote {args.folder}: timm {summary['architecture']} ({m['depth']} blocks, width {m['embed_dim']}, "
-          f"{pos} position, {m['num_classes'] or 'no'} classes, {m['img_size']} px); outputs equal fd-ref's "
+    if "use_shared_rel_pos_bias" in m:  # fd-ref's ViT as timm's Beit
+        pos = "shared" if m["use_shared_rel_pos_bias"] else "per-block" if m["use_rel_pos_bias"] else "absolute"
+        shape = (f"{m['depth']} blocks, width {m['embed_dim']}, {pos} position, {m['num_classes'] or 'no'} "
+                 f"classes, {m['img_size']} px")
+    else:  # a timm student as itself
+        shape = f"arguments {m}, {summary['num_classes'] or 'no'} classes"
+    print(f"wrote {args.folder}: timm {summary['architecture']} ({shape}); outputs equal fd-ref's "
           f"(max difference {summary['max_difference']:.1e})", flush=True)
     print(f'load it: timm.create_model("local-dir:{args.folder}", pretrained=True)', flush=True)
     if args.push_to_hub:

@@ -14,6 +14,9 @@ fd_ref's ViT is timm's ``Beit`` with other key names (``fd_ref.checkpoint.to_tim
     global_pool "cls": norm, class token        -> global_pool "token" (norm on every token)
     global_pool "avg": mean of patches, fc_norm -> global_pool "avg" (fc_norm after pooling)
 
+A timm student (``train.py --model timm:<name>``) is written as itself: ``architecture`` its timm name,
+``model_args`` its recorded timm arguments, the weights those of the wrapped timm model.
+
 Every export is checked before anything is written: the timm model and the fd_ref model run on the same
 random input in fp32 and must agree (features and, with a head, logits). A model timm's ``Beit`` cannot
 express (a linear probe, an option such as pre-norm or QuickGELU) is refused with one line.
@@ -48,8 +51,8 @@ def beit_model_args(config: Mapping[str, Any], path: Path | str = "the model") -
         return UserError(f"{path} cannot be exported to timm's Beit: {what}")
 
     if "timm" in config:
-        raise refuse(f"it is a timm backbone (timm:{config['timm']}), not fd_ref's ViT; its weights (keys after "
-                     f"`model.`) load into timm.create_model({config['timm']!r}, **{config.get('timm_kwargs') or {}})")
+        raise refuse(f"it is a timm backbone (timm:{config['timm']}), not fd_ref's ViT; export_model writes it "
+                     f"as that timm model")
     if config.get("linear_probe"):
         raise refuse("it is a linear probe (BatchNorm + linear head on a frozen backbone); export the "
                      "student it was probed from")
@@ -180,6 +183,92 @@ def model_card(mf: ModelFile, args: Mapping[str, Any], folder_name: str, repo_id
     return "\n".join(lines)
 
 
+def _write_folder(folder: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], card: str) -> None:
+    """config.json, model.safetensors and README.md, written into a temporary folder next to ``folder`` that
+    then takes its place (an existing ``folder`` is swapped out): on any failure nothing is left behind."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        save_file(dict(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():  # mkdtemp / safetensors create private files; give the usual permissions
+            path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _timm_model_args(name: str, kwargs: Mapping[str, Any], img_size: int, num_classes: int) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments that rebuild a timm student: its recorded kwargs, its class count,
+    and ``img_size`` where the model takes one (CNNs do not)."""
+    import timm
+
+    args = {**dict(kwargs or {}), "num_classes": int(num_classes)}
+    try:
+        timm.create_model(name, pretrained=False, **{"img_size": img_size, **args})
+        return {"img_size": img_size, **args}
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return args
+
+
+def _export_timm_backbone(mf: ModelFile, folder: Path, repo_id: Optional[str]) -> dict[str, Any]:
+    """A timm student (``train.py --model timm:<name>``, fine-tuned or not) as itself: architecture = its
+    timm name, model_args = its recorded kwargs, the weights of the wrapped timm model. Checked like the
+    ViT export: timm's model rebuilt from config.json must give the same features and logits."""
+    import timm
+
+    from .timm_backbone import load_backbone
+
+    backbone = load_backbone(mf.config, mf.state, mf.path).eval()
+    inner, name = backbone.model, str(mf.config["timm"])
+    img_size = int(mf.config.get("img_size") or 224)
+    args = _timm_model_args(name, mf.config.get("timm_kwargs") or {}, img_size, backbone.num_classes)
+    rebuilt = timm.create_model(name, pretrained=False, **args).eval()
+    rebuilt.load_state_dict(inner.state_dict(), strict=True)
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pairs = [(inner.forward_features(x), rebuilt.forward_features(x)), (inner(x), rebuilt(x))]
+    difference = max(float((a - b).abs().max()) / max(1.0, float(a.abs().max())) for a, b in pairs)
+    if not difference <= TOLERANCE:
+        raise UserError(f"{mf.path} cannot be exported as timm's {name}: the rebuilt model differs by "
+                        f"{difference:.2e} (> {TOLERANCE:g})")
+    crop_pct = float(_training_config(mf).get("crop_pct") or DEFAULT_CROP_PCT)
+    cfg = {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "crop_pct": crop_pct,
+           "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+           "num_classes": args["num_classes"]}
+    config = {"architecture": name, "num_classes": args["num_classes"], "num_features": backbone.num_features,
+              "model_args": {k: v for k, v in args.items() if k != "num_classes"}, "pretrained_cfg": cfg}
+    load = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder.name}"
+    card = "\n".join([
+        "---", "library_name: timm", "tags:", "- feature-distillation", "- fd-ref", "---", "",
+        f"# {repo_id or folder.name}", "",
+        f"timm's `{name}` ({'fine-tuned classifier' if args['num_classes'] else 'feature-distilled student'}) "
+        "trained with fd-ref's Feature Distillation (Wei et al., arXiv 2205.14141).", "",
+        f"Teacher: {mf.blob.get('teacher') or _training_config(mf).get('teacher') or 'not recorded'}. "
+        f"Input: {img_size} px, ImageNet mean/std, bicubic resize, centre crop.", "",
+        "```python", "import timm", f'model = timm.create_model("{load}", pretrained=True).eval()', "```", ""])
+    state = {k: v.detach().contiguous().clone() for k, v in inner.state_dict().items()}
+    _write_folder(folder, state, config, card)
+    return {"folder": str(folder), "architecture": name, "model_args": config["model_args"],
+            "max_difference": difference, "num_classes": args["num_classes"]}
+
+
 def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwrite: bool = False,
                  repo_id: Optional[str] = None) -> dict[str, Any]:
     """Write ``folder`` (config.json, model.safetensors, README.md) for the model in ``source``.
@@ -188,7 +277,6 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
     on any failure nothing is left behind, and an existing ``folder`` is replaced only with ``overwrite``.
     Returns a summary (architecture, model_args, the checked max difference)."""
     import timm
-    from safetensors.torch import save_file
 
     from .checkpoint import to_timm_beit
 
@@ -198,6 +286,8 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise UserError(f"{folder} exists and is not empty; pass --overwrite to replace it, or another folder")
     mf = read_model_file(source)
+    if "timm" in mf.config:  # a timm student: exported as that timm model
+        return _export_timm_backbone(mf, folder, repo_id)
     args = beit_model_args(mf.config, source)
     fd_model = build_vit(mf)
     timm_model = timm.create_model(BEIT_ARCHITECTURE, pretrained=False, **args).eval()
@@ -215,29 +305,8 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
               "model_args": {k: v for k, v in args.items() if k != "drop_path_rate"},
               "pretrained_cfg": pretrained_cfg(args, crop_pct)}
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        state = {k: v.detach().contiguous().clone() for k, v in timm_model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(mf, args, folder.name, repo_id))
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in tmp.iterdir():  # mkdtemp / safetensors create private files; give the usual permissions
-            path.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    state = {k: v.detach().contiguous().clone() for k, v in timm_model.state_dict().items()}
+    _write_folder(folder, state, config, model_card(mf, args, folder.name, repo_id))
     return {"folder": str(folder), "architecture": BEIT_ARCHITECTURE, "model_args": config["model_args"],
             "max_difference": difference, "num_classes": args["num_classes"]}
 

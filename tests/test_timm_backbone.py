@@ -424,10 +424,29 @@ def test_esvit_finetune_config():
     assert cfg["auto_augment"] == "rand-m9-mstd0.5-inc1" and cfg["output"] == "out/ft_esvit_swin_base"
 
 
-def test_export_refuses_a_timm_backbone_with_one_line(resnet_run, tmp_path, capsys):
+def test_export_writes_a_timm_student_as_itself(resnet_run, tmp_path):
+    """export.py writes a timm student as its own timm architecture; plain timm in a fresh interpreter (no
+    fd_ref import) loads the folder and computes the same features as fd-ref's backbone."""
+    import json
+    import subprocess
+    import sys
+
     import export
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: export.main([str(resnet_run / "student.pt"), str(tmp_path / "x")]))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "timm backbone" in err
-    assert not (tmp_path / "x").exists()
+    folder = tmp_path / "x"
+    export.main([str(resnet_run / "student.pt"), str(folder)])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == RESNET[0] and config["model_args"]["channels"] == [8, 16, 32, 64]
+    backbone = build_vit(read_model_file(resnet_run / "student.pt")).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    code = (f"import sys, torch, timm\nassert 'fd_ref' not in sys.modules\n"
+            f"m = timm.create_model('local-dir:{folder}', pretrained=True).eval()\n"
+            f"x = torch.load('{tmp_path / 'x.pt'}')\n"
+            f"with torch.no_grad(): torch.save(m.forward_features(x), '{tmp_path / 'y.pt'}')\n"
+            f"assert 'fd_ref' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        expected = backbone.model.forward_features(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-5, atol=1e-5)
