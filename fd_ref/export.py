@@ -32,11 +32,10 @@ import torch
 
 from .errors import UserError
 from .model_file import ModelFile, build_vit, read_model_file
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vit import PRESETS
 
 BEIT_ARCHITECTURE = "beit_base_patch16_224"  # any registered Beit entry point: model_args set every size
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875
 TOLERANCE = 1e-4  # max |timm - fd_ref| allowed in the export check, relative to max(1, max |fd_ref|)
 

@@ -345,27 +345,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def create_vit(name: str, **overrides) -> VisionTransformer:
-    """Build a preset (``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large[_patch14]``); keyword
-    arguments override any constructor argument (e.g. ``img_size=32, patch_size=4, depth=6``)."""
+def preset_arguments(name: str, **overrides) -> dict:
+    """The constructor arguments of a preset (``vit_tiny`` / ``vit_small`` / ``vit_base`` /
+    ``vit_large[_patch14]``) with every override that is not ``None`` applied on top."""
     if name not in PRESETS:
         from .errors import UserError
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    kwargs = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return VisionTransformer(**kwargs)
+    return {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def vit_tiny(**kw) -> VisionTransformer:
-    return create_vit("vit_tiny", **kw)
-
-
-def vit_small(**kw) -> VisionTransformer:
-    return create_vit("vit_small", **kw)
-
-
-def vit_base(**kw) -> VisionTransformer:
-    return create_vit("vit_base", **kw)
-
-
-def vit_large(**kw) -> VisionTransformer:
-    return create_vit("vit_large", **kw)
+def create_vit(name: str, **overrides) -> VisionTransformer:
+    """Build a preset (see :func:`preset_arguments`); keyword arguments override any constructor argument
+    (e.g. ``img_size=32, patch_size=4, depth=6``)."""
+    return VisionTransformer(**preset_arguments(name, **overrides))
