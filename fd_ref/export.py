@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .errors import UserError
+from .files import current_umask
 from .model_file import ModelFile, build_vit, read_model_file
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vit import PRESETS
@@ -221,8 +222,7 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(mf, args, folder.name, repo_id))
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()
         for path in tmp.iterdir():  # mkdtemp / safetensors create private files; give the usual permissions
             path.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)
