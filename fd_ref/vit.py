@@ -35,7 +35,9 @@ Attention (per head h, tokens i, j)::
     out[h, i]     = sum_j attn[h, i, j] v[h, j]
 
 computed by ``scaled_dot_product_attention`` with ``bias`` as an additive mask (fused path), or by
-the explicit formula above (plain path; also the one that returns ``attn`` for the diagnostics).
+the explicit formula above (plain path): taken when ``attn`` is returned (the diagnostics), for training with
+a trainable bias on the CPU and for bf16 on the CPU, where it measured faster (:class:`Attention`), and
+everywhere with ``set_fused_attn(False)``. Both paths build the qkv bias ``[q_bias, 0, v_bias]`` per call.
 State-dict keys are clean and stable: ``patch_embed.proj``, ``cls_token``, ``rel_pos_bias.table``,
 ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.q_bias``, ``blocks.{i}.attn.v_bias``, ``blocks.{i}.ls1.gamma``,
 ``blocks.{i}.mlp.fc1``, ``norm``, ``fc_norm``, ``head``.
