@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_ref.analysis import (
+from .analysis import (
     attention_distance,
     attention_geometry,
     average_attention_map,
@@ -20,11 +20,11 @@ from fd_ref.analysis import (
     head_cosine_similarity,
     loss_landscape,
 )
-from fd_ref.checkpoint import load_vit
-from fd_ref.errors import UserError
-from fd_ref.teachers import ESVIT_NAMES, PAPER_TEACHERS, build_teacher
-from fd_ref.timm_backbone import TimmBackbone
-from fd_ref.vit import PRESETS
+from .checkpoint import load_vit
+from .errors import UserError
+from .teachers import ESVIT_NAMES, PAPER_TEACHERS, build_teacher
+from .timm_backbone import TimmBackbone
+from .vit import PRESETS
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fd_ref.files import write_atomic
+from .files import write_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------

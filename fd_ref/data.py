@@ -16,12 +16,12 @@
 
 Batching lives in :mod:`fd_ref.sampler`, train/validation splits of a ``--data`` value in :mod:`fd_ref.splits`.
 """
-from fd_ref.datasets import SyntheticImages, build_dataset, split_indices
-from fd_ref.images import IMAGE_EXTENSIONS, ImageSkipped, RobustImageFolder, Transform, load_rgb, to_rgb
-from fd_ref.mixing import build_criterion, build_mixup
-from fd_ref.transforms import (CLIP_MEAN, CLIP_STD, EVAL_NORMS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
-                               SingleDrawResizedCrop, eval_transform, finetune_transform, pretrain_transform,
-                               probe_transform)
+from .datasets import SyntheticImages, build_dataset, split_indices
+from .images import IMAGE_EXTENSIONS, ImageSkipped, RobustImageFolder, Transform, load_rgb, to_rgb
+from .mixing import build_criterion, build_mixup
+from .transforms import (CLIP_MEAN, CLIP_STD, EVAL_NORMS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
+                         SingleDrawResizedCrop, eval_transform, finetune_transform, pretrain_transform,
+                         probe_transform)
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "EVAL_NORMS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
            "INTERPOLATIONS", "ImageSkipped", "RobustImageFolder", "SingleDrawResizedCrop", "SyntheticImages",

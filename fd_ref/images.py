@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fd_ref.errors import UserError
+from .errors import UserError
 
 log = logging.getLogger("fd_ref.data")  # the name users filter data-loading warnings by
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from fd_ref.errors import UserError
+from .errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------
 # Mixup / CutMix and the fine-tuning loss (timm's, as the published main_finetune.py uses them)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fd_ref.errors import UserError
-from fd_ref.files import WRAPPER_PREFIXES, strip_prefixes
+from .errors import UserError
+from .files import WRAPPER_PREFIXES, strip_prefixes
 
 __all__ = ["strip_prefix", "no_weight_decay", "layer_id", "param_groups", "build_optimizer"]
 

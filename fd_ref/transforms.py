@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from fd_ref.errors import UserError
+from .errors import UserError
 
 #: ImageNet's normalisation: every transform here, and the teachers' expected input (fd_ref.teachers).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
