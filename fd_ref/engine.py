@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -53,14 +53,21 @@ __all__ = ["LoopSettings", "STOP_EXIT_CODE", "Trainer", "capture_rng", "install_
 
 
 # -- a fault hook ------------------------------------------------------------------------------------------
-# Tests simulate crashes, hangs, signals and non-finite losses by installing a hook (tests/fault_injection.py);
-# none is installed in a normal run. The loop calls ``hook.corrupt_loss(attempt, loss) -> loss`` on every
-# micro-batch loss (``attempt``: the 1-based optimiser step attempt, skipped steps included) and
-# ``hook.after_step(step, rank)`` after every optimiser step (and its checkpoint, if one is due).
-_fault_hook: Optional[Any] = None
+class FaultHook(Protocol):
+    """What the loop calls when a hook is installed. Tests simulate crashes, hangs, signals and non-finite
+    losses with one (tests/fault_injection.py); none is installed in a normal run."""
+
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
+        """Every micro-batch loss; ``attempt``: the 1-based optimiser step attempt, skipped steps included."""
+
+    def after_step(self, step: int, rank: int) -> None:
+        """After every optimiser step (and its checkpoint, if one is due)."""
 
 
-def install_fault_hook(hook: Optional[Any]) -> None:
+_fault_hook: Optional[FaultHook] = None
+
+
+def install_fault_hook(hook: Optional[FaultHook]) -> None:
     """Install ``hook`` (see above) for every Trainer built from now on; ``None`` removes it."""
     global _fault_hook
     _fault_hook = hook
