@@ -12,7 +12,6 @@ The loop is fd_ref.engine.Trainer, the same one train.py runs.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -22,28 +21,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fd_ref import run
 from fd_ref.checkpoint import (expand_shared_rpb, infer_vit_options, load_file, load_weights, model_state,
                                to_fd_ref_keys)
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_transform, probe_transform
-from fd_ref.distributed import init_distributed, seed_everything
-from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
+from fd_ref.files import write_text_atomic
 from fd_ref.lars import Lars
 from fd_ref.model_file import build_vit, load_strict, read_model_file, vit_arguments
 from fd_ref.optim import build_optimizer
-from fd_ref.precision import resolve_precision
 from fd_ref.position import resize_relative_position_bias_table
+from fd_ref.precision import autocast
 from fd_ref.probe import PROBE_POOLS, LinearProbe
-from fd_ref.resume import begin_run
-from fd_ref.sampler import make_loader
-from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
-from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
 from fd_ref.timm_backbone import (TimmBackbone, build_from_config, build_timm_optimizer, is_timm_config,
                                   is_timm_name, load_backbone, parse_kwargs)
-from fd_ref.vit import PRESETS, VisionTransformer
+from fd_ref.vit import VisionTransformer, preset_arguments
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: the offline quickstart, fine-tuning the student that `python train.py` wrote.
@@ -138,6 +133,11 @@ def adapt_state(state: dict, model: VisionTransformer, source_config: dict | Non
     return state
 
 
+def shape_flags(cfg: dict) -> dict:
+    """The ViT shape flags (``--patch-size``, ``--depth``, ``--embed-dim``, ``--num-heads``) as preset overrides."""
+    return {k: cfg[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")}
+
+
 def build_model(cfg: dict) -> tuple[nn.Module, str]:
     """The network to fine-tune and a one-paragraph summary of what was loaded.
 
@@ -158,11 +158,7 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
                                  drop_path_rate=cfg["drop_path"])
             model.reset_classifier(cfg["num_classes"])
             return model, f"random initialisation of {cfg['model']} (from scratch), timm's classifier head"
-        if cfg["model"] not in PRESETS:
-            raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
-        preset = PRESETS[cfg["model"]]
-        model = VisionTransformer(**{**preset, **{k: cfg[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
-                                                  if cfg[k] is not None}},
+        model = VisionTransformer(**preset_arguments(cfg["model"], **shape_flags(cfg)),
                                   img_size=cfg["img_size"], pos_embed=cfg["pos_embed"],
                                   drop_path_rate=cfg["drop_path"], layer_scale_init=cfg["layer_scale"],
                                   num_classes=cfg["num_classes"], global_pool="avg")
@@ -181,10 +177,7 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
                 if k in source}
         pos = source.get("pos_embed", "shared_rpb")
     else:
-        if cfg["model"] not in PRESETS:
-            raise UserError(f"unknown model {cfg['model']!r}; choose one of {', '.join(PRESETS)}")
-        arch = {**PRESETS[cfg["model"]], **{k: cfg[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
-                                           if cfg[k] is not None}, **infer_vit_options(model_state(blob))}
+        arch = {**preset_arguments(cfg["model"], **shape_flags(cfg)), **infer_vit_options(model_state(blob))}
         state_keys = set(model_state(blob))
         pos = "abs" if "pos_embed" in state_keys else "shared_rpb" if any(
             k.endswith("rel_pos_bias.relative_position_bias_table") or k == "rel_pos_bias.table"
@@ -260,11 +253,8 @@ def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
     if data_classes and data_classes != mf.num_classes:
         raise UserError(f"{path} classifies {mf.num_classes} classes but {cfg['data']} has {data_classes}; "
                         f"evaluate it on the data it was fine-tuned for")
-    loader, _ = make_loader(val_set, cfg["batch_size"], seed=cfg["seed"], shuffle=False, rank=info.rank,
-                            world_size=info.world_size, num_workers=cfg["num_workers"], drop_last=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    metrics = evaluate(model.to(info.device), loader, info.device, autocast)
+    loader, _ = run.eval_loader(val_set, cfg, info)
+    metrics = evaluate(model.to(info.device), loader, info.device, lambda: autocast(precision, info.device))
     if info.is_main:
         print(f"evaluated {path} ({mf.num_classes} classes, {img_size} px) on {len(val_set)} images of "
               f"{cfg['data']}", flush=True)
@@ -298,11 +288,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
 def main(argv=None) -> dict:
     cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__))
-    if cfg["tensorboard"] and not cfg["eval_only"]:
-        require_tensorboard()  # a missing package fails here, before anything is built or written
-    info = init_distributed()
-    seed_everything(cfg["seed"], info.rank)
-    precision = resolve_precision(cfg["precision"], info.device)
+    info, precision = run.start(cfg, tensorboard=cfg["tensorboard"] and not cfg["eval_only"])
     if cfg["eval_only"]:
         return evaluate_only(cfg, info, precision)
 
@@ -333,16 +319,9 @@ def main(argv=None) -> dict:
         print(summary, flush=True)
     if cfg["grad_checkpointing"] and isinstance(model, (VisionTransformer, TimmBackbone)):
         model.set_grad_checkpointing(True)
-    ddp, forward = None, model
-    if info.world_size > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-        forward = ddp
-    if cfg["compile"]:
-        forward = torch.compile(forward)
+    ddp, forward = run.wrap_model(model, info, cfg)
 
-    total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
-    lrs = scale_lrs(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], total_batch)  # all three per 512 images
+    lrs, total_batch = run.scaled_lrs(cfg, info)
     lr = lrs["base_lr"]
     if cfg["linear_probe"]:  # published main_linear.py: LARS over the head (momentum 0.9, trust 0.001)
         optimizer = Lars(model.head.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
@@ -353,14 +332,9 @@ def main(argv=None) -> dict:
         layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
         optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay,
                                     num_layers=model.depth)
-    loader, sampler = make_loader(train_set, cfg["batch_size"], seed=cfg["seed"], shuffle=True, rank=info.rank,
-                                  world_size=info.world_size, num_workers=cfg["num_workers"],
-                                  pin_memory=info.device.type == "cuda")
-    val_loader, _ = make_loader(val_set, cfg["batch_size"], seed=cfg["seed"], shuffle=False, rank=info.rank,
-                                world_size=info.world_size, num_workers=cfg["num_workers"], drop_last=False)
-    steps_per_epoch = len(sampler) // cfg["accum_steps"]
-    scheduler = WarmupCosine(optimizer, **lrs, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
-                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"])
+    loader, sampler = run.train_loader(train_set, cfg, info)
+    val_loader, _ = run.eval_loader(val_set, cfg, info)
+    scheduler = run.warmup_cosine(optimizer, lrs, sampler, cfg)
     # published main_finetune.py: timm Mixup + SoftTargetCrossEntropy (or label-smoothed / plain CE without
     # mixing); published main_linear.py: no mixing, plain cross-entropy
     mix = None if cfg["linear_probe"] else build_mixup(cfg["num_classes"], cfg["mixup"], cfg["cutmix"],
@@ -376,44 +350,32 @@ def main(argv=None) -> dict:
             images, targets = mix(images, targets)
         return criterion(forward(images).float(), targets)
 
-    settings = LoopSettings(output=cfg["output"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                            accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], precision=precision,
-                            clip_grad=cfg["clip_grad"], log_every=cfg["log_every"], save_every=cfg["save_every"],
-                            nan_policy=cfg["nan_policy"], best_metric="top1", progress=cfg["progress"])
     def on_epoch_end(epoch: int) -> dict:
         if (epoch + 1) % max(1, cfg["eval_every"]) and epoch + 1 != cfg["epochs"]:
             return {}
-        return evaluate(model, val_loader, info.device, trainer._autocast)
+        return evaluate(model, val_loader, info.device, trainer.autocast)
 
-    resolved = {**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
-                "lr_scaled": lr}
-    trainer = Trainer(step_fn=step_fn, state_module=model, optimizer=optimizer, scheduler=scheduler,
-                      loader=loader, sampler=sampler, settings=settings, info=info, config=resolved,
-                      model_config=model.config, ddp=ddp,
-                      on_epoch_end=on_epoch_end)
     results_path = Path(cfg["output"]) / "results.json"
-    if not begin_run(trainer, config=cfg, defaults=DEFAULTS, deliverable=results_path):
+    trainer = run.begin(cfg, DEFAULTS, info, precision, total_batch, lrs, results_path, best_metric="top1",
+                        step_fn=step_fn, state_module=model, optimizer=optimizer, scheduler=scheduler,
+                        loader=loader, sampler=sampler, model_config=model.config, ddp=ddp,
+                        on_epoch_end=on_epoch_end)
+    if trainer is None:
         return json.loads(results_path.read_text())  # that run already finished: its results
-    tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
-    trainer.on_log = tensorboard
     if info.is_main:
         mode = "linear probe" if cfg["linear_probe"] else "from scratch" if cfg["from_scratch"] else "fine-tune"
         print(f"{mode}: {len(train_set)} train / {len(val_set)} val images, {info.world_size} process(es), "
               f"{precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
-    history = trainer.fit()
-    if tensorboard is not None:
-        tensorboard.close()
+    history = run.fit(trainer)
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
-        model, val_loader, info.device, trainer._autocast)
+        model, val_loader, info.device, trainer.autocast)
     best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
     results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]
                else cfg["pretrained"], "mode": "linear_probe" if cfg["linear_probe"] else "finetune"}
     if info.is_main:
-        tmp = Path(cfg["output"]) / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(Path(cfg["output"]) / "results.json")
+        write_text_atomic(results_path, json.dumps(results, indent=2))
         print(f"top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  (best top-1 "
               f"{results['best_top1']:.2f}%)  -> {Path(cfg['output']) / 'results.json'}", flush=True)
     return results

@@ -16,21 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fd_ref import run
 from fd_ref.checkpoint import save_atomic
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import pretrain_transform
 from fd_ref.distill import FeatureDistillation
-from fd_ref.distributed import init_distributed, seed_everything
-from fd_ref.engine import LoopSettings, Trainer
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
-from fd_ref.precision import resolve_precision
-from fd_ref.resume import begin_run
-from fd_ref.sampler import make_loader
-from fd_ref.schedule import WarmupCosine, scale_lrs
 from fd_ref.splits import train_val_datasets
-from fd_ref.tensorboard import TensorBoardLog, require_tensorboard
 from fd_ref.teachers import build_teacher
 from fd_ref.timm_backbone import TimmBackbone, check_timm_name, is_timm_name, parse_kwargs
 from fd_ref.vit import PRESETS, create_vit
@@ -116,11 +110,7 @@ def build_student(cfg: dict) -> nn.Module:
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__))
-    if cfg["tensorboard"]:
-        require_tensorboard()  # a missing package fails here, before anything is built or written
-    info = init_distributed()
-    seed_everything(cfg["seed"], info.rank)
-    precision = resolve_precision(cfg["precision"], info.device)
+    info, precision = run.start(cfg)
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
 
@@ -146,32 +136,13 @@ def main(argv=None) -> None:
     if cfg["grad_checkpointing"]:
         student.set_grad_checkpointing(True)
     trainable = nn.ModuleDict({"student": student, "projection": model.projection})
+    ddp, forward = run.wrap_model(model, info, cfg, broadcast_buffers=False)
 
-    ddp = None
-    forward = model
-    if info.world_size > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=False)
-        forward = ddp
-    if cfg["compile"]:
-        forward = torch.compile(forward)
-
-    total_batch = cfg["batch_size"] * cfg["accum_steps"] * info.world_size
-    lrs = scale_lrs(cfg["lr"], cfg["warmup_lr"], cfg["min_lr"], total_batch)  # all three per 512 images
+    lrs, total_batch = run.scaled_lrs(cfg, info)
     lr = lrs["base_lr"]
     optimizer = build_optimizer(trainable, lr=lr, weight_decay=cfg["weight_decay"])
-    loader, sampler = make_loader(dataset, cfg["batch_size"], seed=cfg["seed"], shuffle=True,
-                                  rank=info.rank, world_size=info.world_size, num_workers=cfg["num_workers"],
-                                  pin_memory=info.device.type == "cuda")
-    settings = LoopSettings(output=cfg["output"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                            accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], precision=precision,
-                            clip_grad=cfg["clip_grad"], log_every=cfg["log_every"],
-                            save_every=cfg["save_every"], nan_policy=cfg["nan_policy"],
-                            progress=cfg["progress"])
-    steps_per_epoch = len(sampler) // cfg["accum_steps"]
-    scheduler = WarmupCosine(optimizer, **lrs, total_steps=max(1, steps_per_epoch * cfg["epochs"]),
-                             warmup_steps=steps_per_epoch * cfg["warmup_epochs"])
+    loader, sampler = run.train_loader(dataset, cfg, info)
+    scheduler = run.warmup_cosine(optimizer, lrs, sampler, cfg)
 
     def step_fn(batch) -> torch.Tensor:
         images = batch[0].to(info.device, non_blocking=True)
@@ -181,15 +152,11 @@ def main(argv=None) -> None:
         save_atomic({"model": student.state_dict(), "model_config": student.config,
                      "teacher": cfg["teacher"]}, folder / "student.pt")
 
-    resolved = {**cfg, "precision": precision, "world_size": info.world_size, "total_batch": total_batch,
-                "lr_scaled": lr}
-    trainer = Trainer(step_fn=step_fn, state_module=trainable, optimizer=optimizer, scheduler=scheduler,
-                      loader=loader, sampler=sampler, settings=settings, info=info, config=resolved,
-                      model_config=student.config, ddp=ddp, export=export)
-    if not begin_run(trainer, config=cfg, defaults=DEFAULTS, deliverable=Path(cfg["output"]) / "student.pt"):
+    trainer = run.begin(cfg, DEFAULTS, info, precision, total_batch, lrs, Path(cfg["output"]) / "student.pt",
+                        step_fn=step_fn, state_module=trainable, optimizer=optimizer, scheduler=scheduler,
+                        loader=loader, sampler=sampler, model_config=student.config, ddp=ddp, export=export)
+    if trainer is None:
         return  # that run already finished
-    tensorboard = TensorBoardLog(cfg["output"], trainer.step) if cfg["tensorboard"] and info.is_main else None
-    trainer.on_log = tensorboard
     if info.is_main:
         n_student = sum(p.numel() for p in student.parameters())
         print(f"distilling {cfg['teacher']} ({teacher.embed_dim}-d, grid {teacher.grid}) into {cfg['model']} "
@@ -203,9 +170,7 @@ def main(argv=None) -> None:
             print(f"warning: distilling a random teacher on {cfg['data']}; for a real run pass --config "
                   f"configs/fd_*.yaml or --teacher dino_vit_base|deit_vit_base|clip_vit_base|clip_vit_large",
                   flush=True)
-    trainer.fit()
-    if tensorboard is not None:
-        tensorboard.close()
+    run.fit(trainer)
     if info.is_main:
         print(f"done: {Path(cfg['output']) / 'student.pt'}", flush=True)
 

@@ -16,7 +16,6 @@ import errno
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .files import WRAPPER_PREFIXES, strip_prefixes, write_atomic
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -42,13 +42,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             sink = _KeepWriteError(f)
             try:
                 torch.save(obj, sink)
@@ -59,13 +54,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
                 raise
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, write)
 
 
 class _KeepWriteError:
@@ -132,7 +121,7 @@ def _reason(error: Exception) -> str:
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "student", "module", "model_ema")
-_PREFIXES = ("module.", "_orig_mod.", "student.", "encoder.")
+_PREFIXES = WRAPPER_PREFIXES + ("encoder.",)  # encoder.: some released checkpoints
 
 
 def model_state(obj: Any) -> dict[str, torch.Tensor]:
@@ -146,16 +135,23 @@ def model_state(obj: Any) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError("checkpoint holds no state dict of tensors (expected a dict of weights, or one "
                         "under 'model' / 'state_dict')")
-    out = {}
-    for key, value in obj.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
+    return {strip_prefixes(key, _PREFIXES): value for key, value in obj.items()}
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any,
+                what: str = "the architecture it records") -> None:
+    """``model.load_state_dict(state)`` with every key required; a mismatch becomes one line (``path`` does
+    not match ``what``)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        detail = (f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]})" if shapes else
+                  f"missing {', '.join(missing[:4])}" if missing else f"unexpected {', '.join(unexpected[:4])}")
+        raise UserError(f"{path} does not match {what} ({detail}); the file is damaged or was edited")
+    model.load_state_dict(state, strict=True)
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "model",

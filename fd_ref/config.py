@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import UserError
+from .files import FALSE_WORDS, TRUE_WORDS, parse_bool
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,18 +25,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parse_untyped(text: str):
     """A flag whose default is None: none/null -> None, true/false -> bool, numbers -> int/float, else str."""
     if text.lower() in ("none", "null", ""):
         return None
-    if text.lower() in ("true", "false", "yes", "no", "on", "off"):
+    if text.lower() in TRUE_WORDS[1:] + FALSE_WORDS[1:]:
         return _parse_bool(text)
     for kind in (int, float):
         try:

@@ -104,8 +104,7 @@ class FeatureDistillation(nn.Module):
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        self.teacher.eval()
-        t = self.teacher(images)
+        t = self.teacher(images)  # in eval mode always (Teacher.train): no drop path, no dropout
         if self.target == "avg":
             t = t[:, self.teacher.num_prefix_tokens:].mean(dim=1, keepdim=True)
         else:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from fd_ref.errors import UserError
+from .errors import UserError
 
 __all__ = ["DistInfo", "init_distributed", "is_main", "world_size", "rank", "barrier", "all_reduce_mean",
            "cleanup", "seed_everything", "DEFAULT_TIMEOUT_S", "all_reduce_ints", "all_reduce_ints_start",

@@ -11,6 +11,11 @@ path), the student with rates growing linearly over depth,
     rate_i = max_rate * i / (depth - 1),   i = 0 .. depth-1,
 
 with max_rate 0.1-0.3 depending on the recipe.
+
+Where the asymmetry lives in the code: the teacher's side is :meth:`fd_ref.teachers.Teacher.train`, which keeps
+the wrapped teacher in eval mode whatever its parent module does (so its DropPath layers are identities); the
+student's side is :func:`drop_path_rates` (the schedule above, passed as ``drop_path_rate`` to the student's
+constructor: ``--drop-path`` of train.py) and :class:`DropPath` (the per-sample drop in each residual branch).
 """
 from __future__ import annotations
 

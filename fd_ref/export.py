@@ -34,12 +34,12 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .errors import UserError
+from .files import current_umask
 from .model_file import ModelFile, build_vit, read_model_file
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vit import PRESETS
 
 BEIT_ARCHITECTURE = "beit_base_patch16_224"  # any registered Beit entry point: model_args set every size
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875
 TOLERANCE = 1e-4  # max |timm - fd_ref| allowed in the export check, relative to max(1, max |fd_ref|)
 
@@ -194,8 +194,7 @@ def _write_folder(folder: Path, state: Mapping[str, torch.Tensor], config: Mappi
         save_file(dict(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()
         for path in tmp.iterdir():  # mkdtemp / safetensors create private files; give the usual permissions
             path.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fd_ref.errors import UserError
+from .errors import UserError
 
 
 class Lars(torch.optim.Optimizer):

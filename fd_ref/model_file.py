@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint import load_file, model_state, to_fd_ref_keys
+from .checkpoint import load_file, load_strict, model_state, to_fd_ref_keys  # load_strict: also from here
 from .errors import UserError
 from .vit import VisionTransformer
 
@@ -70,21 +70,6 @@ def vit_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
     ``linear_probe``, which describes a wrapper around the ViT)."""
     names = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
     return {k: v for k, v in config.items() if k in names}
-
-
-def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """``model.load_state_dict(state)`` with every key required; a mismatch becomes one line."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        detail = (f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]})" if shapes else
-                  f"missing {', '.join(missing[:4])}" if missing else f"unexpected {', '.join(unexpected[:4])}")
-        raise UserError(f"{path} does not match the architecture it records ({detail}); the file is damaged "
-                        f"or was edited")
-    model.load_state_dict(state, strict=True)
 
 
 def build_vit(mf: ModelFile) -> torch.nn.Module:

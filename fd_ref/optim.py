@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fd_ref.errors import UserError
+from .errors import UserError
+from .files import WRAPPER_PREFIXES, strip_prefixes
 
 __all__ = ["strip_prefix", "no_weight_decay", "layer_id", "param_groups", "build_optimizer"]
 
-_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "student.")
 
 # Exact (prefix-stripped) names that never get weight decay even though they are not 1-D (published
 # ``no_weight_decay``: pos_embed, cls_token; mask_token for models that have one).
@@ -49,14 +49,7 @@ def strip_prefix(name: str) -> str:
     >>> strip_prefix("module.student.blocks.0.attn.qkv.weight")
     'blocks.0.attn.qkv.weight'
     """
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                changed = True
-    return name
+    return strip_prefixes(name, WRAPPER_PREFIXES)
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

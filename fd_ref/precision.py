@@ -11,6 +11,8 @@ The question is put to torch (oneDNN's own bf16 check), not to the CPU's model n
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -38,3 +40,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
         return "bf16"
     return "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's context: autocast to bf16 / fp16, nothing for fp32."""
+    dtype = DTYPES[precision]
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_ref.vit import VisionTransformer
+from .vit import VisionTransformer
 
 PROBE_POOLS: tuple[str, ...] = ("avg", "cls")
 BN_EPS = 1e-6

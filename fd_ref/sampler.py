@@ -5,11 +5,11 @@ augmentation fixed by ``(seed, epoch, index)`` alone. So a run stopped at any st
 exactly the batches (and crops) of the uninterrupted run, whatever the number of loader workers, and
 ``N`` ranks with batch ``b`` see exactly the images a single process with batch ``N*b`` sees:
 
-    perm   = randperm(len(dataset), seed + epoch)
+    perm   = randperm(len(dataset), generator seeded with seed * 100_003 + epoch)
     step s, rank r:  perm[s*N*b + r*b : s*N*b + (r+1)*b]
 
 The sampler yields ``(epoch, index)`` pairs; :class:`SeededDataset` turns each into a sample with its
-transform run with torch's, Python's and NumPy's global generators seeded from ``mix(seed, epoch, index)``
+transform run with torch's, Python's and NumPy's global generators seeded from ``sample_seed(seed, epoch, index)``
 (timm's transforms draw from all three) and restored afterwards, so augmentation never disturbs (nor
 depends on) the training process's own random state.
 """

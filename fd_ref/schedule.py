@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fd_ref.errors import UserError
+from .errors import UserError
 
 __all__ = ["lr_at", "WarmupCosine", "scale_lr", "scale_lrs"]
 

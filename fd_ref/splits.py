@@ -2,8 +2,9 @@
 no separate split exists (CIFAR-10's training zip: the test split is reserved, so validation is a
 fixed-seed hold-out of train and is never trained on, by distillation or fine-tuning).
 
-    order = randperm(len(folder), split_seed);  val = order[-val_split:];  train = order[:-val_split]
-    train_subset > 0 keeps only the first train_subset of train (in the same fixed order).
+    order = randperm(len(folder), split_seed);  val = sorted(order[-val_split:]);  train = sorted(order[:-val_split])
+    train_subset > 0 keeps a fixed random subset of train: the positions sorted(o[-train_subset:]) of train,
+    o = randperm(len(train), split_seed + 1) (the same rule as the hold-out, seeded one further).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset, Subset
 
-from .data import build_dataset, split_indices
+from .datasets import build_dataset, split_indices
 from .errors import UserError
 
 
@@ -23,9 +24,8 @@ def _has_val_folder(data: str) -> bool:
 def train_val_datasets(data: str, train_transform, val_transform, *, val_split: int = 0,
                        split_seed: int = 0, train_subset: int = 0, need_val: bool = True,
                        synthetic_size: int = 1024, img_size: int = 32, seed: int = 0,
-                       verify: bool = False, in_memory: bool = False) -> tuple[Dataset, Optional[Dataset]]:
-    kw = dict(synthetic_size=synthetic_size, synthetic_image_size=img_size, seed=seed, verify=verify,
-              in_memory=in_memory)
+                       in_memory: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+    kw = dict(synthetic_size=synthetic_size, synthetic_image_size=img_size, seed=seed, in_memory=in_memory)
     builtin = data.strip().lower() in ("synthetic", "cifar10", "cifar100")
     train = build_dataset(data, train=True, transform=train_transform, **kw)
     val: Optional[Dataset] = None

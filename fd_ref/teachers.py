@@ -49,10 +49,9 @@ from . import hub
 from .errors import UserError
 from .position import Grid
 from .timm_backbone import check_timm_name, head_norm, probe_layout, to_tokens
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vit import PRESETS, VisionTransformer, create_vit
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PAPER_TEACHERS = {
     "dino_vit_base": "vit_base_patch16_224.dino",

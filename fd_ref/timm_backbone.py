@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from .checkpoint import load_strict
 from .errors import UserError
 
 LAYOUTS = ("tokens", "NCHW", "NHWC")
@@ -286,16 +287,6 @@ def load_backbone(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], 
     """The backbone ``config`` records (``overrides`` e.g. ``num_classes=0``, ``drop_path_rate``) with
     ``state`` loaded; every tensor must fit, none may be missing (the FD projection is dropped)."""
     model = build_from_config(config, **overrides)
-    own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("projection.")}
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if shapes or missing or unexpected:
-        detail = (f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]})" if shapes else
-                  f"missing {', '.join(missing[:4])}" if missing else f"unexpected {', '.join(unexpected[:4])}")
-        raise UserError(f"{path} does not match the timm model it records ({detail}); the file is damaged or "
-                        f"was edited")
-    model.load_state_dict(state, strict=True)
+    load_strict(model, state, path, what="the timm model it records")
     return model

@@ -35,7 +35,9 @@ Attention (per head h, tokens i, j)::
     out[h, i]     = sum_j attn[h, i, j] v[h, j]
 
 computed by ``scaled_dot_product_attention`` with ``bias`` as an additive mask (fused path), or by
-the explicit formula above (plain path; also the one that returns ``attn`` for the diagnostics).
+the explicit formula above (plain path): taken when ``attn`` is returned (the diagnostics), for training with
+a trainable bias on the CPU and for bf16 on the CPU, where it measured faster (:class:`Attention`), and
+everywhere with ``set_fused_attn(False)``. Both paths build the qkv bias ``[q_bias, 0, v_bias]`` per call.
 State-dict keys are clean and stable: ``patch_embed.proj``, ``cls_token``, ``rel_pos_bias.table``,
 ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.q_bias``, ``blocks.{i}.attn.v_bias``, ``blocks.{i}.ls1.gamma``,
 ``blocks.{i}.mlp.fc1``, ``norm``, ``fc_norm``, ``head``.
@@ -345,27 +347,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def create_vit(name: str, **overrides) -> VisionTransformer:
-    """Build a preset (``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large[_patch14]``); keyword
-    arguments override any constructor argument (e.g. ``img_size=32, patch_size=4, depth=6``)."""
+def preset_arguments(name: str, **overrides) -> dict:
+    """The constructor arguments of a preset (``vit_tiny`` / ``vit_small`` / ``vit_base`` /
+    ``vit_large[_patch14]``) with every override that is not ``None`` applied on top."""
     if name not in PRESETS:
         from .errors import UserError
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    kwargs = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return VisionTransformer(**kwargs)
+    return {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def vit_tiny(**kw) -> VisionTransformer:
-    return create_vit("vit_tiny", **kw)
-
-
-def vit_small(**kw) -> VisionTransformer:
-    return create_vit("vit_small", **kw)
-
-
-def vit_base(**kw) -> VisionTransformer:
-    return create_vit("vit_base", **kw)
-
-
-def vit_large(**kw) -> VisionTransformer:
-    return create_vit("vit_large", **kw)
+def create_vit(name: str, **overrides) -> VisionTransformer:
+    """Build a preset (see :func:`preset_arguments`); keyword arguments override any constructor argument
+    (e.g. ``img_size=32, patch_size=4, depth=6``)."""
+    return VisionTransformer(**preset_arguments(name, **overrides))

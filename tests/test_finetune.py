@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fd_ref.run
 import finetune
 import train
 from fd_ref.config import resolve_config
@@ -217,12 +218,12 @@ def test_linear_probe_features_are_the_published_models(pool):
 def _recording_trainer(monkeypatch):
     trainers = []
 
-    class Recording(finetune.Trainer):
+    class Recording(fd_ref.run.Trainer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(finetune, "Trainer", Recording)
+    monkeypatch.setattr(fd_ref.run, "Trainer", Recording)  # the Trainer finetune.main builds
     return trainers
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+FAULT_ENTRY = str(ROOT / "tests" / "run_with_faults.py")  # `python SCRIPT`, with the FD_TEST_* faults installed
 REAL = os.environ.get("FD_ROBUSTNESS_REAL", "0") not in ("0", "")
 BASE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
             "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "FD_TEST_DIE_AT_STEP": ""}
@@ -50,6 +51,7 @@ def _serve() -> None:
     sys.path.insert(0, str(ROOT))
     import finetune  # noqa: F401 - preload every module the scripts use (no computation happens here)
     import train  # noqa: F401
+    from fault_injection import install_from_env
     proto.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
@@ -79,6 +81,7 @@ def _serve() -> None:
                 os.dup2(handle, fd)
                 os.close(handle)
             os.environ.update(req["env"])
+            install_from_env()  # the faults FD_TEST_* asks for (tests/fault_injection.py)
             if req.get("fsize"):  # a file-size limit: writes past it fail with EFBIG, like a full disk
                 import resource
                 resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
@@ -171,7 +174,7 @@ class Proc:
                     import resource
                     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-                self.popen = subprocess.Popen([sys.executable, script, *args], cwd=ROOT,
+                self.popen = subprocess.Popen([sys.executable, FAULT_ENTRY, script, *args], cwd=ROOT,
                                               env={**os.environ, **BASE_ENV, **env}, preexec_fn=limit,
                                               stdin=subprocess.DEVNULL, stdout=out, stderr=err)
             self.pid = self.popen.pid
@@ -665,7 +668,7 @@ def test_a_dying_rank_ends_the_whole_job_in_bounded_time(tmp_path: Path) -> None
     out = tmp_path / "out"
     env = {**os.environ, **BASE_ENV, "FD_TEST_DIE_AT_STEP": "1", "FD_TEST_DIE_RANK": "1", "FD_DIST_TIMEOUT": "20"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "train.py", *TRAIN, "--synthetic-size", "64", "--epochs", "3",
+           "--master-port", str(_free_port()), FAULT_ENTRY, "train.py", *TRAIN, "--synthetic-size", "64", "--epochs", "3",
            "--save-every", "1", "--output", str(out)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)

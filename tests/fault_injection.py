@@ -1,0 +1,78 @@
+"""Simulated failures for the tests that run train.py / finetune.py as processes (test_robustness.py,
+test_reliability.py). The library knows nothing of them: this module builds a hook from environment variables
+and installs it with :func:`fd_ref.engine.install_fault_hook`; ``run_with_faults.py`` (the entry the tests
+start instead of ``python train.py``) and the robustness launcher's forked children call
+:func:`install_from_env` before running the script. Unset or empty, the variables install nothing.
+
+    FD_TEST_DIE_AT_STEP=k     the process exits abruptly (os._exit(1): no cleanup, like a crash or an OOM kill)
+                              right after optimiser step k (and its checkpoint, if one is due) ...
+    FD_TEST_DIE_RANK=r        ... on rank r only (default: every rank); also for the two below
+    FD_TEST_HANG_AT_STEP=k    the process stops answering (sleeps for good, alive) after step k
+    FD_TEST_SIGNAL_AT_STEP=k:SIG  the process sends itself signal SIG (e.g. SIGTERM) after step k
+    FD_TEST_NAN_AT_STEPS=a,b  the loss of the a-th, b-th, ... optimiser step attempt (1-based, skipped steps
+                              included: step + skipped + 1) is replaced by NaN
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+VARIABLES = ("FD_TEST_DIE_AT_STEP", "FD_TEST_DIE_RANK", "FD_TEST_HANG_AT_STEP", "FD_TEST_SIGNAL_AT_STEP",
+             "FD_TEST_NAN_AT_STEPS")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    die_at_step: int = 0
+    die_rank: Optional[int] = None
+    nan_at_steps: frozenset = frozenset()
+    hang_at_step: int = 0
+    signal_at_step: int = 0
+    signal_name: str = ""
+
+    @classmethod
+    def from_env(cls) -> "FaultInjection":
+        def text(key: str) -> str:
+            return os.environ.get(key, "").strip()
+        try:
+            at, _, name = text("FD_TEST_SIGNAL_AT_STEP").partition(":")
+            if name and not hasattr(signal, name):
+                raise ValueError
+            return cls(die_at_step=int(text("FD_TEST_DIE_AT_STEP") or 0),
+                       die_rank=int(text("FD_TEST_DIE_RANK")) if text("FD_TEST_DIE_RANK") else None,
+                       nan_at_steps=frozenset(int(x) for x in text("FD_TEST_NAN_AT_STEPS").split(",") if x),
+                       hang_at_step=int(text("FD_TEST_HANG_AT_STEP") or 0),
+                       signal_at_step=int(at or 0), signal_name=name or "SIGTERM")
+        except ValueError:
+            raise SystemExit(f"{', '.join(VARIABLES)} (test fault injection) must be integers (k:SIGNAME for "
+                             f"the signal); unset them") from None
+
+    # -- the hook the loop calls (fd_ref.engine.install_fault_hook) ------------------------------------
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if attempt in self.nan_at_steps else loss
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.die_rank not in (None, rank):
+            return
+        if step == self.die_at_step:
+            print(f"fault injection: rank {rank} exits abruptly after step {step}", file=sys.stderr, flush=True)
+            os._exit(1)
+        if step == self.hang_at_step:
+            print(f"fault injection: rank {rank} hangs after step {step}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+        if step == self.signal_at_step:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+def install_from_env() -> None:
+    """Install the faults the FD_TEST_* variables ask for (none set: nothing is installed)."""
+    from fd_ref.engine import install_fault_hook
+    if any(os.environ.get(key, "").strip() for key in VARIABLES):
+        install_fault_hook(FaultInjection.from_env())
