@@ -25,3 +25,19 @@ def _auto_precision_is_fp32():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(precision, "cpu_has_native_bf16", lambda: False)
         yield
+
+
+def distil_then_finetune(tmp_path_factory, student_flags: list, finetune_flags: list) -> tuple:
+    """A tiny train.py run, then finetune.py on its student: (student.pt, fine-tuning folder, results)."""
+    import finetune
+    import train
+    fd, ft = tmp_path_factory.mktemp("fd"), tmp_path_factory.mktemp("ft")
+    train.main(student_flags + ["--output", str(fd)])
+    results = finetune.main(finetune_flags + ["--pretrained", str(fd / "student.pt"), "--output", str(ft)])
+    return fd / "student.pt", ft, results
+
+
+@pytest.fixture(scope="module")
+def student(runs):
+    """The student.pt of the module's ``runs`` fixture (modules without one define their own ``student``)."""
+    return runs[0]

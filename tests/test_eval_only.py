@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import distil_then_finetune
 import torch
 
 import finetune
@@ -29,16 +30,13 @@ EVAL = ["--synthetic-size", "48", "--num-workers", "0", "--eval-only"]
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fd")
-    train.main(STUDENT + ["--output", str(out)])
-    return out / "student.pt"
+def runs(tmp_path_factory) -> tuple[Path, Path, dict]:
+    return distil_then_finetune(tmp_path_factory, STUDENT, FT)
 
 
 @pytest.fixture(scope="module")
-def finetuned(student, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("ft")
-    return out, finetune.main(FT + ["--pretrained", str(student), "--output", str(out)])
+def finetuned(runs) -> tuple[Path, dict]:
+    return runs[1], runs[2]
 
 
 def test_best_pt_is_evaluated_with_its_own_head(finetuned, tmp_path, monkeypatch, capsys):

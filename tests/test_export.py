@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import distil_then_finetune
 import timm
 import torch
 from hypothesis import given, settings
@@ -34,17 +35,13 @@ FT = ["--img-size", "32", "--synthetic-size", "48", "--num-classes", "10", "--ba
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fd")
-    train.main(STUDENT + ["--output", str(out)])
-    return out / "student.pt"
+def runs(tmp_path_factory) -> tuple[Path, Path, dict]:
+    return distil_then_finetune(tmp_path_factory, STUDENT, FT)
 
 
 @pytest.fixture(scope="module")
-def finetuned(student, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft")
-    finetune.main(FT + ["--pretrained", str(student), "--output", str(out)])
-    return out
+def finetuned(runs) -> Path:
+    return runs[1]
 
 
 def _fd_model(path: Path) -> VisionTransformer:
