@@ -78,3 +78,12 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path):
     # rerunning the same command finds every stage done and runs nothing again
     again = _run(data, out, **env)
     assert again.returncode == 0 and again.stdout.count("done already") == 6, again.stdout
+    # a snapshot restored into an empty folder (another machine) continues the study the same way
+    snapshot, moved = tmp_path / "snapshot", tmp_path / "moved"
+    script = str(ROOT / "bench" / "study_snapshot.sh")
+    subprocess.run(["bash", script, "save", str(out), str(snapshot)], check=True, capture_output=True)
+    assert (snapshot / "teacher" / "best.pt").is_file() and (snapshot / "fd" / "student.pt").is_file()
+    assert not list(snapshot.glob("*/checkpoint.pt"))  # finished stages keep no optimiser state
+    subprocess.run(["bash", script, "restore", str(moved), str(snapshot)], check=True, capture_output=True)
+    resumed = _run(data, moved, **env)
+    assert resumed.returncode == 0 and resumed.stdout.count("done already") == 6, resumed.stdout
