@@ -191,17 +191,20 @@ def build_config(name: str, knobs: Knobs, base: nn.Module, images: torch.Tensor,
 
     forward = torch.compile(loss_fn) if knobs.compile else loss_fn
 
-    def run(fn) -> Callable[[], torch.Tensor]:
-        def step() -> torch.Tensor:
-            with autocast():
-                loss = fn(model)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
+    return Config(name, knobs, step=training_step(forward, model, opt, autocast),
+                  eager_step=training_step(loss_fn, model, opt, autocast))
 
-    return Config(name, knobs, step=run(forward), eager_step=run(loss_fn))
+
+def training_step(fn: Callable, arg, opt: torch.optim.Optimizer, autocast: Callable) -> Callable[[], torch.Tensor]:
+    """One timed training step: ``fn(arg)`` under ``autocast``, backward, optimiser step; returns the loss."""
+    def step() -> torch.Tensor:
+        with autocast():
+            loss = fn(arg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
 
 
 def build_timm_config(name: str, knobs: Knobs, base: TimmDistillation, images: torch.Tensor,
@@ -218,14 +221,5 @@ def build_timm_config(name: str, knobs: Knobs, base: TimmDistillation, images: t
                 else lambda: torch.autocast(device.type, dtype=dtype))
     forward = torch.compile(model) if knobs.compile else model
 
-    def run(fn) -> Callable[[], torch.Tensor]:
-        def step() -> torch.Tensor:
-            with autocast():
-                loss = fn(images)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
-
-    return Config(name, knobs, step=run(forward), eager_step=run(model))
+    return Config(name, knobs, step=training_step(forward, images, opt, autocast),
+                  eager_step=training_step(model, images, opt, autocast))
