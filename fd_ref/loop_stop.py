@@ -2,13 +2,38 @@
 on the step, and ending the survivors with one line when a peer rank died or hung."""
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 from .distributed import all_reduce_ints_start, roll_call
 from .errors import RunStopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # pre-emption: SIGUSR1 is what several schedulers send first
 STOP_EXIT_CODE = 143                              # 128 + SIGTERM, whichever signal stopped the run
+
+
+def shield_loader_worker(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """Leave the stop to the main process. Schedulers (SLURM, ``kill -- -PGID``) often signal the whole
+    process group, DataLoader workers included. A worker ended by that SIGTERM, or by SIGUSR1 (whose default
+    action also ends a process), makes the main process fail at its next batch ("DataLoader worker ... is
+    killed by signal") instead of finishing its step and saving. So a worker ignores SIGUSR1, and obeys a
+    SIGTERM only from its parent: the DataLoader's shutdown of a worker that does not join in time and
+    multiprocessing's clean-up at exit both send one. SIGTERM is blocked in the worker and a small thread
+    takes each one with its sender (``sigwaitinfo``). A worker ended by a
+    signal, even its parent's, would make the DataLoader's watch in the main process report it at exit (a
+    traceback after a clean stop), so on the parent's SIGTERM the worker exits with status 0 instead. Workers
+    still end with the main process: the DataLoader stops them, and they watch their parent."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def obey_only_the_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # at once; status 0, which the DataLoader's watch on its workers takes as a clean end
+
+    threading.Thread(target=obey_only_the_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 class GracefulStop:

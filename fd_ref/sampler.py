@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .loop_stop import shield_loader_worker
+
 
 class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Micro-batches of ``(epoch, index)`` for one rank; ``start`` skips already-consumed micro-batches."""
@@ -102,5 +104,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool, 
     loader = torch.utils.data.DataLoader(SeededDataset(dataset, seed), batch_sampler=sampler,
                                          num_workers=num_workers, pin_memory=pin_memory,
                                          persistent_workers=num_workers > 0,
+                                         worker_init_fn=shield_loader_worker,
                                          generator=torch.Generator().manual_seed(seed))
     return loader, sampler

@@ -612,6 +612,85 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path: Path) -> None:
     assert log_steps(out) == list(range(1, 17))  # each step logged once across the two runs
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_shielded_worker_obeys_only_its_parent() -> None:
+    """``shield_loader_worker`` in a fresh child (default signal dispositions, as under the spawn and
+    forkserver start methods, Python 3.14's default, where no handler is inherited): SIGUSR1 and SIGTERM
+    from another process leave it running; SIGTERM from its parent ends it with status 0."""
+    from fd_ref.loop_stop import shield_loader_worker
+    child = os.fork()
+    if child == 0:  # the worker
+        try:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)
+            shield_loader_worker(0)
+            time.sleep(30)
+        finally:
+            os._exit(3)  # only if the sleep ends: the shield let it run
+    try:
+        time.sleep(0.5)
+        for name in ("USR1", "TERM"):
+            subprocess.run(["kill", f"-{name}", str(child)], check=True)  # sent by the kill process
+            time.sleep(0.3)
+            assert os.waitpid(child, os.WNOHANG) == (0, 0), f"SIG{name} from another process ended the worker"
+        os.kill(child, signal.SIGTERM)  # from the parent
+        deadline = time.monotonic() + 10
+        while (status := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert status[0] == child and os.waitstatus_to_exitcode(status[1]) == 0, status
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def test_a_sigterm_to_the_whole_process_group_still_saves_and_resumes(tmp_path: Path) -> None:
+    """A scheduler that signals the process group reaches the DataLoader workers too. Here every worker gets
+    the signal first and the main process 12 steps later (the worst order: an unshielded worker dies before
+    the main process hears anything): the run must still finish its step, save and exit 143, and resume."""
+    out = tmp_path / "out"
+    command = [*TRAIN, "--epochs", "25", "--save-every", "1", "--output", out]  # 100 steps
+    command[command.index("--num-workers") + 1] = "2"
+    proc = start(tmp_path, "train.py", *command, real=True)  # a real interpreter: its own exit path
+    wait_for(lambda: len(log_steps(out)) >= 3, proc, what="three steps")
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    # An unshielded worker dies at once and the main process fails when it next needs that worker's batches:
+    # give it 12 more steps (the four batches already fetched and then some) before signalling it too.
+    seen = len(log_steps(out))
+    deadline = time.monotonic() + 20
+    while proc.poll() is None and len(log_steps(out)) < seen + 12 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    r = proc.result()
+    assert "Traceback" not in r.err and "killed by signal" not in r.err, r.err[-3000:]
+    saved = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert f"received SIGTERM: saved {out / 'checkpoint.pt'} at step {saved}" in r.out
+    assert not any(_alive(pid) for pid in workers)  # the workers ended with the main process
+    r = run(tmp_path, "train.py", *command)
+    assert r.rc == 0, r.err[-3000:]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 100
+    assert log_steps(out) == list(range(1, 101))
+
+
 def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path: Path) -> None:
     """SIGKILL (no handler can run) a few times, once deliberately in the middle of a checkpoint write;
     checkpoint.pt always loads, and the rerun resumes from it and cleans up the half-written temporary."""
