@@ -19,6 +19,8 @@ constructor: ``--drop-path`` of train.py) and :class:`DropPath` (the per-sample 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,30 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     keep = 1.0 - p
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
     return x * mask / keep
+
+
+def add_branch(x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tensor], p: float,
+               training: bool) -> torch.Tensor:
+    """One residual update of a pre-norm block, ``x + DropPath(gamma * branch)``, as one fused op:
+
+        out[b] = x[b] + branch[b] * (gamma * m_b / (1 - p)),   m_b ~ Bernoulli(1 - p)   (training, p > 0)
+        out    = x + branch * gamma                                                      (otherwise)
+
+    ``torch.addcmul`` with the per-sample scale ``gamma * m_b / (1 - p)`` (shape [B, 1, .., C]) does in one
+    pass over the activations what layer scale, drop path and the residual add did in three (forward and
+    backward); ``gamma=None`` (no layer scale) is ``gamma = 1``. The same mask as :func:`drop_path` on
+    ``gamma * branch`` (the same draw, of the same dtype); the result equals ``x + drop_path(gamma * branch)``
+    up to float rounding (the product is associated differently)."""
+    dtype = branch.dtype if gamma is None else torch.result_type(branch, gamma)
+    scale = gamma
+    if p > 0.0 and training:
+        keep = 1.0 - p
+        mask = torch.empty((branch.shape[0],) + (1,) * (branch.dim() - 1), dtype=dtype,
+                           device=branch.device).bernoulli_(keep).div_(keep)
+        scale = mask if gamma is None else gamma * mask
+    if scale is None:
+        return x + branch
+    return torch.addcmul(x, branch, scale)
 
 
 class DropPath(nn.Module):

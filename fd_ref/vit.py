@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from .drop_path import DropPath, drop_path_rates
+from .drop_path import DropPath, add_branch, drop_path_rates
 from .position import Grid, RelativePositionBias
 
 PosEmbed = Literal["shared_rpb", "rpb", "abs"]
@@ -187,7 +187,15 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _gamma(layer_scale: nn.Module) -> Optional[torch.Tensor]:
+    return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
+
+
 class Block(nn.Module):
+    """``x = x + drop_path1(ls1(attn(norm1(x))))``, ``x = x + drop_path2(ls2(mlp(norm2(x))))``. Each update is
+    one fused op (:func:`fd_ref.drop_path.add_branch`); ``ls*`` and ``drop_path*`` stay modules for their
+    parameters, state-dict keys and rates."""
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
                  layer_scale_init: Optional[float], drop_path: float, attn_drop: float,
                  grid: Optional[Grid], act_layer: Activation = "gelu", ln_eps: float = LN_EPS) -> None:
@@ -204,8 +212,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, shared_bias: Optional[torch.Tensor] = None,
                 return_attn: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         y, attn = self.attn(self.norm1(x), shared_bias, return_attn)
-        x = x + self.drop_path1(self.ls1(y))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = add_branch(x, y, _gamma(self.ls1), self.drop_path1.p, self.training)  # x + drop_path1(ls1(y))
+        x = add_branch(x, self.mlp(self.norm2(x)), _gamma(self.ls2), self.drop_path2.p, self.training)
         return x, attn
 
 

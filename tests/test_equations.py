@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fd_ref.drop_path import DropPath, drop_path, drop_path_rates
+from fd_ref.drop_path import DropPath, add_branch, drop_path, drop_path_rates
 from fd_ref.loss import smooth_l1
 from fd_ref.projection import Projection
 from fd_ref.whitening import whiten
@@ -260,6 +260,40 @@ def test_drop_path_rejects_bad_rate():
         DropPath(1.0)
     with pytest.raises(ValueError):
         DropPath(-0.1)
+
+
+@given(batch=st.integers(1, 6), n=st.integers(1, 5), c=st.integers(1, 8), p=st.sampled_from([0.0, 0.2, 0.7]),
+       layer_scale=st.booleans(), training=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_add_branch_is_the_residual_update(batch, n, c, p, layer_scale, training, seed):
+    """``add_branch(x, y, gamma, p)`` = ``x + drop_path(gamma * y)`` with the same random mask (both sides
+    draw from the same seed), in value and in the gradients of x, y and gamma; per sample, the branch is
+    either all dropped (out = x) or all kept and rescaled by 1 / (1 - p)."""
+    x, y = _randn((batch, n, c), seed), _randn((batch, n, c), seed + 1) + 3.0
+    gamma = _randn((c,), seed + 2) if layer_scale else None
+    leaves = [t.requires_grad_() for t in (x, y, gamma) if t is not None]
+    torch.manual_seed(seed)
+    fused = add_branch(x, y, gamma, p, training)
+    torch.manual_seed(seed)
+    plain = x + drop_path(y if gamma is None else gamma * y, p, training)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    w = _randn(fused.shape, seed + 3)
+    for a, b in zip(torch.autograd.grad((fused * w).sum(), leaves), torch.autograd.grad((plain * w).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    branch = (fused - x).detach()
+    scaled = (y if gamma is None else gamma * y).detach()
+    dropped = (branch == 0).flatten(1).all(1)
+    kept = torch.isclose(branch, scaled / (1 - p if training else 1.0), rtol=1e-9, atol=1e-12).flatten(1).all(1)
+    assert torch.all(dropped ^ kept)
+    if p == 0.0 or not training:
+        assert torch.all(kept)
+
+
+def test_add_branch_keeps_expectation():
+    torch.manual_seed(99)
+    x, y, gamma = torch.zeros(40_000, 2), torch.ones(40_000, 2), torch.tensor([0.5, 2.0])
+    out = add_branch(x, y, gamma, 0.3, training=True)
+    assert out.mean(0).tolist() == pytest.approx([0.5, 2.0], rel=0.03)
+    assert (out[:, 0] == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
 
 
 @given(max_rate=st.floats(0.0, 0.9), depth=st.integers(1, 32))
