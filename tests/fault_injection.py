@@ -1,8 +1,9 @@
-"""Simulated failures for the tests that run train.py / finetune.py as processes (test_robustness.py,
-test_reliability.py). The library knows nothing of them: this module builds a hook from environment variables
-and installs it with :func:`fd_ref.engine.install_fault_hook`; ``run_with_faults.py`` (the entry the tests
-start instead of ``python train.py``) and the robustness launcher's forked children call
-:func:`install_from_env` before running the script. Unset or empty, the variables install nothing.
+"""Simulated failures for the tests that run train.py / finetune.py as processes (test_user_errors.py,
+test_interruption.py, test_reliability.py). The library knows nothing of them: this module builds a hook from
+environment variables and installs it with :func:`fd_ref.engine.install_fault_hook`; ``run_with_faults.py``
+(the entry the tests start instead of ``python train.py``) and the launcher's forked children
+(robustness_helpers.py) call :func:`install_from_env` before running the script. Unset or empty, the variables
+install nothing.
 
     FD_TEST_DIE_AT_STEP=k     the process exits abruptly (os._exit(1): no cleanup, like a crash or an OOM kill)
                               right after optimiser step k (and its checkpoint, if one is due) ...

@@ -1,7 +1,7 @@
 """Many ranks, one truth (issue #16): coordinated pre-emption, one-line peer failures, one run per output
 folder, failed saves, resume safety, image skips summed over ranks, unknown model_config keys.
 
-Multi-rank runs are two gloo ranks, each forked from tests/test_robustness.py's launcher with the RANK /
+Multi-rank runs are two gloo ranks, each forked from tests/robustness_helpers.py's launcher with the RANK /
 WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables torchrun would set, so every rank has its own exit code,
 stdout, stderr and signal handling. Every row of README's Reliability table added by issue #16 is a test
 here.
@@ -21,20 +21,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import test_robustness as rb
+import robustness_helpers as rb
 from fd_ref.checkpoint import check_model_config, save_atomic
 from fd_ref.errors import UserError
 from fd_ref.resume import RUN_CONTROL_KEYS, config_differences, describe
+from robustness_helpers import _close_launcher  # noqa: F401 - the autouse fixture: one launcher per module
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_launcher():
-    yield
-    if rb._launcher is not None:
-        rb._launcher.close()
-        rb._launcher = None
 
 
 def _free_port() -> int:
