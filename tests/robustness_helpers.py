@@ -349,3 +349,11 @@ def _image_folder(root: Path, n_good: int) -> dict[str, Path]:
 
 if __name__ == "__main__":
     _launcher_main()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a torchrun rendezvous)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -22,6 +22,7 @@ from robustness_helpers import (
     TRAIN,
     _close_launcher,  # noqa: F401 - the autouse fixture: one launcher per module, closed at its end
     assert_user_error,
+    free_port,
     load_checkpoint,
     log_steps,
     run,
@@ -217,20 +218,13 @@ def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path: Path) -
 # Distributed
 # --------------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_dying_rank_ends_the_whole_job_in_bounded_time(tmp_path: Path) -> None:
     """torchrun, 2 gloo ranks; rank 1 exits abruptly after step 1 (fault injection). Rank 0 fails at its
     next collective (connection reset, or FD_DIST_TIMEOUT at worst) and torchrun ends the job non-zero."""
     out = tmp_path / "out"
     env = {**os.environ, **BASE_ENV, "FD_TEST_DIE_AT_STEP": "1", "FD_TEST_DIE_RANK": "1", "FD_DIST_TIMEOUT": "20"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), FAULT_ENTRY, "train.py", *TRAIN, "--synthetic-size", "64", "--epochs", "3",
+           "--master-port", str(free_port()), FAULT_ENTRY, "train.py", *TRAIN, "--synthetic-size", "64", "--epochs", "3",
            "--save-every", "1", "--output", str(out)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)

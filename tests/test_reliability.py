@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -30,15 +29,9 @@ from robustness_helpers import _close_launcher  # noqa: F401 - the autouse fixtu
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ranks(tmp: Path, *args, env: dict | None = None, rank_env: dict | None = None) -> list[rb.Proc]:
     """Two ranks of ``train.py args`` joined through a fresh port; ``rank_env[r]``: extra variables of rank r."""
-    port = str(_free_port())
+    port = str(rb.free_port())
     procs = []
     for r in range(2):
         e = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
