@@ -15,6 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fd_ref.drop_path import add_branch, drop_path  # noqa: E402
 from fd_ref.optim import param_groups  # noqa: E402
 from throughput_configs import DTYPES, build_base  # noqa: E402
 from throughput_measure import CpuPeakMemory, CudaPeakMemory  # noqa: E402
@@ -105,6 +106,27 @@ def micro_levers(args: argparse.Namespace, device: torch.device, reps: int) -> l
         return run
     groups.append(("patch embedding fwd+bwd (student)",
                    {"contiguous": patch_step(pe, x_img), "channels-last": patch_step(pe_cl, x_cl)}, reps))
+
+    # Residual update of a student block, x + drop_path(gamma * branch), forward + backward: the three
+    # separate ops (layer scale, drop path, add) vs fd_ref's one addcmul (add_branch). The branch comes out
+    # of a linear layer, so under autocast it is in the compute dtype while x and gamma stay fp32.
+    block = student.blocks[-1]
+    gamma_p, rate = block.ls1.gamma.detach().clone().requires_grad_(), max(block.drop_path1.p, 0.1)
+    n_tokens = student.grid[0] * student.grid[1] + 1
+    x_res = torch.randn(args.batch, n_tokens, student.embed_dim, device=device)
+    branch_dtype = torch.float32 if dtype == torch.float32 else dtype
+    y_res = torch.randn_like(x_res).to(branch_dtype)
+
+    def residual_step(fused: bool) -> Callable[[], None]:
+        def run() -> None:
+            x, y = x_res.clone().requires_grad_(), y_res.clone().requires_grad_()
+            out = add_branch(x, y, gamma_p, rate, True) if fused else x + drop_path(gamma_p * y, rate, True)
+            out.sum().backward()
+            gamma_p.grad = None
+        return run
+    groups.append((f"residual update fwd+bwd (drop path {rate:g})",
+                   {"3 ops (scale, drop, add)": residual_step(False), "addcmul (add_branch)": residual_step(True)},
+                   reps))
 
     # Teacher forward: no_grad vs inference_mode (whole teacher; fewer repetitions).
     def teacher_forward(mode) -> Callable[[], None]:
