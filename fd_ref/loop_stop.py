@@ -17,21 +17,25 @@ def shield_loader_worker(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's
     """Leave the stop to the main process. Schedulers (SLURM, ``kill -- -PGID``) often signal the whole
     process group, DataLoader workers included. A worker ended by that SIGTERM, or by SIGUSR1 (whose default
     action also ends a process), makes the main process fail at its next batch ("DataLoader worker ... is
-    killed by signal") instead of finishing its step and saving. So a worker ignores SIGUSR1, and obeys a
-    SIGTERM only from its parent: the DataLoader's shutdown of a worker that does not join in time and
-    multiprocessing's clean-up at exit both send one. SIGTERM is blocked in the worker and a small thread
-    takes each one with its sender (``sigwaitinfo``). A worker ended by a
-    signal, even its parent's, would make the DataLoader's watch in the main process report it at exit (a
-    traceback after a clean stop), so on the parent's SIGTERM the worker exits with status 0 instead. Workers
-    still end with the main process: the DataLoader stops them, and they watch their parent."""
+    killed by signal") instead of finishing its step and saving.
+
+    So a worker ignores SIGUSR1 and obeys a SIGTERM only from its parent (the DataLoader's shutdown of a
+    worker that does not join in time, and multiprocessing's clean-up at exit, both send one): SIGTERM is
+    blocked in the worker and a small thread takes each one with its sender (``sigwaitinfo``). On its
+    parent's SIGTERM the worker exits with status 0: ended by the signal itself, it would make the
+    DataLoader's watch in the main process print a traceback at exit after a clean stop. Workers still end
+    with the main process: the DataLoader stops them, and they watch their parent. Where the platform has no
+    ``sigwaitinfo`` (macOS), only SIGUSR1 is shielded."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def obey_only_the_parent() -> None:
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
             pass
-        os._exit(0)  # at once; status 0, which the DataLoader's watch on its workers takes as a clean end
+        os._exit(0)
 
     threading.Thread(target=obey_only_the_parent, name="sigterm-from-parent", daemon=True).start()
 
