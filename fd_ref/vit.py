@@ -111,10 +111,11 @@ class Attention(nn.Module):
         # same tensor memory (bench/README.md). So training with a trainable bias on the CPU takes the
         # explicit formula even when ``fused``; False forces SDPA there too.
         self.explicit_on_cpu_training = True
-        # On a CPU with native bf16, SDPA's CPU kernels in bf16 measured slower than the explicit formula:
-        # 2.3x for a training step and 1.1-3.5x without gradients at width 64 / 65 tokens, 1.2-1.5x for a
-        # ViT-S/16 teacher block (bench/README.md). So bf16 attention on the CPU takes the explicit formula
-        # even when ``fused``; False forces SDPA there too.
+        # On a CPU with native bf16, SDPA's CPU kernels in bf16 measured slower than the explicit formula on
+        # a shared (loaded) CPU: 2.3x for a training step and 1.1-3.5x without gradients at width 64 / 65
+        # tokens, 1.2-1.5x for a ViT-S/16 teacher block; on a quiet CPU at ViT-S shapes the two were level
+        # (bench/README.md). So bf16 attention on the CPU takes the explicit formula even when ``fused``;
+        # False forces SDPA there too.
         self.explicit_on_cpu_bf16 = True
 
     def _qkv_bias(self) -> Optional[torch.Tensor]:
