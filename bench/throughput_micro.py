@@ -114,8 +114,7 @@ def micro_levers(args: argparse.Namespace, device: torch.device, reps: int) -> l
     gamma_p, rate = block.ls1.gamma.detach().clone().requires_grad_(), max(block.drop_path1.p, 0.1)
     n_tokens = student.grid[0] * student.grid[1] + 1
     x_res = torch.randn(args.batch, n_tokens, student.embed_dim, device=device)
-    branch_dtype = torch.float32 if dtype == torch.float32 else dtype
-    y_res = torch.randn_like(x_res).to(branch_dtype)
+    y_res = torch.randn_like(x_res).to(dtype)
 
     def residual_step(fused: bool) -> Callable[[], None]:
         def run() -> None:

@@ -13,9 +13,11 @@ path), the student with rates growing linearly over depth,
 with max_rate 0.1-0.3 depending on the recipe.
 
 Where the asymmetry lives in the code: the teacher's side is :meth:`fd_ref.teachers.Teacher.train`, which keeps
-the wrapped teacher in eval mode whatever its parent module does (so its DropPath layers are identities); the
-student's side is :func:`drop_path_rates` (the schedule above, passed as ``drop_path_rate`` to the student's
-constructor: ``--drop-path`` of train.py) and :class:`DropPath` (the per-sample drop in each residual branch).
+the wrapped teacher in eval mode whatever its parent module does (so its blocks drop nothing); the student's
+side is :func:`drop_path_rates` (the schedule above, passed as ``drop_path_rate`` to the student's
+constructor: ``--drop-path`` of train.py) and :func:`add_branch` (the per-sample drop in each residual branch
+of ``fd_ref.vit.Block``, fused with layer scale and the residual add; each block's :class:`DropPath` modules
+hold its rates).
 """
 from __future__ import annotations
 
@@ -25,13 +27,19 @@ import torch
 import torch.nn as nn
 
 
+def _keep_mask(x: torch.Tensor, dtype: torch.dtype, keep: float) -> torch.Tensor:
+    """m_b ~ Bernoulli(keep), one per sample of ``x``, shaped [B, 1, ..., 1] to broadcast over it. The one
+    random draw of drop path, shared by :func:`drop_path` and :func:`add_branch` so both drop the same samples
+    from the same seed."""
+    return torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=dtype, device=x.device).bernoulli_(keep)
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Zero whole samples of ``x`` with probability ``p`` and rescale the rest by 1/(1-p)."""
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x * _keep_mask(x, x.dtype, keep) / keep
 
 
 def add_branch(x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tensor], p: float,
@@ -50,8 +58,7 @@ def add_branch(x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tens
     scale = gamma
     if p > 0.0 and training:
         keep = 1.0 - p
-        mask = torch.empty((branch.shape[0],) + (1,) * (branch.dim() - 1), dtype=dtype,
-                           device=branch.device).bernoulli_(keep).div_(keep)
+        mask = _keep_mask(branch, dtype, keep).div_(keep)
         scale = mask if gamma is None else gamma * mask
     if scale is None:
         return x + branch
