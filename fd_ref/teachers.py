@@ -31,7 +31,10 @@ Names:
   ``PRED_FEAT_S3: True`` variant: the first three stages only, 128 * 4 = 512 channels on 14 x 14, with a
   final LayerNorm at its initial weights (the released norm belongs to the fourth stage and is dropped).
   Weights: the released EsViT checkpoint (``ESVIT_URL``), passed as ``checkpoint`` (:func:`esvit_to_timm`
-  maps its keys);
+  maps its keys). timm's Swin computes the published Swin's function on these weights: window order,
+  relative-position table and index, shift direction and mask, window clipping (14 x 14 at stage 3: one
+  unshifted window; 7 x 7 at stage 4), merge order, qk scale and final norm all agree
+  (``tests/test_esvit_parity.py``);
 - fd_ref's own presets (``vit_tiny`` ... ``vit_large``), e.g. a ViT trained by ``finetune.py``.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from fd_ref.cli import run_main
 from fd_ref.distill import FeatureDistillation, match_token_grid
 from fd_ref.errors import UserError
 from fd_ref.model_file import build_vit, read_model_file
-from fd_ref.teachers import ESVIT_ARGS, ESVIT_TIMM, build_teacher, esvit_to_timm
+from fd_ref.teachers import ESVIT_ARGS, ESVIT_TIMM, build_teacher
 from fd_ref.timm_backbone import TimmBackbone, build_timm_optimizer, parse_kwargs
 from fd_ref.vit import create_vit
 
@@ -218,53 +218,8 @@ def test_cls_target_needs_a_class_token():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# EsViT Swin-B teacher: the released checkpoint format mapped into timm's Swin
+# EsViT Swin-B teacher (its parity with the published Swin: tests/test_esvit_parity.py)
 # ---------------------------------------------------------------------------------------------------------
-def esvit_format(state: dict, num_stages: int) -> dict:
-    """timm Swin keys -> the released EsViT file (published models/esvit.py): Microsoft's Swin keys (patch
-    merging at the END of a stage: timm's layers.{i}.downsample is layers.{i-1}.downsample there), the
-    buffers it stores, DDP's module. prefix, the DINO heads, all under "student"."""
-    out = {}
-    for k, v in state.items():
-        parts = k.split(".")
-        if parts[0] == "layers" and parts[2] == "downsample":
-            parts[1] = str(int(parts[1]) - 1)
-        out["module." + ".".join(parts)] = v.clone()
-    for i in range(num_stages):
-        out[f"module.layers.{i}.blocks.0.attn.relative_position_index"] = torch.zeros(4, 4, dtype=torch.long)
-        out[f"module.layers.{i}.blocks.1.attn_mask"] = torch.zeros(2, 4, 4)
-    out["module.head.mlp.0.weight"] = torch.randn(8, 4)
-    out["module.head_dense.last_layer.weight_g"] = torch.randn(1, 8)
-    return {"student": out, "teacher": {k: torch.zeros_like(v) for k, v in out.items()}, "epoch": 300}
-
-
-TINY_ESVIT = dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
-
-
-def test_esvit_checkpoint_maps_into_timm_swin(tmp_path):
-    torch.manual_seed(0)
-    reference = timm.create_model(ESVIT_TIMM, pretrained=False, num_classes=0, img_size=64, patch_size=4,
-                                  **TINY_ESVIT).eval()
-    for p in reference.parameters():  # no parameter left at a value a fresh model would also have
-        p.data.normal_()
-    torch.save(esvit_format(reference.state_dict(), 4), tmp_path / "checkpoint_best.pth")
-    mapped = esvit_to_timm(torch.load(tmp_path / "checkpoint_best.pth"), 4)
-    assert set(mapped) == set(reference.state_dict())
-    assert all(torch.equal(mapped[k], v) for k, v in reference.state_dict().items())
-    teacher = build_teacher("esvit_swin_base", img_size=64, checkpoint=str(tmp_path / "checkpoint_best.pth"),
-                            timm_kwargs=TINY_ESVIT)
-    x = torch.randn(2, 3, 64, 64)
-    # the last stage after the final norm: 8 * 8 = 64 channels on 2 x 2 at 64 px (224 px: 1024 on 7 x 7)
-    assert (teacher.grid, teacher.embed_dim, teacher.num_prefix_tokens) == ((2, 2), 64, 0)
-    assert torch.allclose(teacher(x), reference.forward_features(x).flatten(1, 2), atol=1e-5)
-
-    s3 = build_teacher("esvit_swin_base_s3", img_size=64, checkpoint=str(tmp_path / "checkpoint_best.pth"),
-                       timm_kwargs=TINY_ESVIT)
-    assert (s3.grid, s3.embed_dim) == ((4, 4), 32)
-    h = reference.layers[:3](reference.patch_embed(x))                     # stage 3 output, NHWC
-    assert torch.allclose(s3(x), F.layer_norm(h, (32,), eps=1e-5).flatten(1, 2), atol=1e-5)
-
-
 def test_esvit_swin_base_is_the_published_shape():
     with torch.device("meta"):
         model = timm.create_model(ESVIT_TIMM, pretrained=False, num_classes=0, img_size=224, **ESVIT_ARGS)
