@@ -54,10 +54,11 @@ def add_branch(x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tens
     backward); ``gamma=None`` (no layer scale) is ``gamma = 1``. The same mask as :func:`drop_path` on
     ``gamma * branch`` (the same draw, of the same dtype); the result equals ``x + drop_path(gamma * branch)``
     up to float rounding (the product is associated differently)."""
-    dtype = branch.dtype if gamma is None else torch.result_type(branch, gamma)
     scale = gamma
     if p > 0.0 and training:
         keep = 1.0 - p
+        # the dtype of gamma * branch; promote_types, not result_type, which torch.compile cannot trace
+        dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
         mask = _keep_mask(branch, dtype, keep).div_(keep)
         scale = mask if gamma is None else gamma * mask
     if scale is None:

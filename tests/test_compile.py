@@ -97,6 +97,33 @@ def test_compiled_bf16_step_is_as_close_to_fp32_as_eager(steps):
         assert err_compiled <= 2 * err_eager + 1e-2 * scale, (name, err_compiled, err_eager, scale)
 
 
+# -- one graph: nothing in the step makes torch.compile fall back to eager --------------------------------
+@pytest.mark.parametrize("pos_embed", ["shared_rpb", "rpb", "abs"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_distillation_and_finetuning_forward_trace_as_one_graph(pos_embed, dtype):
+    """The FD forward (student with drop path, teacher, projection, loss) and the fine-tuning forward (the
+    student with its head) trace into one graph each (``fullgraph=True``: a graph break raises). A break does
+    not change the numbers, so the tests above cannot see it, but it costs the speed ``--compile`` is for: a
+    break inside ``Block`` (``torch.result_type`` in ``add_branch``, found in issue #15) sent every block back
+    to eager and recompiled ``Block.forward`` per block until Dynamo's cache limit. Dynamo only (the "eager"
+    backend): no inductor compilation, a few seconds."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    student = create_vit("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                         drop_path_rate=0.2, pos_embed=pos_embed)
+    fd = FeatureDistillation(student, build_teacher("vit_tiny", img_size=32, patch_size=8, depth=1)).train()
+    classifier = create_vit("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                            drop_path_rate=0.2, pos_embed="rpb" if pos_embed == "shared_rpb" else pos_embed,
+                            global_pool="avg", num_classes=10).train()
+    x = torch.randn(4, 3, 32, 32)
+    for model in (fd, classifier):
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = torch.compile(model, backend="eager", fullgraph=True)(x)
+        out.float().sum().backward()
+
+
 # -- train.py --compile, stopped and resumed ---------------------------------------------------------------
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2",
         "--teacher-patch-size", "8", "--teacher-depth", "1", "--synthetic-size", "32", "--num-workers", "0",
