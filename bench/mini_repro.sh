@@ -7,6 +7,10 @@
 #      fine-tuning recipe (is FD more than longer training?)
 #   5. ablations (paper Table 2 in spirit): one FD ingredient changed at a time, each distilled and then
 #      fine-tuned with ABL_SEEDS seeds
+#   (2, 5) FD_SEEDS: distillation seeds. The first is the stage without a suffix (fd, fd_<ablation>, as
+#      before); every further seed D distils again (fd_dD, fd_<ablation>_dD, train.py --seed D) and
+#      fine-tunes that student with the same seeds (ft_fd_dD_sS, ft_<ablation>_dD_sS), so the spread
+#      includes distillation noise, not only fine-tuning noise
 #   6. diagnostics on held-out images: teacher, FD student, abs-pos student, the fine-tuned pair
 # Validation: a fixed 5,000-image hold-out of the CIFAR-10 *training* split (--val-split 5000 --split-seed 0),
 # never trained on by any stage. The CIFAR-10 test split is not used.
@@ -42,6 +46,7 @@ FT_EPOCHS=${FT_EPOCHS:-$D_FT}   # each fine-tune
 BATCH=${BATCH:-$D_BATCH}
 SEEDS=${SEEDS:-"0 1 2"}         # fine-tuning seeds of the teacher and the FD student, and of the control
 ABL_SEEDS=${ABL_SEEDS:-"0 1"}   # fine-tuning seeds of each ablation
+FD_SEEDS=${FD_SEEDS:-0}         # distillation seeds of the FD student and of each ablation (train.py --seed)
 ABLATIONS=${ABLATIONS-"target_cls abs_pos no_whiten sym_drop target_avg"}
 WORKERS=${WORKERS:-$D_WORKERS}
 PAR=${PAR:-$D_PAR}              # stages run side by side (each as soon as the stages it needs are done)
@@ -111,6 +116,7 @@ finetune() { # name, distillation stage, checkpoint, seed
     --epochs $FT_EPOCHS --eval-every $FT_EPOCHS --seed $4 --output $OUT/$1_s$4
 }
 set -- $SEEDS; FIRST_SEED=$1
+set -- $FD_SEEDS; FIRST_FD_SEED=${1:?FD_SEEDS is empty: give at least one distillation seed}
 
 # 1. teacher: supervised from scratch, absolute position embedding (DeiT-like), light augmentation
 queue teacher "" $PY finetune.py --from-scratch $ARCH --pos-embed abs --data $DATA $SPLIT \
@@ -119,10 +125,16 @@ queue teacher "" $PY finetune.py --from-scratch $ARCH --pos-embed abs --data $DA
   --eval-every $T_EPOCHS --output $OUT/teacher
 scratch "$FIRST_SEED"   # needs no teacher: runs beside it
 # 2. feature distillation into a fresh student of the same size (shared RPB, whitened targets, smooth-L1)
-queue fd teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --output $OUT/fd
+queue fd teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --seed $FIRST_FD_SEED --output $OUT/fd
 # 3. the same fine-tuning recipe for teacher and FD student, every seed (the teacher's beside the FD run)
 for seed in $SEEDS; do finetune ft_teacher teacher "$OUT/teacher/best.pt" "$seed"; done
 for seed in $SEEDS; do finetune ft_fd fd "$OUT/fd/student.pt" "$seed"; done
+# 2-3 again for every further distillation seed
+EXTRA_FD_SEEDS="$(set -- $FD_SEEDS; shift; echo "$*")"
+for d in $EXTRA_FD_SEEDS; do
+  queue "fd_d$d" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --seed $d --output $OUT/fd_d$d
+  for seed in $SEEDS; do finetune "ft_fd_d$d" "fd_d$d" "$OUT/fd_d$d/student.pt" "$seed"; done
+done
 # 4. the control's other seeds
 for seed in $SEEDS; do [ "$seed" = "$FIRST_SEED" ] || scratch "$seed"; done
 
@@ -136,8 +148,14 @@ for ab in $ABLATIONS; do
     target_avg) FLAGS="--target avg" ;;           # the teacher's average-pooled feature only
     *) echo "unknown ablation $ab" >&2; exit 2 ;;
   esac
-  queue "fd_$ab" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --output $OUT/fd_$ab
+  queue "fd_$ab" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --seed $FIRST_FD_SEED \
+    --output $OUT/fd_$ab
   for seed in $ABL_SEEDS; do finetune "ft_$ab" "fd_$ab" "$OUT/fd_$ab/student.pt" "$seed"; done
+  for d in $EXTRA_FD_SEEDS; do
+    queue "fd_${ab}_d$d" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --seed $d \
+      --output $OUT/fd_${ab}_d$d
+    for seed in $ABL_SEEDS; do finetune "ft_${ab}_d$d" "fd_${ab}_d$d" "$OUT/fd_${ab}_d$d/student.pt" "$seed"; done
+  done
 done
 
 # 6. diagnostics on held-out images (the same hold-out): teacher, FD student, the absolute-position

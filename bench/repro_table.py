@@ -1,5 +1,6 @@
 """Summarise bench/mini_repro.sh: validation top-1 of the fine-tuned teacher vs FD student (mean, std
-over seeds), stage times, and the diagnostics' per-layer means. Writes OUT/summary.json and prints a
+over seeds), stage times, and the diagnostics' per-layer means. Where further distillation seeds ran
+(FD_SEEDS), each gets its own row, plus the runs of all distillation seeds pooled. Writes OUT/summary.json and prints a
 Markdown table.
 
     python bench/repro_table.py runs/mini_repro
@@ -10,6 +11,20 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+
+def _top1(results) -> list[float]:
+    return [json.loads(r.read_text())["final"]["top1"] for r in sorted(results)]
+
+
+def _stats(top1: list[float]) -> dict:
+    return {"top1": top1, "mean": statistics.mean(top1),
+            "std": statistics.stdev(top1) if len(top1) > 1 else 0.0}
+
+
+def _row(name: str, top1: list[float]) -> str:
+    st = _stats(top1)
+    return f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {st['mean']:.2f} +- {st['std']:.2f} |"
 
 
 def main(out: str) -> None:
@@ -23,14 +38,30 @@ def main(out: str) -> None:
              "instead of shared RPB, fine-tuned", "sym_drop": "FD with student drop path 0, fine-tuned"}
     for kind, name in names.items():
         pattern = "scratch_s*/results.json" if kind == "scratch" else f"ft_{kind}_s*/results.json"
-        runs = sorted(root.glob(pattern))
-        top1 = [json.loads(r.read_text())["final"]["top1"] for r in runs]
+        top1 = _top1(root.glob(pattern))
         if not top1:
             continue
-        mean = statistics.mean(top1)
-        std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-        summary[kind] = {"top1": top1, "mean": mean, "std": std}
-        rows.append(f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {mean:.2f} +- {std:.2f} |")
+        summary[kind] = _stats(top1)
+        rows.append(_row(name, top1))
+        # further distillation seeds (bench/mini_repro.sh FD_SEEDS): ft_<kind>_d<D>_s<S>
+        by_seed = {}
+        for run in root.glob(f"ft_{kind}_d*_s*/results.json"):
+            d = run.parent.name[len(f"ft_{kind}_d"):].split("_s")[0]
+            if d.isdigit():
+                by_seed.setdefault(int(d), []).append(run)
+        if not by_seed or kind == "scratch":
+            continue
+        groups = {"first": top1} | {f"d{d}": _top1(runs) for d, runs in sorted(by_seed.items())}
+        for d, values in groups.items():
+            if d != "first":
+                rows.append(_row(f"{name}, distillation seed {d[1:]}", values))
+        pooled = [t for values in groups.values() for t in values]
+        means = [statistics.mean(values) for values in groups.values()]
+        summary[kind] |= {"by_distillation_seed": {d: _stats(v) for d, v in groups.items()},
+                          "all_distillation_seeds": _stats(pooled),
+                          "std_of_distillation_means": statistics.stdev(means)}
+        rows.append(_row(f"{name}, all {len(groups)} distillation seeds pooled", pooled)
+                    + f" (std of the {len(groups)} distillation means {statistics.stdev(means):.2f})")
     teacher_json = root / "teacher" / "results.json"
     if teacher_json.exists():
         summary["teacher_before_ft"] = json.loads(teacher_json.read_text())["final"]["top1"]
