@@ -261,3 +261,22 @@ def test_drop_path_schedule_is_the_published_one():
     rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in blocks]
     assert rates == pytest.approx(ref.drop_path_rates(0.3, INIT_SHAPE["depths"]))
     assert all(float(getattr(b.drop_path2, "drop_prob", 0.0)) == r for b, r in zip(blocks, rates))
+
+
+def test_distillation_optimizer_decays_what_the_published_one_decays():
+    """train.py's AdamW groups (``build_optimizer`` on the student and the projection) decay exactly the
+    parameters the published pre-training optimizer decays: not the 1-D ones, not ``.bias``, not the names
+    ``SwinV2ForFD`` lists (``no_weight_decay_keywords``: rpe_mlp, logit_scale, relative_position_bias_table)."""
+    from fd_ref.optim import build_optimizer
+    from fd_ref.projection import Projection
+
+    student = TimmBackbone(NAME, 64, INIT_SHAPE)
+    trainable = torch.nn.ModuleDict({"student": student, "projection": Projection(student.embed_dim, 16)})
+    groups = build_optimizer(trainable, lr=1e-3, weight_decay=0.05).param_groups
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    reference = ref.SwinV2Reference(64, **INIT_SHAPE)
+    keywords = ("rpe_mlp", "logit_scale", "relative_position_bias_table")
+    published = {n for n, p in reference.named_parameters()
+                 if not (p.ndim == 1 or n.endswith(".bias") or any(k in n for k in keywords))}
+    expected = {"student." + k for k in published_to_timm({n: None for n in published})} | {"projection.proj.weight"}
+    assert decayed == expected, (sorted(decayed - expected), sorted(expected - decayed))
