@@ -13,7 +13,10 @@ position bias table, final norm, fc_norm, head, FD projection), which therefore 
 
 Weight decay follows the published ``optimizer.py`` too: it is skipped for 1-D parameters, names ending in
 ``.bias`` and the class token / absolute position embedding; the 2-D relative position bias tables ARE
-decayed.
+decayed. The published optimizer also skips what the model itself lists (``no_weight_decay()`` /
+``no_weight_decay_keywords()``); here every submodule with a ``no_weight_decay()`` (timm models) has its listed
+parameters skipped (:func:`declared_no_weight_decay`): e.g. a SwinV2 student's bias MLPs and logit scales, as
+the published ``SwinV2ForFD`` lists ``rpe_mlp`` and ``logit_scale``.
 
 The ``lr_scale`` key is read by :class:`fd_ref.schedule.WarmupCosine` on every step.
 
@@ -32,7 +35,8 @@ from torch import nn
 from .errors import UserError
 from .files import WRAPPER_PREFIXES, strip_prefixes
 
-__all__ = ["strip_prefix", "no_weight_decay", "layer_id", "param_groups", "build_optimizer"]
+__all__ = ["strip_prefix", "no_weight_decay", "declared_no_weight_decay", "layer_id", "param_groups",
+           "build_optimizer"]
 
 
 # Exact (prefix-stripped) names that never get weight decay even though they are not 1-D (published
@@ -61,6 +65,18 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """
     short = strip_prefix(name)
     return param.ndim <= 1 or short.endswith(".bias") or short in _NO_DECAY_NAMES
+
+
+def declared_no_weight_decay(model: nn.Module) -> set[str]:
+    """Full names (in ``model``) of the parameters its submodules list in their own ``no_weight_decay()``
+    (timm's convention: names relative to that submodule), e.g. ``student.model.layers.0.blocks.0.attn.logit_scale``
+    for a timm SwinV2 student under ``student.model``."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names.update(f"{prefix}.{n}" if prefix else str(n) for n in listed())
+    return names
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -102,8 +118,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     """Split the trainable parameters of ``model`` into AdamW parameter groups.
 
     Frozen parameters (``requires_grad == False``) are left out. Each group is a dict with ``params``,
-    ``param_names``, ``weight_decay`` (``weight_decay`` or ``0.0`` per :func:`no_weight_decay`), ``lr_scale``
-    and ``name`` (for logging). Empty groups are dropped.
+    ``param_names``, ``weight_decay`` (``weight_decay`` or ``0.0`` per :func:`no_weight_decay` and
+    :func:`declared_no_weight_decay`), ``lr_scale`` and ``name`` (for logging). Empty groups are dropped.
 
     Without ``layer_decay``: groups ``"decay"`` and ``"no_decay"``, both with ``lr_scale = 1.0``.
 
@@ -125,10 +141,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
             raise UserError(f"num_layers must be >= 1, got {num_layers}; pass the ViT depth")
 
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    declared = declared_no_weight_decay(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip_decay = no_weight_decay(name, param)
+        skip_decay = no_weight_decay(name, param) or name in declared
         suffix = "no_decay" if skip_decay else "decay"
         if layer_decay is None:
             key, group_name, lr_scale = (0, skip_decay), suffix, 1.0

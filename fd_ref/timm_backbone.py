@@ -36,6 +36,7 @@ from einops import rearrange
 
 from .checkpoint import load_strict
 from .errors import UserError
+from .swinv2_init import init_like_published, is_swinv2
 
 LAYOUTS = ("tokens", "NCHW", "NHWC")
 PREFIX = "timm:"
@@ -189,7 +190,8 @@ def head_norm(model: nn.Module) -> Optional[nn.Module]:
 
 class TimmBackbone(nn.Module):
     """A timm model with the surface of fd_ref's ViT (module docstring). ``num_classes=0``: a headless
-    student; ``reset_classifier(n)`` gives it timm's own classifier for fine-tuning."""
+    student; ``reset_classifier(n)`` gives it timm's own classifier for fine-tuning. A SwinV2 starts from the
+    published SwinV2 student's initialisation (:mod:`fd_ref.swinv2_init`), every other model from timm's."""
 
     def __init__(self, timm_name: str, img_size: int, timm_kwargs: Optional[Mapping[str, Any]] = None,
                  num_classes: int = 0, drop_path_rate: float = 0.0) -> None:
@@ -202,6 +204,8 @@ class TimmBackbone(nn.Module):
                                 f"the timm arguments of timm:{name}")
         what = f"student timm:{name}"
         self.model = create_timm(name, img_size, what, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+        if is_swinv2(self.model):  # the published SwinV2 student's initialisation (fd_ref/swinv2_init.py)
+            init_like_published(self.model)
         layout = probe_layout(self.model, img_size, what)
         self.fmt, self.grid, self.num_prefix_tokens = layout.fmt, layout.grid, layout.num_prefix_tokens
         self.embed_dim = self.num_features = layout.channels
