@@ -65,19 +65,42 @@ def test_every_stage_command_resolves(tmp_path, preset):
     assert "--target cls" in stages["fd_target_cls"] and "--pos-embed abs" in stages["fd_abs_pos"]
 
 
+def test_further_distillation_seeds_add_their_own_stages(tmp_path):
+    """FD_SEEDS="0 3": the first seed is the plain stages (fd, fd_<ablation>, now with --seed 0), the second
+    distils again with --seed 3 into fd_d3 / fd_<ablation>_d3, each fine-tuned with the usual seeds."""
+    done = _run(tmp_path, tmp_path / "out", DRY_RUN="1", FD_SEEDS="0 3", ABLATIONS="abs_pos", SEEDS="0 1",
+                ABL_SEEDS="0")
+    assert done.returncode == 0, done.stderr
+    stages = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    extra = {"fd_d3", "ft_fd_d3_s0", "ft_fd_d3_s1", "fd_abs_pos_d3", "ft_abs_pos_d3_s0"}
+    assert extra <= set(stages) and not any("_d0" in name for name in stages)
+    seed = {n: resolve_config(DEFAULTS["train.py"], shlex.split(stages[n])[2:])["seed"]
+            for n in ("fd", "fd_d3", "fd_abs_pos", "fd_abs_pos_d3")}
+    assert seed == {"fd": 0, "fd_d3": 3, "fd_abs_pos": 0, "fd_abs_pos_d3": 3}
+    assert "--pos-embed abs" in stages["fd_abs_pos_d3"] and "fd_d3/student.pt" in stages["ft_fd_d3_s1"]
+    empty = _run(tmp_path, tmp_path / "out2", DRY_RUN="1", FD_SEEDS=" ")
+    assert empty.returncode != 0 and "FD_SEEDS is empty" in empty.stderr
+
+
 def test_toy_pipeline_end_to_end_and_resume(tmp_path):
     data, out = _folder(tmp_path / "data"), tmp_path / "out"
-    env = dict(PRESET="toy", SEEDS="0", ABLATIONS="", VAL="12", ANALYSIS_IMAGES="6")
+    env = dict(PRESET="toy", SEEDS="0", ABLATIONS="", VAL="12", ANALYSIS_IMAGES="6", FD_SEEDS="0 1")
     done = _run(data, out, **env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for stage in ("teacher", "scratch_s0", "fd", "ft_teacher_s0", "ft_fd_s0", "analysis"):
+    stages = ("teacher", "scratch_s0", "fd", "ft_teacher_s0", "ft_fd_s0", "fd_d1", "ft_fd_d1_s0", "analysis")
+    for stage in stages:
         assert (out / stage / "DONE").is_file(), stage
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"teacher", "fd", "scratch", "seconds", "diagnostics"}
-    assert not list(out.glob("fd_*/")), "ABLATIONS='' runs no ablation"
+    assert [p.name for p in out.glob("fd_*/")] == ["fd_d1"], "ABLATIONS='' runs no ablation"
+    # the second distillation seed's fine-tune is its own row, and pooled with the first
+    by_seed = summary["fd"]["by_distillation_seed"]
+    assert set(by_seed) == {"first", "d1"} and by_seed["first"]["top1"] == summary["fd"]["top1"]
+    assert sorted(summary["fd"]["all_distillation_seeds"]["top1"]) == sorted(by_seed["first"]["top1"]
+                                                                              + by_seed["d1"]["top1"])
     # rerunning the same command finds every stage done and runs nothing again
     again = _run(data, out, **env)
-    assert again.returncode == 0 and again.stdout.count("done already") == 6, again.stdout
+    assert again.returncode == 0 and again.stdout.count("done already") == len(stages), again.stdout
     # a snapshot restored into an empty folder (another machine) continues the study the same way
     snapshot, moved = tmp_path / "snapshot", tmp_path / "moved"
     script = str(ROOT / "bench" / "study_snapshot.sh")
@@ -86,4 +109,4 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path):
     assert not list(snapshot.glob("*/checkpoint.pt"))  # finished stages keep no optimiser state
     subprocess.run(["bash", script, "restore", str(moved), str(snapshot)], check=True, capture_output=True)
     resumed = _run(data, moved, **env)
-    assert resumed.returncode == 0 and resumed.stdout.count("done already") == 6, resumed.stdout
+    assert resumed.returncode == 0 and resumed.stdout.count("done already") == len(stages), resumed.stdout
