@@ -11,6 +11,10 @@ and q / v biases, but differs in three places, which :func:`init_like_published`
         attn.proj.weight, mlp.fc2.weight  ~ N(0, init_std) / sqrt(2 b)          timm: N(0, 0.02), not rescaled
         norm1.weight = norm2.weight = init_values (the residual post-norms)     timm: 0
 
+A fine-tuning head (the published ``build_swin_v2`` builds the classifier with the network, so
+``_init_weights`` draws it like every Linear): weight ~ N(0, init_std) cut at +-2, bias 0
+(:func:`init_head_like_published`; timm's ``reset_classifier`` leaves PyTorch's default, uniform weight and bias).
+
 The post-norms see ``attn.proj`` / ``mlp.fc2`` outputs, so the 1 / sqrt(2 b) rescale leaves the first forward
 as it is but not training: the weights' scale sets how far an AdamW step moves them.
 """
@@ -48,3 +52,14 @@ def init_like_published(net: nn.Module, init_std: float = INIT_STD, post_norm_in
         for norm in (block.norm1, block.norm2):
             norm.weight.fill_(post_norm_init)
             norm.bias.zero_()
+
+
+@torch.no_grad()
+def init_head_like_published(net: nn.Module, init_std: float = INIT_STD) -> None:
+    """The classifier of a timm ``SwinTransformerV2`` as the published fine-tuning network draws its head:
+    weight ~ N(0, init_std) cut at +-2, bias 0 (module docstring)."""
+    head = net.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=init_std, a=-2.0, b=2.0)
+        if head.bias is not None:
+            head.bias.zero_()

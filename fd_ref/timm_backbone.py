@@ -36,7 +36,7 @@ from einops import rearrange
 
 from .checkpoint import load_strict
 from .errors import UserError
-from .swinv2_init import init_like_published, is_swinv2
+from .swinv2_init import init_head_like_published, init_like_published, is_swinv2
 
 LAYOUTS = ("tokens", "NCHW", "NHWC")
 PREFIX = "timm:"
@@ -220,8 +220,11 @@ class TimmBackbone(nn.Module):
         return int(self.config["num_classes"])
 
     def reset_classifier(self, num_classes: int) -> None:
-        """timm's own classifier head for ``num_classes`` classes (timm's initialisation)."""
+        """timm's own classifier head for ``num_classes`` classes: timm's initialisation, except a SwinV2's,
+        which is drawn as the published fine-tuning network draws it (:mod:`fd_ref.swinv2_init`)."""
         self.model.reset_classifier(num_classes)
+        if num_classes and is_swinv2(self.model):
+            init_head_like_published(self.model)
         self.config["num_classes"] = int(num_classes)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:

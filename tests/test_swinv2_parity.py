@@ -279,3 +279,24 @@ def test_distillation_optimizer_decays_what_the_published_one_decays():
                  if not (p.ndim == 1 or n.endswith(".bias") or any(k in n for k in keywords))}
     expected = {"student." + k for k in published_to_timm({n: None for n in published})} | {"projection.proj.weight"}
     assert decayed == expected, (sorted(decayed - expected), sorted(expected - decayed))
+
+
+def test_fine_tuning_head_is_drawn_as_published(monkeypatch):
+    """A SwinV2's classifier (built with the backbone or by ``reset_classifier``, as finetune.py does) starts as
+    the published fine-tuning network's head: weight N(0, 0.02), bias 0. timm's own ``reset_classifier`` leaves
+    PyTorch's default (uniform weight, uniform non-zero bias), which the same checks reject."""
+    import fd_ref.timm_backbone as tb
+
+    torch.manual_seed(2)
+    for student in (TimmBackbone(NAME, 64, INIT_SHAPE, num_classes=1000), TimmBackbone(NAME, 64, INIT_SHAPE)):
+        if student.num_classes == 0:
+            student.reset_classifier(1000)
+        head = student.model.get_classifier()
+        assert head.weight.shape[0] == 1000 and torch.all(head.bias == 0)
+        assert head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        # a normal, not a uniform: about 4.6% of N(0, s) lies beyond 2 s (a uniform of that std has none)
+        assert 0.03 < (head.weight.abs() > 0.04).float().mean().item() < 0.06
+    monkeypatch.setattr(tb, "is_swinv2", lambda net: False)
+    timm_head = TimmBackbone(NAME, 64, INIT_SHAPE, num_classes=1000).model.get_classifier()
+    assert not torch.all(timm_head.bias == 0)
+    assert (timm_head.weight.abs() > 2 * timm_head.weight.std()).float().mean().item() == 0.0
