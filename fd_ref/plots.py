@@ -32,7 +32,8 @@ def read_run(spec: str) -> tuple[str, list[dict]]:
     return label or (log.parent.name if log.name == "log.jsonl" else log.stem), records
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` over the records that have both, finite values only, in record order."""
     points = [(r["step"], r[key]) for r in records if key in r and "step" in r
               and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
     return [p[0] for p in points], [p[1] for p in points]
@@ -43,7 +44,7 @@ def draw_training_curves(runs: list[tuple[str, list[dict]]], path: str | Path, d
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    with_top1 = any(_series(records, "top1")[0] for _, records in runs)
+    with_top1 = any(series(records, "top1")[0] for _, records in runs)
     panels = [("loss", "training loss", True), ("lr", "learning rate (base)", False)]
     if with_top1:
         panels.append(("top1", "validation top-1 (%)", False))
@@ -53,13 +54,13 @@ def draw_training_curves(runs: list[tuple[str, list[dict]]], path: str | Path, d
     for ax, (key, title, log_scale) in zip(axes, panels):
         for colour, (label, records) in enumerate(runs):  # one colour per run in every panel
             train_only = [r for r in records if "loss" in r] if key != "top1" else records
-            steps, values = _series(train_only, key)
+            steps, values = series(train_only, key)
             if steps:
                 ax.plot(steps, values, marker="o" if key == "top1" or len(steps) < 12 else None,
                         markersize=3, label=label, color=f"C{colour % 10}")
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
-        if log_scale and all(v > 0 for _, r in runs for v in _series(r, key)[1]):
+        if log_scale and all(v > 0 for _, r in runs for v in series(r, key)[1]):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -11,8 +11,8 @@ signal handling; an uncaught exception prints its traceback and exits 1, as the 
 ``FD_ROBUSTNESS_REAL=1`` to start every run as ``[sys.executable, "train.py", ...]`` instead; a few tests
 (one user error, SIGTERM + resume, the two-rank torchrun job) always use real interpreters.
 
-A test module that starts runs imports the autouse fixture ``_close_launcher``: one launcher per test module,
-closed when the module's tests end.
+A test module that starts runs imports the autouse fixture ``close_launcher_per_module``: one launcher per test
+module, closed when the module's tests end.
 """
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ def run(tmp: Path, script: str, *args: str, env: Optional[dict] = None, timeout:
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", autouse=True)
-def _close_launcher():
+def close_launcher_per_module():
     yield
     global _launcher
     if _launcher is not None:

@@ -20,7 +20,7 @@ from robustness_helpers import (
     FAULT_ENTRY,
     ROOT,
     TRAIN,
-    _close_launcher,  # noqa: F401 - the autouse fixture: one launcher per module, closed at its end
+    close_launcher_per_module,  # noqa: F401 - the autouse fixture: one launcher per module, closed at its end
     assert_user_error,
     free_port,
     load_checkpoint,

@@ -10,7 +10,7 @@ from PIL import Image
 
 import analyze
 from fd_ref.errors import UserError
-from fd_ref.plots import _series, draw_training_curves, read_run
+from fd_ref.plots import series, draw_training_curves, read_run
 
 
 def _write_log(folder: Path, records: list[dict]) -> Path:
@@ -46,7 +46,7 @@ def test_two_panels_without_evaluations(tmp_path):
 def test_series_keep_training_records_in_step_order(tmp_path):
     label, records = read_run(f"mine={_write_log(tmp_path / 'x', _train_records(4))}")
     assert label == "mine"
-    steps, losses = _series(records, "loss")
+    steps, losses = series(records, "loss")
     assert steps == [1, 2, 3, 4] and losses == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
     assert read_run(str(tmp_path / "x" / "log.jsonl"))[0] == "x"  # a log.jsonl path, labelled by its folder
 

@@ -24,7 +24,7 @@ import robustness_helpers as rb
 from fd_ref.checkpoint import check_model_config, save_atomic
 from fd_ref.errors import UserError
 from fd_ref.resume import RUN_CONTROL_KEYS, config_differences, describe
-from robustness_helpers import _close_launcher  # noqa: F401 - the autouse fixture: one launcher per module
+from robustness_helpers import close_launcher_per_module  # noqa: F401 - the autouse fixture: one launcher per module
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -14,7 +14,7 @@ from robustness_helpers import (
     FINETUNE,
     TRAIN,
     Result,
-    _close_launcher,  # noqa: F401 - the autouse fixture: one launcher per module, closed at its end
+    close_launcher_per_module,  # noqa: F401 - the autouse fixture: one launcher per module, closed at its end
     _image_folder,
     assert_nothing_written,
     assert_user_error,
