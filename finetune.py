@@ -200,9 +200,12 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     unplaced = [k for k in to_fd_ref_keys(model_state(blob))
                 if k not in own and not any(re.fullmatch(p, k) for p in ignore)]
     if unplaced:
+        swinv2 = any(".rpe_mlp." in k for k in unplaced)  # the published FD code's SwinV2
         raise UserError(f"pretrained weights {path} hold tensors fd_ref's ViT has no place for "
                         f"({', '.join(unplaced[:4])}{', ...' if len(unplaced) > 4 else ''}); "
-                        f"a ViT with other structure is not supported")
+                        + ("it is a SwinV2 of the published FD code: pass --model timm:swinv2_base_window8_256 "
+                           "--model-kwargs '{window_size: 14}' (SwinV2-B) or the shape it was distilled with"
+                           if swinv2 else "a ViT with other structure is not supported"))
     state = adapt_state(model_state(blob), model, source)
     summary = load_weights(model, state, what=f"model from {path}", ignore=ignore)
     if probe:

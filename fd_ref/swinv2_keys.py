@@ -47,9 +47,10 @@ BACKBONE = ("patch_embed.", "absolute_pos_embed", "layers.", "norm.")  # SwinTra
 DERIVED_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
 
 
-def published_weights(blob: Any) -> dict[str, torch.Tensor]:
-    """The weights in a published file: ``blob["model"]`` (then ``["student"]``) if present, the encoder's
-    keys only, without their prefix (module docstring)."""
+def published_weights(blob: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights in a published file, as the published fine-tuning reads them: ``blob["model"]`` (then
+    ``["student"]``) if present; of a state with ``encoder.`` (else ``module.``) keys, those keys without the
+    prefix. Returns (those weights, the names of the tensors left out: FD's projection, the teacher)."""
     state = blob
     for key in ("model", "student"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
@@ -59,8 +60,9 @@ def published_weights(blob: Any) -> dict[str, torch.Tensor]:
                         "weights under 'model')")
     for prefix in ENCODER_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
+            return ({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                    [k for k in state if not k.startswith(prefix)])
+    return dict(state), []
 
 
 def expand_shared_bias_mlp(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,9 +87,9 @@ def expand_shared_bias_mlp(state: Mapping[str, torch.Tensor]) -> dict[str, torch
 def split_published_swinv2(blob: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A published SwinV2 file (or its ``SwinV2ForFD`` state dict) -> (the ``TimmBackbone`` state, the names
     of the tensors dropped as not the backbone: FD's projection, the teacher, a head). Module docstring."""
-    state = expand_shared_bias_mlp(published_weights(blob))
+    encoder, other = published_weights(blob)
+    state = expand_shared_bias_mlp(encoder)
     out: dict[str, torch.Tensor] = {}
-    other: list[str] = []
     for key, value in state.items():
         if key.endswith(DERIVED_BUFFERS):
             continue
