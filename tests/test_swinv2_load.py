@@ -223,3 +223,22 @@ def test_a_training_checkpoint_with_its_yacs_config_says_how_to_keep_the_weights
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert "yacs" in err and "['model']" in err and "weights_only=False" in err, err
+
+
+def test_linear_probe_of_the_published_swinv2(tmp_path, monkeypatch):
+    """--linear-probe freezes the loaded backbone: its features are the reference's before and after the steps."""
+    net = reference_net()
+    path = save_published(tmp_path / "ckpt_epoch_299.pth", net)
+    built = {}
+    build = finetune.build_model
+
+    def recording(cfg):
+        built["model"], summary = build(cfg)
+        return built["model"], summary
+    monkeypatch.setattr(finetune, "build_model", recording)
+    results = finetune.main(args(path, tmp_path / "lp") + ["--linear-probe"])
+    assert results["mode"] == "linear_probe" and results["steps"] == 2
+    backbone = built["model"].backbone.eval()
+    with torch.no_grad():
+        err = (backbone.forward_features(images()) - net(images())).abs().max().item()
+    assert err <= TOL, err
