@@ -249,7 +249,8 @@ def build_published_swinv2(cfg: dict, blob, path: str) -> tuple[nn.Module, str]:
     if not is_swinv2(backbone.model):
         raise UserError(f"{path} records no architecture; with --model {cfg['model']} (not a SwinV2) there is "
                         f"no published layout to read it in: a timm model loads an fd-ref student.pt, or a "
-                        f"SwinV2 saved by the published FD code with --model timm:swinv2_*")
+                        f"SwinV2 saved by the published FD code with --model timm:swinv2_*; leave --model out to "
+                        f"read a ViT file (timm, DeiT, DINO, CLIP, BEiT) into fd-ref's ViT")
     summary = load_published_swinv2(backbone, blob, path)
     if probe:
         if cfg["probe_pool"] == "cls":
