@@ -36,6 +36,8 @@ from fd_ref.position import resize_relative_position_bias_table
 from fd_ref.precision import autocast
 from fd_ref.probe import PROBE_POOLS, LinearProbe
 from fd_ref.splits import train_val_datasets
+from fd_ref.swinv2_init import is_swinv2
+from fd_ref.swinv2_keys import load_published_swinv2
 from fd_ref.timm_backbone import (TimmBackbone, build_from_config, build_timm_optimizer, is_timm_config,
                                   is_timm_name, load_backbone, parse_kwargs)
 from fd_ref.vit import VisionTransformer, preset_arguments
@@ -59,7 +61,7 @@ DEFAULTS = dict(
     linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head (LARS, plain CE)
     probe_pool="avg",            # linear probe features: avg (mean patch token + LayerNorm) | cls (normed class token)
     model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch); timm:<name> too
-    model_kwargs=None,           # timm arguments of a timm:<name> model from scratch (a timm student.pt records its own)
+    model_kwargs=None,           # timm arguments of a timm:<name> model from scratch or of a published FD SwinV2 file
     patch_size=8,
     depth=4,
     embed_dim=None,
@@ -147,7 +149,8 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     (``fd_ref.checkpoint.infer_vit_options``): no gammas -> no layer scale; ``pos_embed`` -> absolute
     position embedding; ``norm_pre`` -> an OpenAI CLIP tower (pre-norm, QuickGELU, LayerNorm eps 1e-5,
     no patch-embedding bias); its k bias is dropped, exactly (it cancels in the softmax). So the loaded
-    network is the published one. A tensor the model has no place for is refused, with one line.
+    network is the published one. A tensor the model has no place for is refused, with one line. With
+    ``--model timm:<name>`` such a file is a SwinV2 saved by the published FD code (:func:`build_published_swinv2`).
     """
     probe = cfg["linear_probe"]
     if cfg["from_scratch"] or not cfg["pretrained"]:
@@ -171,6 +174,8 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     source = blob.get("model_config") if isinstance(blob, dict) else None
     if is_timm_config(source):
         return build_timm_model(cfg, blob, source, path)
+    if not source and is_timm_name(cfg["model"]):
+        return build_published_swinv2(cfg, blob, path)
     if source:  # an older model_config may lack some keys: those take the constructor's defaults
         arch = {k: source[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
                                        "layer_scale_init", "act_layer", "pre_norm", "ln_eps", "patch_bias")
@@ -195,9 +200,12 @@ def build_model(cfg: dict) -> tuple[nn.Module, str]:
     unplaced = [k for k in to_fd_ref_keys(model_state(blob))
                 if k not in own and not any(re.fullmatch(p, k) for p in ignore)]
     if unplaced:
+        swinv2 = any(".rpe_mlp." in k for k in unplaced)  # the published FD code's SwinV2
         raise UserError(f"pretrained weights {path} hold tensors fd_ref's ViT has no place for "
                         f"({', '.join(unplaced[:4])}{', ...' if len(unplaced) > 4 else ''}); "
-                        f"a ViT with other structure is not supported")
+                        + ("it is a SwinV2 of the published FD code: pass --model timm:swinv2_base_window8_256 "
+                           "--model-kwargs '{window_size: 14}' (SwinV2-B) or the shape it was distilled with"
+                           if swinv2 else "a ViT with other structure is not supported"))
     state = adapt_state(model_state(blob), model, source)
     summary = load_weights(model, state, what=f"model from {path}", ignore=ignore)
     if probe:
@@ -226,6 +234,30 @@ def build_timm_model(cfg: dict, blob, source: dict, path: str) -> tuple[nn.Modul
         return LinearProbe(backbone, cfg["num_classes"], pool=cfg["probe_pool"]), summary
     backbone.reset_classifier(cfg["num_classes"])
     return backbone, summary + f", timm's classifier head for {cfg['num_classes']} classes"
+
+
+def build_published_swinv2(cfg: dict, blob, path: str) -> tuple[nn.Module, str]:
+    """A SwinV2 saved by the published FD code (its ``main_fd.py`` checkpoint, or the encoder's state dict),
+    which records no architecture: the timm SwinV2 ``--model`` / ``--model-kwargs`` / ``--img-size`` name (the
+    published SwinV2-B: ``timm:swinv2_base_window8_256`` with ``{window_size: 14}`` at 224 px), loaded as the
+    published fine-tuning loads it (:mod:`fd_ref.swinv2_keys`: the encoder only, the projection, the teacher
+    and any head dropped, every backbone tensor required), then a fresh head drawn as published (or the
+    linear probe), as for fd-ref's own timm students (:func:`build_timm_model`)."""
+    probe = cfg["linear_probe"]
+    backbone = TimmBackbone(cfg["model"], cfg["img_size"], parse_kwargs(cfg["model_kwargs"]),
+                            drop_path_rate=0.0 if probe else cfg["drop_path"])
+    if not is_swinv2(backbone.model):
+        raise UserError(f"{path} records no architecture; with --model {cfg['model']} (not a SwinV2) there is "
+                        f"no published layout to read it in: a timm model loads an fd-ref student.pt, or a "
+                        f"SwinV2 saved by the published FD code with --model timm:swinv2_*; leave --model out to "
+                        f"read a ViT file (timm, DeiT, DINO, CLIP, BEiT) into fd-ref's ViT")
+    summary = load_published_swinv2(backbone, blob, path)
+    if probe:
+        if cfg["probe_pool"] == "cls":
+            raise UserError("--probe-pool cls needs a class token; a SwinV2 has none: use --probe-pool avg")
+        return LinearProbe(backbone, cfg["num_classes"], pool=cfg["probe_pool"]), summary
+    backbone.reset_classifier(cfg["num_classes"])
+    return backbone, summary + f", a fresh head for {cfg['num_classes']} classes"
 
 
 def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:

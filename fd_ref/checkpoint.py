@@ -98,6 +98,12 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if any("yacs.config.CfgNode" in line for line in refused):  # published main_fd.py's save_checkpoint
+            raise UserError(f"{path} is a training checkpoint of the published FD code: its 'config' is a yacs "
+                            f"CfgNode, which a weights-only load refuses; if you trust the file, keep its weights "
+                            f"(with yacs installed): python -c \"import torch; torch.save({{'model': torch.load("
+                            f"'{path}', weights_only=False)['model']}}, 'weights.pth')\" and pass weights.pth"
+                            ) from None
         if refused:  # the pickle names a callable (e.g. os.system) that unpickling would call
             raise UserError(f"refused to load {path}: it holds objects other than weights, which could run "
                             f"code ({refused[0][:160]}); only load checkpoints you trust, re-saved as plain "

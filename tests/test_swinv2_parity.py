@@ -2,8 +2,9 @@
 
 ``tests/swinv2_reference.py`` is an independent plain-torch reference of the published network
 (``models/swin_transformer_v2.py`` as ``models/feature_distillation.py::build_fd`` builds it). A tiny reference
-with every parameter at a random, non-default value is mapped into the timm model fd-ref builds
-(:func:`published_to_timm`: the bias MLP ``rpe_mlp`` -> ``cpb_mlp``, the published ``layers.i.downsample`` at the
+with every parameter at a random, non-default value is mapped into the timm model fd-ref builds by the library's
+mapping (``fd_ref.swinv2_keys.published_swinv2_to_timm``, the one finetune.py loads published files with: the
+bias MLP ``rpe_mlp`` -> ``cpb_mlp``, the published ``layers.i.downsample`` at the
 end of stage i -> timm's ``layers.(i+1).downsample`` at the start of stage i + 1, the persistent buffers dropped:
 timm recomputes them), and both run on the same images. The student's tokens (``forward_features``: the last
 stage after the final norm, row-major, what FD's projection sees) must equal the reference's within TOL.
@@ -19,7 +20,6 @@ The initialisation tests compare fd-ref's SwinV2 student with the published ``Sw
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import swinv2_reference as ref
+from fd_ref.swinv2_keys import published_swinv2_to_timm as published_to_timm
 from fd_ref.timm_backbone import TimmBackbone
 
 TOL = 1e-4  # max |student - reference| in fp32 on tokens of order 1 (seen on CPU: 0, 5e-7, 3e-6)
@@ -40,18 +41,6 @@ GEOMETRIES = {  # name -> (img_size, shape); maps per stage in the comments
                                  window_size=14)),                                    # 56, 28, 14, 7
 }
 BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
-
-
-def published_to_timm(state: dict) -> dict:
-    """Published ``SwinV2ForFD`` keys -> fd-ref's ``TimmBackbone`` keys (module docstring)."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith(BUFFERS):
-            continue
-        key = key.replace(".rpe_mlp.", ".cpb_mlp.")
-        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
-        out["model." + (f"layers.{int(m[1]) + 1}.downsample.{m[2]}" if m else key)] = value
-    return out
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -275,9 +264,9 @@ def test_distillation_optimizer_decays_what_the_published_one_decays():
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
     reference = ref.SwinV2Reference(64, **INIT_SHAPE)
     keywords = ("rpe_mlp", "logit_scale", "relative_position_bias_table")
-    published = {n for n, p in reference.named_parameters()
+    published = {n: p for n, p in reference.named_parameters()
                  if not (p.ndim == 1 or n.endswith(".bias") or any(k in n for k in keywords))}
-    expected = {"student." + k for k in published_to_timm({n: None for n in published})} | {"projection.proj.weight"}
+    expected = {"student." + k for k in published_to_timm(published)} | {"projection.proj.weight"}
     assert decayed == expected, (sorted(decayed - expected), sorted(expected - decayed))
 
 
