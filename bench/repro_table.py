@@ -22,9 +22,9 @@ def _stats(top1: list[float]) -> dict:
             "std": statistics.stdev(top1) if len(top1) > 1 else 0.0}
 
 
-def _row(name: str, top1: list[float]) -> str:
+def _row(name: str, top1: list[float], note: str = "") -> str:
     st = _stats(top1)
-    return f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {st['mean']:.2f} +- {st['std']:.2f} |"
+    return f"| {name} | {', '.join(f'{t:.2f}' for t in top1)} | {st['mean']:.2f} +- {st['std']:.2f}{note} |"
 
 
 def main(out: str) -> None:
@@ -60,8 +60,8 @@ def main(out: str) -> None:
         summary[kind] |= {"by_distillation_seed": {d: _stats(v) for d, v in groups.items()},
                           "all_distillation_seeds": _stats(pooled),
                           "std_of_distillation_means": statistics.stdev(means)}
-        rows.append(_row(f"{name}, all {len(groups)} distillation seeds pooled", pooled)
-                    + f" (std of the {len(groups)} distillation means {statistics.stdev(means):.2f})")
+        rows.append(_row(f"{name}, all {len(groups)} distillation seeds pooled", pooled,
+                         f" (std of the distillation means {statistics.stdev(means):.2f})"))
     teacher_json = root / "teacher" / "results.json"
     if teacher_json.exists():
         summary["teacher_before_ft"] = json.loads(teacher_json.read_text())["final"]["top1"]
