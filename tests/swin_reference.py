@@ -29,62 +29,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-MASKED = -100.0
+from swin_windows import (Mlp, PatchEmbed, build_stages, from_windows, relative_index, shift_mask,
+                          to_windows, window_and_shift)
+
 MERGE_ORDER = ((0, 0), (1, 0), (0, 1), (1, 1))  # (row, col) offsets of the 2 x 2 neighbours, in concat order
 ROLL = -1          # the map is rolled by ROLL * s before the windows are cut, by -ROLL * s after
 QK_SCALE = None    # None: head_dim ** -0.5 (the published qk_scale=None)
-
-
-def window_and_shift(res: int, window: int, shifted: bool) -> tuple[int, int]:
-    """A block's (window, shift) on a res x res map: a map no larger than the window is one window, unshifted."""
-    if res <= window:
-        return res, 0
-    return window, window // 2 if shifted else 0
-
-
-def to_windows(x: torch.Tensor, w: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B * nW, w * w, C]: windows row-major (batch outermost), tokens row-major inside."""
-    B, H, W, C = x.shape
-    rows = [x[:, i:i + w, j:j + w, :].reshape(B, 1, w * w, C) for i in range(0, H, w) for j in range(0, W, w)]
-    return torch.cat(rows, dim=1).reshape(-1, w * w, C)
-
-
-def from_windows(win: torch.Tensor, w: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`to_windows`."""
-    C = win.shape[-1]
-    win = win.reshape(-1, (H // w) * (W // w), w, w, C)
-    out = win.new_empty(win.shape[0], H, W, C)
-    for n, (i, j) in enumerate((i, j) for i in range(0, H, w) for j in range(0, W, w)):
-        out[:, i:i + w, j:j + w, :] = win[:, n]
-    return out
-
-
-def relative_index(w: int) -> torch.Tensor:
-    """[w*w, w*w]: the table row of the pair (p, q), from their offset (dy, dx) = pos(p) - pos(q)."""
-    ys, xs = torch.arange(w).repeat_interleave(w), torch.arange(w).repeat(w)  # row-major token positions
-    dy, dx = ys[:, None] - ys[None, :], xs[:, None] - xs[None, :]
-    return (dy + w - 1) * (2 * w - 1) + (dx + w - 1)
-
-
-def shift_mask(H: int, W: int, w: int, s: int) -> torch.Tensor:
-    """[nW, w*w, w*w]: 0 where two tokens of a window lie in the same region of the rolled map, else -100."""
-    def band(n: int) -> torch.Tensor:
-        i = torch.arange(n)
-        return (i >= n - w).long() + (i >= n - s).long()  # 0, 1, 2 for [0, n-w), [n-w, n-s), [n-s, n)
-    region = (3 * band(H)[:, None] + band(W)[None, :]).float()[None, :, :, None]
-    r = to_windows(region, w).squeeze(-1)                                       # [nW, w*w]
-    return torch.where(r[:, :, None] == r[:, None, :], 0.0, MASKED)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -138,27 +89,6 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class Stage(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, res: int, window: int, merge: bool) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, res, window, j % 2 == 1) for j in range(depth))
-        self.downsample = PatchMerging(dim) if merge else None  # merging at the END of the stage
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, dim: int) -> None:
-        super().__init__()
-        self.proj, self.norm = nn.Conv2d(3, dim, patch, stride=patch), nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))                      # [B, H, W, C]
-
-
 class SwinReference(nn.Module):
     """FD's EsViT teacher network: ``forward(x, after_norm)`` -> the last stage's tokens [B, H*W, C]."""
 
@@ -166,10 +96,10 @@ class SwinReference(nn.Module):
                  num_heads: tuple[int, ...], window_size: int) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        res, n = img_size // patch_size, len(depths)
-        self.layers = nn.ModuleList(Stage(embed_dim * 2 ** i, depths[i], num_heads[i], res // 2 ** i, window_size,
-                                          merge=i < n - 1) for i in range(n))
-        self.norm = nn.LayerNorm(embed_dim * 2 ** (n - 1))
+        self.layers = build_stages(embed_dim, depths, num_heads, img_size // patch_size,
+                                   lambda dim, heads, res, j: Block(dim, heads, res, window_size, j % 2 == 1),
+                                   PatchMerging)
+        self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
 
     def forward_featuremap(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)

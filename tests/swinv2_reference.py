@@ -37,7 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MASKED = -100.0
+from swin_windows import (Mlp, PatchEmbed, build_stages, from_windows, relative_index, shift_mask,
+                          to_windows, window_and_shift)
+
 MERGE_ORDER = ((0, 0), (1, 0), (0, 1), (1, 1))  # (row, col) offsets of the 2 x 2 neighbours, in concat order
 MERGE_NORM_AFTER = True   # merging: reduction then norm (False: norm over 4C first, SwinV1's order)
 ROLL = -1                 # the map is rolled by ROLL * s before the windows are cut, by -ROLL * s after
@@ -52,58 +54,11 @@ CPB_DENOMINATOR = lambda w: w - 1  # noqa: E731 - the offsets are divided by thi
 FINAL_NORM = True
 
 
-def window_and_shift(res: int, window: int, shifted: bool) -> tuple[int, int]:
-    """A block's (window, shift) on a res x res map: a map no larger than the window is one window, unshifted."""
-    if res <= window:
-        return res, 0
-    return window, window // 2 if shifted else 0
-
-
 def coords_table(w: int) -> torch.Tensor:
     """[2w-1, 2w-1, 2]: the bias MLP's input, (dy, dx) for every offset, normalised and log-spaced."""
     d = torch.arange(-(w - 1), w, dtype=torch.float32)
     t = torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1) / CPB_DENOMINATOR(w) * 8.0
     return torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8.0) if CPB_LOG else t / 8.0
-
-
-def relative_index(w: int) -> torch.Tensor:
-    """[w*w, w*w]: the flattened table row of the pair (p, q), from (dy, dx) = pos(p) - pos(q)."""
-    ys, xs = torch.arange(w).repeat_interleave(w), torch.arange(w).repeat(w)  # row-major token positions
-    dy, dx = ys[:, None] - ys[None, :], xs[:, None] - xs[None, :]
-    return (dy + w - 1) * (2 * w - 1) + (dx + w - 1)
-
-
-def to_windows(x: torch.Tensor, w: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B * nW, w * w, C]: windows row-major (batch outermost), tokens row-major inside."""
-    B, H, W, C = x.shape
-    x = x.reshape(B, H // w, w, W // w, w, C).transpose(2, 3)
-    return x.reshape(-1, w * w, C)
-
-
-def from_windows(win: torch.Tensor, w: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`to_windows`."""
-    C = win.shape[-1]
-    x = win.reshape(-1, H // w, W // w, w, w, C).transpose(2, 3)
-    return x.reshape(-1, H, W, C)
-
-
-def shift_mask(H: int, W: int, w: int, s: int) -> torch.Tensor:
-    """[nW, w*w, w*w]: 0 where two tokens of a window lie in the same region of the rolled map, else -100."""
-    def band(n: int) -> torch.Tensor:
-        i = torch.arange(n)
-        return (i >= n - w).long() + (i >= n - s).long()
-    region = (3 * band(H)[:, None] + band(W)[None, :]).float()[None, :, :, None]
-    r = to_windows(region, w).squeeze(-1)
-    return torch.where(r[:, :, None] == r[:, None, :], 0.0, MASKED)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -181,27 +136,6 @@ class PatchMerging(nn.Module):
         return self.reduction(F.layer_norm(x, x.shape[-1:])) * self.norm.weight + self.norm.bias
 
 
-class Stage(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, res: int, window: int, merge: bool) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, res, window, j % 2 == SHIFTED_PARITY) for j in range(depth))
-        self.downsample = PatchMerging(dim) if merge else None  # merging at the END of the stage
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, dim: int) -> None:
-        super().__init__()
-        self.proj, self.norm = nn.Conv2d(3, dim, patch, stride=patch), nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))                      # [B, H, W, C]
-
-
 class SwinV2Reference(nn.Module):
     """``SwinV2ForFD``: ``forward(images)`` -> the last stage's tokens after ``norm``, [B, H*W, num_features]."""
 
@@ -209,10 +143,11 @@ class SwinV2Reference(nn.Module):
                  num_heads: tuple[int, ...], window_size: int) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        res, n = img_size // patch_size, len(depths)
-        self.layers = nn.ModuleList(Stage(embed_dim * 2 ** i, depths[i], num_heads[i], res // 2 ** i, window_size,
-                                          merge=i < n - 1) for i in range(n))
-        self.num_features = embed_dim * 2 ** (n - 1)
+        self.layers = build_stages(embed_dim, depths, num_heads, img_size // patch_size,
+                                   lambda dim, heads, res, j: Block(dim, heads, res, window_size,
+                                                                    j % 2 == SHIFTED_PARITY),
+                                   PatchMerging)
+        self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

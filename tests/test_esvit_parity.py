@@ -20,6 +20,7 @@ import torch
 
 import fd_ref.teachers as teachers
 import swin_reference as ref
+from swin_windows import mask_windows_column_major
 from fd_ref.errors import UserError
 from fd_ref.teachers import build_teacher, esvit_to_timm
 
@@ -105,24 +106,13 @@ def _transposed(fn):
     return lambda w: fn(w).T
 
 
-def _mask_windows_column_major(monkeypatch):
-    """The mask of window (i, j) given to window (j, i): each window's mask must describe that window."""
-    right = ref.shift_mask
-
-    def wrong(H, W, w, s):
-        m = right(H, W, w, s)
-        return m.reshape(H // w, W // w, w * w, w * w).transpose(0, 1).reshape(m.shape)
-
-    monkeypatch.setattr(ref, "shift_mask", wrong)
-
-
 WRONG = {  # one convention of the published Swin replaced by a plausible wrong one
     "merge_order_row_major": lambda mp: mp.setattr(ref, "MERGE_ORDER", ((0, 0), (0, 1), (1, 0), (1, 1))),
     "roll_direction": lambda mp: mp.setattr(ref, "ROLL", 1),
     "no_shift_mask": lambda mp: mp.setattr(
         ref, "shift_mask", lambda H, W, w, s: torch.zeros((H // w) * (W // w), w * w, w * w)),
     "relative_index_transposed": lambda mp: mp.setattr(ref, "relative_index", _transposed(ref.relative_index)),
-    "mask_windows_column_major": _mask_windows_column_major,
+    "mask_windows_column_major": lambda mp: mp.setattr(ref, "shift_mask", mask_windows_column_major(ref.shift_mask)),
     "clipped_window_keeps_its_shift": lambda mp: mp.setattr(
         ref, "window_and_shift", lambda res, w, shifted: (min(res, w), min(res, w) // 2 if shifted else 0)),
     "qk_scale_one": lambda mp: mp.setattr(ref, "QK_SCALE", 1.0),

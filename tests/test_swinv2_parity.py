@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import swinv2_reference as ref
+from swin_windows import mask_windows_column_major
 from fd_ref.swinv2_keys import published_swinv2_to_timm as published_to_timm
 from fd_ref.timm_backbone import TimmBackbone
 
@@ -45,8 +46,8 @@ BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
     """Every parameter at a random value no fresh model has: norms 1 + 0.3 N, biases 0.3 N, logit scales
-    uniform on [log 10 - 2, log 100 + 1] (a quarter above the clamp at log 100), matrices N / sqrt(fan_in), the bias MLP's output layer 3x
-    that (so that its table spans the sigmoid)."""
+    uniform on [log 10 - 2, log 100 + 1] (a quarter above the clamp at log 100), matrices N / sqrt(fan_in), the
+    bias MLP's output layer 3x that (so that its table spans the sigmoid)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -90,15 +91,6 @@ def test_swinv2_student_matches_the_published_network(geometry):
     assert err <= TOL, f"max |student - published| = {err:.2e}"
 
 
-def _mask_windows_column_major(mp):
-    right = ref.shift_mask
-
-    def wrong(H, W, w, s):
-        m = right(H, W, w, s)
-        return m.reshape(H // w, W // w, w * w, w * w).transpose(0, 1).reshape(m.shape)
-    mp.setattr(ref, "shift_mask", wrong)
-
-
 WRONG = {  # one convention of the published SwinV2 replaced by a plausible wrong one
     "pre_norm_blocks": lambda mp: mp.setattr(ref, "POST_NORM", False),
     "dot_product_attention": lambda mp: mp.setattr(ref, "COSINE", False),
@@ -114,7 +106,7 @@ WRONG = {  # one convention of the published SwinV2 replaced by a plausible wron
     "even_blocks_shifted": lambda mp: mp.setattr(ref, "SHIFTED_PARITY", 0),
     "no_shift_mask": lambda mp: mp.setattr(
         ref, "shift_mask", lambda H, W, w, s: torch.zeros((H // w) * (W // w), w * w, w * w)),
-    "mask_windows_column_major": _mask_windows_column_major,
+    "mask_windows_column_major": lambda mp: mp.setattr(ref, "shift_mask", mask_windows_column_major(ref.shift_mask)),
     "clipped_window_keeps_its_shift": lambda mp: mp.setattr(
         ref, "window_and_shift", lambda res, w, shifted: (min(res, w), min(res, w) // 2 if shifted else 0)),
     "no_final_norm": lambda mp: mp.setattr(ref, "FINAL_NORM", False),
