@@ -1,7 +1,7 @@
 """Window mechanics and plain layers shared by the two independent references of the published Swin networks
 (tests only): ``tests/swin_reference.py`` (Swin, the EsViT teacher) and ``tests/swinv2_reference.py`` (SwinV2,
-the student). Both published files (``models/swin_transformer.py``, ``models/swin_transformer_v2.py``) cut windows, index the
-relative positions and mask shifted windows the same way; no timm, no fd_ref.
+the student). Both published files (``models/swin_transformer.py``, ``models/swin_transformer_v2.py``) cut
+windows, index the relative positions and mask shifted windows the same way; no timm, no fd_ref.
 
 Each reference imports these names into its own namespace and calls them from there, so a test can replace
 one of them in that reference (``monkeypatch.setattr(ref, "shift_mask", ...)``) and show that parity breaks.
