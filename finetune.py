@@ -227,13 +227,20 @@ def build_timm_model(cfg: dict, blob, source: dict, path: str) -> tuple[nn.Modul
     backbone = load_backbone(source, state, path, num_classes=0,
                              drop_path_rate=0.0 if cfg["linear_probe"] else cfg["drop_path"])
     summary = f"loaded timm:{source['timm']} ({len(state)} tensors) from {path}"
+    return head_or_probe(backbone, cfg, summary, "timm's classifier head")
+
+
+def head_or_probe(backbone: TimmBackbone, cfg: dict, summary: str, head: str) -> tuple[nn.Module, str]:
+    """A loaded timm backbone as what finetune.py trains: the linear probe on it (frozen; ``--probe-pool
+    cls`` only with a class token), or the backbone with its classifier head for ``--num-classes``
+    (``reset_classifier``); ``head`` names that head in the returned summary line."""
     if cfg["linear_probe"]:
         if cfg["probe_pool"] == "cls" and backbone.num_prefix_tokens == 0:
-            raise UserError(f"--probe-pool cls needs a class token; timm:{source['timm']} has none: use "
+            raise UserError(f"--probe-pool cls needs a class token; timm:{backbone.timm_name} has none: use "
                             f"--probe-pool avg")
         return LinearProbe(backbone, cfg["num_classes"], pool=cfg["probe_pool"]), summary
     backbone.reset_classifier(cfg["num_classes"])
-    return backbone, summary + f", timm's classifier head for {cfg['num_classes']} classes"
+    return backbone, summary + f", {head} for {cfg['num_classes']} classes"
 
 
 def build_published_swinv2(cfg: dict, blob, path: str) -> tuple[nn.Module, str]:
@@ -243,21 +250,14 @@ def build_published_swinv2(cfg: dict, blob, path: str) -> tuple[nn.Module, str]:
     published fine-tuning loads it (:mod:`fd_ref.swinv2_keys`: the encoder only, the projection, the teacher
     and any head dropped, every backbone tensor required), then a fresh head drawn as published (or the
     linear probe), as for fd-ref's own timm students (:func:`build_timm_model`)."""
-    probe = cfg["linear_probe"]
     backbone = TimmBackbone(cfg["model"], cfg["img_size"], parse_kwargs(cfg["model_kwargs"]),
-                            drop_path_rate=0.0 if probe else cfg["drop_path"])
+                            drop_path_rate=0.0 if cfg["linear_probe"] else cfg["drop_path"])
     if not is_swinv2(backbone.model):
         raise UserError(f"{path} records no architecture; with --model {cfg['model']} (not a SwinV2) there is "
                         f"no published layout to read it in: a timm model loads an fd-ref student.pt, or a "
                         f"SwinV2 saved by the published FD code with --model timm:swinv2_*; leave --model out to "
                         f"read a ViT file (timm, DeiT, DINO, CLIP, BEiT) into fd-ref's ViT")
-    summary = load_published_swinv2(backbone, blob, path)
-    if probe:
-        if cfg["probe_pool"] == "cls":
-            raise UserError("--probe-pool cls needs a class token; a SwinV2 has none: use --probe-pool avg")
-        return LinearProbe(backbone, cfg["num_classes"], pool=cfg["probe_pool"]), summary
-    backbone.reset_classifier(cfg["num_classes"])
-    return backbone, summary + f", a fresh head for {cfg['num_classes']} classes"
+    return head_or_probe(backbone, cfg, load_published_swinv2(backbone, blob, path), "a fresh head")
 
 
 def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:

@@ -115,6 +115,11 @@ finetune() { # name, distillation stage, checkpoint, seed
   queue "$1_s$4" "$2" $PY finetune.py --pretrained $3 --data $DATA $SPLIT $FT_RECIPE --layer-decay 0.75 \
     --epochs $FT_EPOCHS --eval-every $FT_EPOCHS --seed $4 --output $OUT/$1_s$4
 }
+distil() { # name, seed, flags...: feature distillation of the teacher into a fresh student
+  local name=$1 seed=$2; shift 2
+  queue "$name" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE "$@" --seed "$seed" \
+    --output $OUT/$name
+}
 set -- $SEEDS; FIRST_SEED=$1
 set -- $FD_SEEDS; FIRST_FD_SEED=${1:?FD_SEEDS is empty: give at least one distillation seed}
 
@@ -125,15 +130,13 @@ queue teacher "" $PY finetune.py --from-scratch $ARCH --pos-embed abs --data $DA
   --eval-every $T_EPOCHS --output $OUT/teacher
 scratch "$FIRST_SEED"   # needs no teacher: runs beside it
 # 2. feature distillation into a fresh student of the same size (shared RPB, whitened targets, smooth-L1)
-queue fd teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --seed $FIRST_FD_SEED --output $OUT/fd
+distil fd "$FIRST_FD_SEED"
 # 3. the same fine-tuning recipe for teacher and FD student, every seed (the teacher's beside the FD run)
 for seed in $SEEDS; do finetune ft_teacher teacher "$OUT/teacher/best.pt" "$seed"; done
-for seed in $SEEDS; do finetune ft_fd fd "$OUT/fd/student.pt" "$seed"; done
-# 2-3 again for every further distillation seed
-EXTRA_FD_SEEDS="$(set -- $FD_SEEDS; shift; echo "$*")"
-for d in $EXTRA_FD_SEEDS; do
-  queue "fd_d$d" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE --seed $d --output $OUT/fd_d$d
-  for seed in $SEEDS; do finetune "ft_fd_d$d" "fd_d$d" "$OUT/fd_d$d/student.pt" "$seed"; done
+for d in $FD_SEEDS; do  # and 2-3 again for every further distillation seed (stages with suffix _dD)
+  sfx=$([ "$d" = "$FIRST_FD_SEED" ] || echo "_d$d")
+  [ -z "$sfx" ] || distil "fd$sfx" "$d"
+  for seed in $SEEDS; do finetune "ft_fd$sfx" "fd$sfx" "$OUT/fd$sfx/student.pt" "$seed"; done
 done
 # 4. the control's other seeds
 for seed in $SEEDS; do [ "$seed" = "$FIRST_SEED" ] || scratch "$seed"; done
@@ -148,13 +151,10 @@ for ab in $ABLATIONS; do
     target_avg) FLAGS="--target avg" ;;           # the teacher's average-pooled feature only
     *) echo "unknown ablation $ab" >&2; exit 2 ;;
   esac
-  queue "fd_$ab" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --seed $FIRST_FD_SEED \
-    --output $OUT/fd_$ab
-  for seed in $ABL_SEEDS; do finetune "ft_$ab" "fd_$ab" "$OUT/fd_$ab/student.pt" "$seed"; done
-  for d in $EXTRA_FD_SEEDS; do
-    queue "fd_${ab}_d$d" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE $FLAGS --seed $d \
-      --output $OUT/fd_${ab}_d$d
-    for seed in $ABL_SEEDS; do finetune "ft_${ab}_d$d" "fd_${ab}_d$d" "$OUT/fd_${ab}_d$d/student.pt" "$seed"; done
+  for d in $FD_SEEDS; do  # the first distillation seed's stages carry no suffix
+    sfx=$([ "$d" = "$FIRST_FD_SEED" ] || echo "_d$d")
+    distil "fd_$ab$sfx" "$d" $FLAGS
+    for seed in $ABL_SEEDS; do finetune "ft_$ab$sfx" "fd_$ab$sfx" "$OUT/fd_$ab$sfx/student.pt" "$seed"; done
   done
 done
 

@@ -1,7 +1,7 @@
 """Summarise bench/mini_repro.sh: validation top-1 of the fine-tuned teacher vs FD student (mean, std
 over seeds), stage times, and the diagnostics' per-layer means. Where further distillation seeds ran
-(FD_SEEDS), each gets its own row, plus the runs of all distillation seeds pooled. Writes OUT/summary.json and prints a
-Markdown table.
+(FD_SEEDS), each gets its own row, plus the runs of all distillation seeds pooled. Writes OUT/summary.json
+and prints a Markdown table.
 
     python bench/repro_table.py runs/mini_repro
 """
