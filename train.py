@@ -22,6 +22,9 @@ from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import pretrain_transform
 from fd_ref.distill import FeatureDistillation
+from fd_ref.multi_teacher import MultiTeacherDistillation
+from fd_ref.target_fit import fit_phi_s
+from fd_ref.teacher_list import TEACHER_KEYS, teacher_settings
 from fd_ref.errors import UserError
 from fd_ref.optim import build_optimizer
 from fd_ref.splits import train_val_datasets
@@ -44,9 +47,10 @@ DEFAULTS = dict(
     crop_min_scale=0.08,         # RandomResizedCrop area range (min, 1): published 0.08 (300-epoch configs) / 0.67
     crop_interpolation="bilinear",  # bilinear (published: torchvision's default) | bicubic | nearest
     # teacher
-    teacher="vit_tiny",          # dino_vit_base | deit_vit_base | clip_vit_base | clip_vit_large | timm:<name> | fd_ref preset
-    teacher_checkpoint=None,     # local weights (.pth/.pt/.safetensors): nothing is downloaded
-    teacher_kwargs=None,         # timm arguments of a timm:<name> teacher: 'embed_dim=16,depths=[1,1]' or JSON / YAML mapping
+    teacher="vit_tiny",          # dino_vit_base | deit_vit_base | clip_vit_base | clip_vit_large | timm:<name> | fd_ref preset; several: --teacher A B
+    teacher_checkpoint=None,     # local weights (.pth/.pt/.safetensors): nothing is downloaded; one per teacher (none: no file)
+    teacher_kwargs=None,         # timm arguments of a timm:<name> teacher: 'embed_dim=16,depths=[1,1]' or JSON / YAML mapping; one per teacher
+    teacher_weight=1.0,          # weight of each teacher's loss in the sum, one per teacher
     teacher_patch_size=8,        # shape of an fd_ref preset teacher built without a recorded config
     teacher_depth=4,
     # student
@@ -60,7 +64,10 @@ DEFAULTS = dict(
     drop_path=0.1,               # student's maximum drop-path rate (the teacher never drops)
     layer_scale=0.1,
     # objective
-    whiten=True,                 # whiten the teacher's features (LayerNorm without affine)
+    whiten=True,                 # whiten the teacher's features (LayerNorm without affine); --no-whiten = --target-norm none
+    target_norm="whiten",        # target normalisation: whiten (published) | none | phi_s (PHI-S, fd-ref's own)
+    phi_s_images=2048,           # training images the PHI-S mean and covariance are estimated on, once
+    loss="smooth_l1",            # smooth_l1 (published, --beta) | mse | cosine (fd-ref's own)
     target="full",               # distillation target: full (every token) | cls (class token) | avg (mean patch token)
     teacher_feat_after_norm=True,  # the teacher's tokens after its final norm (published configs) or before
     beta=2.0,                    # smooth-L1 threshold
@@ -109,7 +116,7 @@ def build_student(cfg: dict) -> nn.Module:
 
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
-                         help_text=help_from_source(__file__))
+                         help_text=help_from_source(__file__), multi=TEACHER_KEYS)
     info, precision = run.start(cfg)
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
@@ -123,19 +130,30 @@ def main(argv=None) -> None:
                                     seed=cfg["seed"], in_memory=cfg["data_in_memory"])
     if is_timm_name(cfg["model"]):
         check_timm_name(cfg["model"], "student")  # a bad name fails before any teacher download
-    teacher = build_teacher(cfg["teacher"], img_size=cfg["img_size"], checkpoint=cfg["teacher_checkpoint"],
-                            feat_after_norm=cfg["teacher_feat_after_norm"],
-                            timm_kwargs=parse_kwargs(cfg["teacher_kwargs"], "--teacher-kwargs") or None,
-                            patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"])
+    settings = teacher_settings(cfg)
+    teachers = [build_teacher(t["teacher"], img_size=cfg["img_size"], checkpoint=t["teacher_checkpoint"],
+                              feat_after_norm=cfg["teacher_feat_after_norm"],
+                              timm_kwargs=parse_kwargs(t["teacher_kwargs"], "--teacher-kwargs") or None,
+                              patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"]) for t in settings]
     student = build_student(cfg)
-    model = FeatureDistillation(student, teacher, beta=cfg["beta"], whiten_target=cfg["whiten"],
-                                target=cfg["target"])
+    options = dict(beta=cfg["beta"], whiten_target=cfg["whiten"], target=cfg["target"],
+                   target_norm=None if cfg["target_norm"] == "whiten" else cfg["target_norm"], loss=cfg["loss"])
+    if len(teachers) == 1 and settings[0]["teacher_weight"] == 1.0:  # the paper's FD
+        model = FeatureDistillation(student, teachers[0], **options)
+        branches = [model]
+        trainable = nn.ModuleDict({"student": student, "projection": model.projection,
+                                   "target_norm": model.target_norm})  # (whiten, none: no state)
+    else:  # several teachers (fd_ref.multi_teacher): one projection and one target normalisation each
+        model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
+        branches = list(model.branches)
+        trainable = nn.ModuleDict({"student": student, "projections": model.projections,
+                                   "target_norms": model.target_norms})
     model.to(info.device)
     if precision == "bf16":
-        teacher.to(torch.bfloat16)  # the frozen teacher runs in bf16 outright: no autocast casts, half the memory
+        for teacher in teachers:  # a frozen teacher runs in bf16 outright: no autocast casts, half the memory
+            teacher.to(torch.bfloat16)
     if cfg["grad_checkpointing"]:
         student.set_grad_checkpointing(True)
-    trainable = nn.ModuleDict({"student": student, "projection": model.projection})
     ddp, forward = run.wrap_model(model, info, cfg, broadcast_buffers=False)
 
     lrs, total_batch = run.scaled_lrs(cfg, info)
@@ -157,14 +175,22 @@ def main(argv=None) -> None:
                         loader=loader, sampler=sampler, model_config=student.config, ddp=ddp, export=export)
     if trainer is None:
         return  # that run already finished
+    if isinstance(model, MultiTeacherDistillation):  # each teacher's loss beside the total in log.jsonl
+        trainer.log_extra = lambda: {k: float(v) for k, v in model.last_losses.items()}
+    fitted = fit_phi_s(branches, dataset, cfg["phi_s_images"], cfg["batch_size"], cfg["seed"], info.device,
+                       precision)  # nothing on a resume: the statistics are in checkpoint.pt
+    if info.is_main and fitted:
+        print(f"PHI-S: teacher mean and covariance estimated on {fitted} training images", flush=True)
     if info.is_main:
         n_student = sum(p.numel() for p in student.parameters())
-        print(f"distilling {cfg['teacher']} ({teacher.embed_dim}-d, grid {teacher.grid}) into {cfg['model']} "
+        described = " + ".join(f"{t.name} ({t.embed_dim}-d, grid {t.grid})" for t in teachers)
+        print(f"distilling {described} into {cfg['model']} "
               f"({n_student / 1e6:.1f}M params, grid {student.grid}) on {len(dataset)} images, "
               f"{info.world_size} process(es), {precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
-        random_teacher = cfg["teacher"] in PRESETS and not cfg["teacher_checkpoint"]
+        random = [t["teacher"] for t in settings if t["teacher"] in PRESETS and not t["teacher_checkpoint"]]
+        random_teacher = bool(random)
         if random_teacher:
-            print(f"note: the teacher {cfg['teacher']} is randomly initialised (no --teacher-checkpoint): this "
+            print(f"note: the teacher {' '.join(random)} is randomly initialised (no --teacher-checkpoint): this "
                   f"checks the machinery, not the method", flush=True)
         if random_teacher and cfg["data"].strip().lower() != "synthetic":
             print(f"warning: distilling a random teacher on {cfg['data']}; for a real run pass --config "

@@ -4,7 +4,8 @@ command-line flags (``--lr 1e-3``, ``--grad-checkpointing`` / ``--no-grad-checkp
     resolved = defaults  <-  --config file.yaml  <-  explicit flags
 
 Every key of the defaults becomes a flag (underscores as dashes); its type is the default's type. A
-YAML key or flag that names no setting is an error with one line, exit code 2.
+YAML key or flag that names no setting is an error with one line, exit code 2. A key in ``multi`` takes
+one or more values (``--teacher A B``, a YAML list); a single value stays a plain value, as before.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _parse_untyped(text: str):
     return text
 
 
-def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str, description: str) -> _Parser:
+def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str, description: str,
+                 multi: Sequence[str] = ()) -> _Parser:
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--config", type=str, default=None, help="YAML file of settings (flags win)")
     for key, value in defaults.items():
@@ -58,6 +60,9 @@ def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str,
             kind = type(value[0]) if value else str
             parser.add_argument(flag, dest=key, type=kind, nargs="+", default=None,
                                 help=f"{helptext} (default: {value})")
+        elif key in multi:
+            parser.add_argument(flag, dest=key, type=_parse_untyped if value is None else type(value), nargs="+",
+                                default=None, help=f"{helptext} (one or more; default: {value})")
         elif value is None:
             parser.add_argument(flag, dest=key, type=_parse_untyped, default=None,
                                 help=f"{helptext} (default: none)")
@@ -110,10 +115,16 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def _one_or_many(values: list) -> Any:
+    return values[0] if len(values) == 1 else list(values)
+
+
 def resolve_config(defaults: dict[str, Any], argv: Sequence[str] | None = None, *,
-                   help_text: dict[str, str] | None = None, prog: str = "", description: str = "") -> dict:
-    """defaults <- YAML (``--config``) <- explicit flags; returns the resolved dict."""
-    parser = build_parser(defaults, help_text or {}, prog or Path(sys.argv[0]).name, description)
+                   help_text: dict[str, str] | None = None, prog: str = "", description: str = "",
+                   multi: Sequence[str] = ()) -> dict:
+    """defaults <- YAML (``--config``) <- explicit flags; returns the resolved dict. ``multi``: keys that
+    take one or more values (a list when there are several)."""
+    parser = build_parser(defaults, help_text or {}, prog or Path(sys.argv[0]).name, description, multi)
     args = parser.parse_args(list(argv) if argv is not None else None)
     config = dict(defaults)
     if args.config:
@@ -121,10 +132,13 @@ def resolve_config(defaults: dict[str, Any], argv: Sequence[str] | None = None, 
             key = key.replace("-", "_")
             if key not in defaults:
                 raise UserError(f"config file {args.config}: unknown setting {key!r}")
-            config[key] = _coerce(key, value, defaults[key], args.config)
+            if key in multi and isinstance(value, (list, tuple)) and value:
+                config[key] = _one_or_many([_coerce(key, v, defaults[key], args.config) for v in value])
+            else:
+                config[key] = _coerce(key, value, defaults[key], args.config)
     for key, value in vars(args).items():
         if key != "config" and value is not None:
-            config[key] = value
+            config[key] = _one_or_many(value) if key in multi else value
     config["config"] = args.config
     return config
 

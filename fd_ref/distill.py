@@ -3,10 +3,10 @@
 For a batch of augmented images ``x`` (the same crop for both networks):
 
     t      = teacher(x)                 # [B, T, C_t], frozen, eval mode (no drop path), no_grad
-    target = whiten(t)                  # per-token LayerNorm without affine
+    target = whiten(t)                  # per-token LayerNorm without affine (--target-norm, fd_ref.target_norm)
     s      = student.forward_features(x) # [B, N + 1, C_s], train mode (drop path on)
     pred   = projection(s)              # 1x1 conv g: C_s -> C_t
-    loss   = smooth_l1(pred, target, beta)   # beta = 2.0, mean over all elements
+    loss   = smooth_l1(pred, target, beta)   # beta = 2.0, mean over all elements (--loss, fd_ref.losses)
 
 Student and teacher meet on one token layout. Either side may be fd_ref's ViT, a timm ViT, a CNN or a
 Swin (``fd_ref.timm_backbone``): every last feature map is read as tokens [B, P + H*W, C], P prefix
@@ -52,11 +52,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .loss import smooth_l1
-from .projection import Projection
 from .errors import UserError
+from .losses import LOSSES, distill_loss
+from .projection import Projection
+from .target_norm import TARGET_NORMS, build_target_norm
 from .teachers import Teacher
-from .whitening import whiten
 
 Target = Literal["full", "cls", "avg"]
 TARGETS = ("full", "cls", "avg")
@@ -84,15 +84,25 @@ def match_token_grid(t: torch.Tensor, teacher_grid: tuple[int, int], num_prefix_
 class FeatureDistillation(nn.Module):
     """Student + projection trained to predict the whitened feature map of a frozen teacher.
 
-    ``whiten_target=False`` regresses the raw teacher features instead (the paper's ablation);
+    ``whiten_target=False`` regresses the raw teacher features instead (the paper's ablation), as does
+    ``target_norm="none"``; ``target_norm`` and ``loss`` choose among fd_ref.target_norm's normalisations and
+    fd_ref.losses' losses (defaults: whitening and smooth-L1, the paper's);
     ``target`` chooses the full feature map (default), the class token or the average-pooled feature
     (module docstring). The teacher is a registered submodule (so ``.to(device)`` moves it) but stays
     frozen and in eval mode; checkpoints keep only ``student`` and ``projection``.
     """
 
     def __init__(self, student: nn.Module, teacher: Teacher, beta: float = 2.0,
-                 whiten_target: bool = True, target: Target = "full") -> None:
+                 whiten_target: bool = True, target: Target = "full", target_norm: str | None = None,
+                 loss: str = "smooth_l1") -> None:
         super().__init__()
+        if target_norm is None:
+            target_norm = "whiten" if whiten_target else "none"
+        if target_norm not in TARGET_NORMS or loss not in LOSSES:
+            raise UserError(f"--target-norm must be one of {', '.join(TARGET_NORMS)} and --loss one of "
+                            f"{', '.join(LOSSES)}, got {target_norm!r} and {loss!r}")
+        if not whiten_target and target_norm != "none":
+            raise UserError(f"--no-whiten means --target-norm none; it contradicts --target-norm {target_norm}")
         if target not in TARGETS:
             raise UserError(f"distillation target must be one of {', '.join(TARGETS)}, got {target!r}")
         if target == "cls" and getattr(student, "num_prefix_tokens", 1) == 0:
@@ -100,10 +110,20 @@ class FeatureDistillation(nn.Module):
                             "or Swin) has none: use --target full or avg")
         self.student, self.teacher = student, teacher
         self.projection = Projection(student.embed_dim, teacher.embed_dim)
-        self.beta, self.whiten_target, self.target = beta, whiten_target, target
+        self.beta, self.whiten_target, self.target = beta, target_norm == "whiten", target
+        self.norm_name, self.loss = target_norm, loss
+        try:
+            self.target_norm = build_target_norm(target_norm, teacher.embed_dim)
+        except ValueError as e:
+            raise UserError(f"teacher {teacher.name or ''} ({teacher.embed_dim} channels): {e}") from None
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
+        return self.target_norm(self.teacher_tokens(images))
+
+    @torch.no_grad()
+    def teacher_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's side before normalisation: matched to the student's layout, or pooled."""
         t = self.teacher(images)  # in eval mode always (Teacher.train): no drop path, no dropout
         if self.target == "avg":
             t = t[:, self.teacher.num_prefix_tokens:].mean(dim=1, keepdim=True)
@@ -112,7 +132,7 @@ class FeatureDistillation(nn.Module):
                                  getattr(self.student, "num_prefix_tokens", 1))
             if self.target == "cls":
                 t = t[:, :1]
-        return whiten(t) if self.whiten_target else t.float()
+        return t
 
     def student_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The student's side of the target: all tokens, the class token, or the mean patch token."""
@@ -123,7 +143,10 @@ class FeatureDistillation(nn.Module):
             return s[:, self.student.num_prefix_tokens:].mean(dim=1, keepdim=True)
         return s
 
+    def loss_of(self, student_tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of this teacher's target given the student's side (:meth:`student_tokens`)."""
+        return distill_loss(self.loss, self.projection(student_tokens), target, self.beta)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         target = self.targets(images)
-        pred = self.projection(self.student_tokens(images))
-        return smooth_l1(pred, target, self.beta)
+        return self.loss_of(self.student_tokens(images), target)

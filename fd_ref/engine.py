@@ -135,6 +135,7 @@ class Trainer(CheckpointState, LoopOutput, GracefulStop):
         self._bar = None
         self.history: list[dict] = []
         self.on_log: Optional[Callable[[dict], None]] = None  # rank 0: called with every log record (TensorBoard)
+        self.log_extra: Optional[Callable[[], dict]] = None  # more values for each step's record (per-teacher losses)
 
 
     # -- the loop ------------------------------------------------------------------------------------

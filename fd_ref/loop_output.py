@@ -73,6 +73,8 @@ class LoopOutput:
         if self.flops_per_image and self.peak:
             # every rank runs the same step, so the machine's peak is world_size * one device's peak
             record["mfu"] = self.flops_per_image * img_per_s / (self.peak * self.info.world_size)
+        if self.log_extra is not None:
+            record.update(self.log_extra())
         if self.skipped:
             record["skipped_steps"] = self.skipped
         if bad_images:
