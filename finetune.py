@@ -3,6 +3,7 @@
     python finetune.py                   # quickstart: fine-tune out/quickstart/student.pt on the synthetic set
     python finetune.py --from-scratch    # the same model trained from random weights (a supervised baseline)
     python finetune.py --linear-probe    # frozen backbone, BatchNorm + linear head
+    python finetune.py --knn             # frozen backbone, weighted k-NN (DINO's): no training
     torchrun --nproc_per_node 8 finetune.py --config configs/ft_clip_vit_base.yaml \
         --pretrained out/fd_clip_vit_base/student.pt --data /data/imagenet
 
@@ -29,6 +30,7 @@ from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_transform, probe_transform
 from fd_ref.errors import UserError
 from fd_ref.files import write_text_atomic
+from fd_ref.knn_eval import knn_evaluate
 from fd_ref.lars import Lars
 from fd_ref.model_file import build_vit, load_strict, read_model_file, vit_arguments
 from fd_ref.optim import build_optimizer
@@ -60,6 +62,9 @@ DEFAULTS = dict(
     from_scratch=False,          # ignore --pretrained: random initialisation
     linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head (LARS, plain CE)
     probe_pool="avg",            # linear probe features: avg (mean patch token + LayerNorm) | cls (normed class token)
+    knn=False,                   # no training: weighted k-NN accuracy of the frozen backbone's probe features (fd_ref.knn_eval)
+    knn_k=20,                    # neighbours of the k-NN (DINO: 20)
+    knn_temperature=0.07,        # vote weight exp(similarity / T) (DINO: 0.07)
     model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch); timm:<name> too
     model_kwargs=None,           # timm arguments of a timm:<name> model from scratch or of a published FD SwinV2 file
     patch_size=8,
@@ -326,6 +331,8 @@ def main(argv=None) -> dict:
 
     if cfg["probe_pool"] not in PROBE_POOLS:
         raise UserError(f"--probe-pool must be one of {', '.join(PROBE_POOLS)}, got {cfg['probe_pool']!r}")
+    if cfg["knn"]:  # the frozen backbone as the linear probe sees it, then k-NN instead of training
+        return knn_evaluate(*build_model({**cfg, "linear_probe": True}), cfg, info, precision)
     if not cfg["linear_probe"] and (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}; "
                         "pass an even one or --mixup 0 --cutmix 0")
