@@ -1,0 +1,152 @@
+"""Spec tests of --target-norm (fd_ref.target_norm): whiten standardises each token, none is the identity,
+PHI-S gives every channel the same variance with a transform orthogonal up to one scale and invertible,
+Hadamard matrices of every order fd-ref claims, a one-line error for a width without one, and the PHI-S
+statistics estimated once (kept in checkpoint.pt: a resume does not estimate them again)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import train
+from fd_ref.distill import FeatureDistillation
+from fd_ref.errors import UserError
+from fd_ref.target_norm import NoNorm, PhiS, Whiten, build_target_norm, hadamard
+from fd_ref.teachers import Teacher
+from fd_ref.vit import VisionTransformer
+
+# orders built by Sylvester doubling of 1 or of a Paley matrix (q + 1 for q = 3 mod 4, 2(q + 1) for q = 1 mod 4)
+BUILDABLE = [1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 56, 60, 64, 72, 76, 80, 84, 96, 108, 128, 192]
+NOT_HADAMARD = [3, 5, 6, 7, 10, 14, 18, 22, 30]  # > 2 and not a multiple of 4: no Hadamard matrix exists
+
+
+def _tokens(seed, shape, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@given(n=st.sampled_from(BUILDABLE))
+def test_hadamard_is_orthonormal_with_entries_of_one_magnitude(n):
+    h = hadamard(n)
+    assert h.shape == (n, n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full_like(h, 1 / math.sqrt(n)), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", NOT_HADAMARD)
+def test_hadamard_refuses_orders_without_one_in_one_line(n):
+    with pytest.raises(ValueError) as err:
+        hadamard(n)
+    assert "\n" not in str(err.value) and f"order {n}" in str(err.value)
+
+
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), c=st.integers(2, 40),
+       scale=st.floats(0.1, 100.0), offset=st.floats(-50, 50), seed=st.integers(0, 2**31 - 1))
+def test_whiten_each_token_has_mean_zero_and_variance_one(lead, c, scale, offset, seed):
+    t = (_tokens(seed, (*lead, c)) * scale + offset).float()
+    y = Whiten()(t).double()
+    var_t = t.double().var(-1, unbiased=False)
+    assert torch.allclose(y.mean(-1), torch.zeros_like(var_t), atol=1e-4)
+    assert torch.allclose(y.var(-1, unbiased=False), var_t / (var_t + 1e-5), atol=2e-3)
+
+
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), c=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_none_is_the_identity(lead, c, seed):
+    t = _tokens(seed, (*lead, c), torch.float32) * 7 - 3
+    assert torch.equal(NoNorm()(t), t)
+    assert torch.equal(NoNorm()(t.bfloat16()), t.bfloat16().float())  # only the dtype of the target changes
+
+
+def _anisotropic(seed, n, c):
+    """n tokens of width c with very unequal, correlated channels (a teacher-like distribution)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(c, c, generator=g, dtype=torch.float64)
+    spectrum = torch.logspace(2, -2, c, dtype=torch.float64)
+    return (torch.randn(n, c, generator=g, dtype=torch.float64) * spectrum) @ mix + torch.randn(c, generator=g,
+                                                                                                  dtype=torch.float64) * 5
+
+
+@given(c=st.sampled_from([4, 8, 12, 16, 20, 24, 32]), seed=st.integers(0, 2**31 - 1))
+def test_phi_s_output_has_equal_channel_variances_zero_mean(c, seed):
+    x = _anisotropic(seed, 40 * c, c)
+    phi = PhiS(c).fit([x[: len(x) // 2], x[len(x) // 2:]])  # estimated over two batches
+    y = phi(x).double()
+    cov = torch.cov(y.T)
+    assert torch.allclose(torch.diagonal(cov), torch.ones(c, dtype=torch.float64), atol=2e-3)
+    assert torch.allclose(y.mean(0), torch.zeros(c, dtype=torch.float64), atol=2e-3)
+    # the raw channels' variances spread over orders of magnitude; after PHI-S, not at all
+    raw = torch.diagonal(torch.cov(x.T))
+    assert raw.max() / raw.min() > 10
+
+
+@given(c=st.sampled_from([4, 8, 12, 16, 20, 24, 32]), seed=st.integers(0, 2**31 - 1))
+def test_phi_s_is_orthogonal_up_to_its_scale_and_invertible(c, seed):
+    x = _anisotropic(seed, 30 * c, c)
+    phi = PhiS(c).fit([x])
+    m, a = phi.matrix.double(), phi.scale.double()
+    assert torch.allclose(a ** 2 * m @ m.T, torch.eye(c, dtype=torch.float64), atol=1e-4)
+    # a^2 = the mean eigenvalue of the covariance = its trace / C
+    assert torch.allclose(a ** 2, torch.trace(torch.cov(x.T)) / c, rtol=1e-4)
+    probe = _anisotropic(seed + 1, 16, c).float()
+    back = phi.inverse(phi(probe))
+    assert torch.allclose(back, probe, rtol=1e-4, atol=1e-3 * probe.abs().max().item())
+
+
+def test_phi_s_state_is_buffers_and_unfitted_until_estimated():
+    phi = PhiS(8)
+    assert not phi.fitted and set(phi.state_dict()) == {"mean", "matrix", "scale", "count"}
+    phi.fit([torch.randn(64, 8)])
+    assert phi.fitted and int(phi.count) == 64
+    assert set(build_target_norm("whiten", 8).state_dict()) == set(build_target_norm("none", 8).state_dict()) == set()
+    with pytest.raises(ValueError):
+        build_target_norm("batchnorm", 8)
+
+
+def _teacher(dim):
+    net = VisionTransformer(img_size=32, patch_size=8, embed_dim=dim, depth=1, num_heads=1)
+    return Teacher(net, dim, net.grid, 1, name="vit_test")
+
+
+def _student():
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+
+
+def test_a_teacher_width_without_hadamard_matrix_is_a_one_line_error():
+    with pytest.raises(UserError) as err:
+        FeatureDistillation(_student(), _teacher(10), target_norm="phi_s")
+    assert "\n" not in str(err.value) and "10 channels" in str(err.value) and "Hadamard" in str(err.value)
+    FeatureDistillation(_student(), _teacher(10), target_norm="whiten")  # the other settings take any width
+
+
+def test_no_whiten_is_target_norm_none_and_contradictions_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    student, teacher = _student(), _teacher(12)
+    old = FeatureDistillation(student, teacher, whiten_target=False)
+    new = FeatureDistillation(student, teacher, target_norm="none")
+    assert torch.equal(old.targets(x), new.targets(x)) and torch.equal(old.targets(x), teacher(x).float())
+    with pytest.raises(UserError, match="contradicts"):
+        FeatureDistillation(student, teacher, whiten_target=False, target_norm="phi_s")
+
+
+TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "1", "--embed-dim", "16", "--num-heads", "2",
+        "--teacher-patch-size", "8", "--teacher-depth", "1", "--synthetic-size", "32", "--num-workers", "0",
+        "--progress", "false", "--log-every", "1", "--warmup-epochs", "0", "--batch-size", "8"]
+
+
+def test_phi_s_estimated_once_and_resumed_from_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "phi"
+    flags = TINY + ["--target-norm", "phi_s", "--phi-s-images", "16", "--epochs", "2", "--output", str(out)]
+    train.main(flags + ["--max-steps", "2"])
+    first = capsys.readouterr().out
+    assert "PHI-S: teacher mean and covariance estimated on 16 training images" in first
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    assert int(saved["target_norm.count"]) == 16 * 17  # 16 images x (class token + 4x4 patches)
+    train.main(flags)  # resumes at step 2: the statistics come from checkpoint.pt
+    second = capsys.readouterr().out
+    assert "PHI-S" not in second and "resum" in second.lower()
+    final = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    for key in ("target_norm.mean", "target_norm.matrix", "target_norm.scale", "target_norm.count"):
+        assert torch.equal(final[key], saved[key])
