@@ -228,7 +228,10 @@ def build_timm_model(cfg: dict, blob, source: dict, path: str) -> tuple[nn.Modul
     if int(source.get("img_size", cfg["img_size"])) != cfg["img_size"]:
         raise UserError(f"{path} was trained at {source.get('img_size')} px but --img-size is {cfg['img_size']}; "
                         f"pass --img-size {source.get('img_size')}")
-    state = {k: v for k, v in model_state(blob).items() if not k.startswith(("model.head.", "projection."))}
+    import timm
+    head = getattr(timm.models.get_pretrained_cfg(source["timm"]), "classifier", None) or "head"
+    heads = tuple(f"model.{h}." for h in ((head,) if isinstance(head, str) else head))  # e.g. a ResNet's fc
+    state = {k: v for k, v in model_state(blob).items() if not k.startswith(("model.head.", "projection.") + heads)}
     backbone = load_backbone(source, state, path, num_classes=0,
                              drop_path_rate=0.0 if cfg["linear_probe"] else cfg["drop_path"])
     summary = f"loaded timm:{source['timm']} ({len(state)} tensors) from {path}"
