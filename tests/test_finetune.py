@@ -443,3 +443,18 @@ def test_bf16_fine_tuning_evaluates_in_float32(student, tmp_path, monkeypatch):
                         "--output", str(tmp_path)])
     assert seen["train"] and all(seen["train"])
     assert seen["eval"] and not any(seen["eval"])
+
+
+def test_fine_tuning_at_another_resolution_resamples_the_tables_as_published(student):
+    """A 32 px student (4 x 4 patches) fine-tuned at 48 px (6 x 6): every block's table is the distilled shared
+    table resampled by the published rule (geometric positions + interp2d's cubic spline, written by hand in
+    tests/test_position.py), the class-token rows kept."""
+    from test_position import published_resize
+
+    shared = torch.load(student, map_location="cpu", weights_only=True)["model"]["rel_pos_bias.table"]
+    cfg = resolve_config(finetune.DEFAULTS, FT + ["--pretrained", str(student), "--img-size", "48"])
+    model, _ = finetune.build_model(cfg)
+    assert model.grid == (6, 6)
+    expected = published_resize(shared, (4, 4), (6, 6))
+    for block in model.blocks:
+        torch.testing.assert_close(block.attn.rel_pos_bias.table.detach(), expected, rtol=0, atol=2e-5)
