@@ -258,3 +258,29 @@ def test_adamw_hyperparameters_are_the_published_ones() -> None:
             assert g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["weight_decay"] in (0.05, 0.0)
             assert not g["amsgrad"] and not g["maximize"]
         assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}
+
+
+def test_declared_no_weight_decay_resolves_module_names() -> None:
+    """A submodule's ``no_weight_decay()`` may list parameters or modules (timm has done both): a parameter's
+    name exempts that parameter, a module's name every parameter under it, relative to the listing module;
+    names that are neither exempt nothing (a listed ``mlp`` must not exempt ``mlp2``)."""
+    from fd_ref.optim import declared_no_weight_decay
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+            self.mlp2 = nn.Linear(2, 2)
+            self.scale = nn.Parameter(torch.ones(2, 1))
+            self.other = nn.Linear(2, 2)
+
+        def no_weight_decay(self):
+            return {"mlp", "scale", "missing"}
+
+    model = nn.ModuleDict({"student": nn.ModuleDict({"model": Inner()})})
+    assert declared_no_weight_decay(model) == {
+        "student.model.mlp.0.weight", "student.model.mlp.0.bias", "student.model.mlp.1.weight",
+        "student.model.mlp.1.bias", "student.model.scale"}
+    groups = param_groups(model, 0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert decayed == {"student.model.mlp2.weight", "student.model.other.weight"}
