@@ -35,7 +35,6 @@ from fd_ref.lars import Lars
 from fd_ref.model_file import build_vit, load_strict, read_model_file, vit_arguments
 from fd_ref.optim import build_optimizer
 from fd_ref.position import resize_relative_position_bias_table
-from fd_ref.precision import autocast
 from fd_ref.probe import PROBE_POOLS, LinearProbe
 from fd_ref.splits import train_val_datasets
 from fd_ref.swinv2_init import is_swinv2
@@ -94,7 +93,7 @@ DEFAULTS = dict(
     random_erasing=0.25,         # probability; timm's "pixel" mode
     crop_pct=0.875,              # evaluation: resize to img_size / crop_pct, centre crop img_size
     eval_norm="imagenet",        # evaluation normalisation: imagenet | published (CLIP mean/std, as published)
-    precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
+    precision="auto",            # training: auto (bf16 on GPU and CPUs with native bf16, else fp32) | fp32 | bf16 | fp16; evaluation: fp32
     grad_checkpointing=False,
     compile=False,
     nan_policy="stop",
@@ -268,7 +267,7 @@ def build_published_swinv2(cfg: dict, blob, path: str) -> tuple[nn.Module, str]:
     return head_or_probe(backbone, cfg, load_published_swinv2(backbone, blob, path), "a fresh head")
 
 
-def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
+def evaluate_only(cfg: dict, info) -> dict[str, float]:
     """--eval-only: the model in --pretrained (or --resume) exactly as the file records it (architecture,
     head, fc_norm), on the validation split of --data; no training flag is needed, nothing is written."""
     path = cfg["resume"] or cfg["pretrained"]
@@ -294,7 +293,7 @@ def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
         raise UserError(f"{path} classifies {mf.num_classes} classes but {cfg['data']} has {data_classes}; "
                         f"evaluate it on the data it was fine-tuned for")
     loader, _ = run.eval_loader(val_set, cfg, info)
-    metrics = evaluate(model.to(info.device), loader, info.device, lambda: autocast(precision, info.device))
+    metrics = evaluate(model.to(info.device), loader, info.device)
     if info.is_main:
         print(f"evaluated {path} ({mf.num_classes} classes, {img_size} px) on {len(val_set)} images of "
               f"{cfg['data']}", flush=True)
@@ -303,14 +302,15 @@ def evaluate_only(cfg: dict, info, precision: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set."""
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set, computed in float32
+    whatever the training precision (published ``main_finetune.py::validate`` runs without autocast)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast():
+        with torch.autocast(device.type, enabled=False):
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         totals[0] += (top5[:, 0] == labels).sum()
@@ -330,7 +330,7 @@ def main(argv=None) -> dict:
                          help_text=help_from_source(__file__))
     info, precision = run.start(cfg, tensorboard=cfg["tensorboard"] and not cfg["eval_only"])
     if cfg["eval_only"]:
-        return evaluate_only(cfg, info, precision)
+        return evaluate_only(cfg, info)
 
     if cfg["probe_pool"] not in PROBE_POOLS:
         raise UserError(f"--probe-pool must be one of {', '.join(PROBE_POOLS)}, got {cfg['probe_pool']!r}")
@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
     def on_epoch_end(epoch: int) -> dict:
         if (epoch + 1) % max(1, cfg["eval_every"]) and epoch + 1 != cfg["epochs"]:
             return {}
-        return evaluate(model, val_loader, info.device, trainer.autocast)
+        return evaluate(model, val_loader, info.device)
 
     results_path = Path(cfg["output"]) / "results.json"
     trainer = run.begin(cfg, DEFAULTS, info, precision, total_batch, lrs, results_path, best_metric="top1",
@@ -411,7 +411,7 @@ def main(argv=None) -> dict:
     history = run.fit(trainer)
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
-        model, val_loader, info.device, trainer.autocast)
+        model, val_loader, info.device)
     best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
     results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]

@@ -150,8 +150,8 @@ def main(argv=None) -> None:
                                    "target_norms": model.target_norms})
     model.to(info.device)
     if precision == "bf16":
-        for teacher in teachers:  # a frozen teacher runs in bf16 outright: no autocast casts, half the memory
-            teacher.to(torch.bfloat16)
+        for teacher in teachers:  # bf16 matrix products; norms and the returned features in fp32
+            teacher.set_precision(torch.bfloat16)
     if cfg["grad_checkpointing"]:
         student.set_grad_checkpointing(True)
     ddp, forward = run.wrap_model(model, info, cfg, broadcast_buffers=False)

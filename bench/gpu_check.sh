@@ -10,23 +10,25 @@
 # runs with the pinned pure-Python packages. Nothing is downloaded.
 #
 # Steps, each under its own time limit (a hang costs at most that step; a failing step is recorded and the
-# script goes on; 460 s of limits in all, plus at most 5 s per step of kill grace):
+# script goes on; 460 s of limits in all, plus at most 5 s per step of kill grace: under 8 minutes):
 #   1. env          every version the check runs with, and where each package was imported from     (20 s)
 #   2. throughput   bench/throughput.py ViT-B/16 <- ViT-B/16, 224 px, batch 128, bf16, eager: img/s, MFU
 #                   against the datasheet peak, peak memory                                         (60 s)
 #   3. cuda_tests   pytest -m cuda tests/test_cuda.py: fused SDPA with the position bias = explicit formula
 #                   (fp32/bf16), bf16 autocast FD step, GradScaler fp16 run, --compile, resume, 1-process
-#                   NCCL (train.py under torchrun, and a DDP step)                                (180 s)
+#                   NCCL (train.py under torchrun, and a DDP step)                                (150 s)
 #   4. train        train.py on synthetic images (12 loader workers), 224 px, vit_base student and teacher
-#                   presets (random weights), batch 128, bf16, 100 steps                            (80 s)
-#   5. compiled     bench/throughput.py as in 2 with --compile: eager and compiled side by side   (120 s)
-# (the wheel install before step 1 has 20 s of its own.) Compilation comes last: if it outruns its limit,
+#                   presets (random weights), batch 128, bf16, 100 steps                            (60 s)
+#   5. compiled     bench/throughput.py as in 2 with --compile: eager and compiled side by side   (100 s)
+#   6. profile      bench/profile_step.py: the step's device time by kind of kernel, fd_ref's and timm's
+#                   Beit + ViT's                                                                   (50 s)
+# (the wheel install before step 1 has 20 s of its own.) Compilation comes late: if it outruns its limit,
 # only the compiled figure is lost.
 #
-# Writes at most 7 plain files, all directly in OUT_DIR (what a device's $OUT sends back): gpu_check.json
+# Writes at most 8 plain files, all directly in OUT_DIR (what a device's $OUT sends back): gpu_check.json
 # (every step's status, time and figures), gpu_check.log (all output), steps.jsonl, versions.json,
-# cuda_tests.xml, throughput.jsonl, train_log.jsonl. The train run's own folder (checkpoints) stays in a
-# temporary folder.
+# cuda_tests.xml, throughput.jsonl, train_log.jsonl, profile.json. The train run's own folder (checkpoints)
+# stays in a temporary folder.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu}"
@@ -40,7 +42,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 : > "$LOG"
 : > "$STEPS"
-rm -f "$OUT/throughput.jsonl" "$OUT/cuda_tests.xml" "$OUT/train_log.jsonl" "$OUT/versions.json"
+rm -f "$OUT/throughput.jsonl" "$OUT/cuda_tests.xml" "$OUT/train_log.jsonl" "$OUT/versions.json" "$OUT/profile.json"
 
 # The interpreter: the one asked for, else the first on PATH that has torch.
 PY="${PYTHON:-}"
@@ -98,7 +100,7 @@ HAS_CUDA=0
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >> "$LOG" 2>&1; then HAS_CUDA=1; fi
 
 # The sizes: the real check on a GPU; the dry run goes through the same steps on the CPU at toy size.
-COMPILED_LIMIT=120
+COMPILED_LIMIT=100
 if [ "$HAS_CUDA" = 1 ] && [ "$DRY" != 1 ]; then
     DEV=cuda
     TP=(--student vit_base --teacher vit_base --img-size 224 --batch 128 --steps 8 --warmup 1)
@@ -119,17 +121,20 @@ else
         --json "$OUT/throughput.jsonl"
 fi
 
-step cuda_tests 180 "$PY" -m pytest -v -rs -o faulthandler_timeout=120 -m cuda tests/test_cuda.py --junitxml="$OUT/cuda_tests.xml"
+step cuda_tests 150 "$PY" -m pytest -v -rs -o faulthandler_timeout=100 -m cuda tests/test_cuda.py --junitxml="$OUT/cuda_tests.xml"
 
 if [ "$HAS_CUDA" = 0 ] && [ "$DRY" != 1 ]; then
     skip train "no CUDA GPU"
     skip compiled "no CUDA GPU"
+    skip profile "no CUDA GPU"
 else
-    step train 80 "$PY" train.py --data synthetic "${TRAIN[@]}" --precision bf16 --epochs 1 --warmup-epochs 0 \
+    step train 60 "$PY" train.py --data synthetic "${TRAIN[@]}" --precision bf16 --epochs 1 --warmup-epochs 0 \
         --log-every 10 --progress false --output "$WORK/train"
     cp "$WORK/train/log.jsonl" "$OUT/train_log.jsonl" 2>> "$LOG"
     step compiled "$COMPILED_LIMIT" "$PY" bench/throughput.py --device "$DEV" "${TP[@]}" --precision bf16 --no-baseline \
         --compile --json "$OUT/throughput.jsonl"
+    step profile 50 "$PY" bench/profile_step.py --device "$DEV" "${TP[@]:0:8}" --precision bf16 --steps 3 --timm \
+        --json "$OUT/profile.json"
 fi
 
 "$PY" bench/gpu_report.py "$OUT" >> "$LOG" 2>&1

@@ -1,5 +1,5 @@
-"""gpu_check.sh's summary: every step's status, the versions, the CUDA tests, the throughput rows and the
-short train run, in one file (OUT_DIR/gpu_check.json); its last line printed is a one-line verdict.
+"""gpu_check.sh's summary: every step's status, the versions, the CUDA tests, the throughput rows, the
+short train run and the profile, in one file (OUT_DIR/gpu_check.json); its last line printed is a one-line verdict.
 
     python bench/gpu_report.py OUT_DIR
 """
@@ -15,7 +15,7 @@ THROUGHPUT_KEYS = ("config", "precision", "batch", "img_per_s", "step_s_median",
                    "mfu_datasheet", "datasheet_peak_flops_per_s", "fraction_of_peak", "matmul_peak_flops_per_s",
                    "peak_step_memory_bytes", "warmup_seconds", "device_name")
 # the steps a check on a GPU must have run with exit status 0 (the wheel install is optional)
-REQUIRED_STEPS = ("env", "throughput", "cuda_tests", "train", "compiled")
+REQUIRED_STEPS = ("env", "throughput", "cuda_tests", "train", "compiled", "profile")
 
 
 def json_lines(path: Path) -> list:
@@ -48,13 +48,22 @@ def train_summary(log_file: Path) -> dict | None:
             "mfu_steady": (sum(r.get("mfu") or 0 for r in tail) / len(tail)) or None}
 
 
+def profile_summary(profile_file: Path) -> list | None:
+    """Per profiled configuration: device ms per step and the share of each kind of kernel."""
+    if not profile_file.exists():
+        return None
+    return [{"config": c["config"], "device_ms_per_step": c["device_ms_per_step"],
+             "groups_fraction": c["groups_fraction"]} for c in json.loads(profile_file.read_text())["configs"]]
+
+
 def build_report(out: Path) -> dict:
     steps = json_lines(out / "steps.jsonl")
     versions = json.loads((out / "versions.json").read_text()) if (out / "versions.json").exists() else None
     report = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": steps, "versions": versions,
               "cuda_tests": cuda_test_cases(out / "cuda_tests.xml"),
               "throughput": [{k: r.get(k) for k in THROUGHPUT_KEYS} for r in json_lines(out / "throughput.jsonl")],
-              "train": train_summary(out / "train_log.jsonl")}
+              "train": train_summary(out / "train_log.jsonl"),
+              "profile": profile_summary(out / "profile.json")}
     ran = {s["name"]: s for s in steps}
     report["ok"] = all(name in ran and ran[name].get("rc") == 0 for name in REQUIRED_STEPS) and \
         all(s.get("rc") in (0, None) for s in steps)

@@ -254,30 +254,40 @@ def is_timm_config(config: Optional[Mapping[str, Any]]) -> bool:
 def build_timm_optimizer(model: TimmBackbone, lr: float, weight_decay: float,
                          layer_decay: Optional[float] = None,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over timm's own parameter groups for the model's family (fine-tuning, Sec. 4):
+    """AdamW over the parameter groups of the model's family (fine-tuning, Sec. 4):
 
-    - weight decay: none for 1-D parameters, for names ending in ``.bias`` and for the names the model lists
-      in ``no_weight_decay()`` (e.g. Swin's relative position tables; timm's rule);
-    - layer-wise lr decay (``layer_decay``): timm's ``param_groups_layer_decay``, layers from the model's
-      ``group_matcher`` (stem = layer 0, then each block / stage in order, head last), with
-      ``lr_scale = layer_decay ** (L - layer)``, L the last layer (the head, ``lr_scale`` 1).
+    - weight decay: none for 1-D parameters, for names ending in ``.bias`` and for the parameters the model
+      exempts (:func:`fd_ref.optim.declared_no_weight_decay`: its ``no_weight_decay()`` resolved to
+      parameters; in a Swin / SwinV2 the published keywords, whatever timm lists);
+    - layer-wise lr decay (``layer_decay``), ``lr_scale = layer_decay ** (L - layer)``, L the top layer
+      (``lr_scale`` 1): a Swin / SwinV2 by the published rule (:func:`fd_ref.optim.swin_layer_id`: blocks
+      numbered across stages, each patch merging with the last block of the stage before it, the final
+      norm and the head on top); any other family by timm's ``param_groups_layer_decay`` with the model's
+      ``group_matcher`` (stem = layer 0, then each block / stage in order, head last).
 
     Every group carries ``lr_scale`` (read by :class:`fd_ref.schedule.WarmupCosine`) and starts at
     ``lr * lr_scale``."""
+    from functools import partial
+
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-    from .optim import _fused_kernel_fits
+    from .optim import _fused_kernel_fits, declared_no_weight_decay, is_timm_swin, param_groups, swin_layer_id
 
     if lr <= 0:
         raise UserError(f"lr must be > 0, got {lr}; pass a positive learning rate")
     net = model.model
-    skip = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
-    if layer_decay is not None:
-        if not 0.0 < layer_decay <= 1.0:
-            raise UserError(f"layer_decay must be in (0, 1], got {layer_decay}; e.g. 0.8 for Swin-B")
-        groups = param_groups_layer_decay(net, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise UserError(f"layer_decay must be in (0, 1], got {layer_decay}; e.g. 0.8 for Swin-B")
+    if is_timm_swin(net):
+        depths = [len(stage.blocks) for stage in net.layers]
+        groups = param_groups(net, weight_decay, layer_decay=layer_decay, num_layers=sum(depths),
+                              layer_of=partial(swin_layer_id, depths=depths))
     else:
-        groups = param_groups_weight_decay(net, weight_decay, no_weight_decay_list=skip)
+        skip = declared_no_weight_decay(net)
+        if layer_decay is not None:
+            groups = param_groups_layer_decay(net, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+        else:
+            groups = param_groups_weight_decay(net, weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters; unfreeze something before building an optimizer")

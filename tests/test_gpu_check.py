@@ -1,6 +1,6 @@
 """bench/gpu_check.sh's pieces that run on any machine: the version report (bench/versions.py) and the
 summary (bench/gpu_report.py) that turns the step records, the JUnit file and the logs into gpu_check.json.
-The script itself goes through every step on a CPU with ``GPU_CHECK_DRY=1`` (bench/README.md, "GPU")."""
+bench/profile_step.py's grouping of kernels. The script itself goes through every step on a CPU with ``GPU_CHECK_DRY=1`` (bench/README.md, "GPU")."""
 from __future__ import annotations
 
 import json
@@ -47,7 +47,8 @@ def _write_check(out: Path, steps: list, cases: dict, losses: list) -> None:
 
 
 STEPS_OK = [{"name": "wheels", "rc": 0}, {"name": "env", "rc": 0}, {"name": "throughput", "rc": 0},
-            {"name": "cuda_tests", "rc": 0}, {"name": "train", "rc": 0}, {"name": "compiled", "rc": 0}]
+            {"name": "cuda_tests", "rc": 0}, {"name": "train", "rc": 0}, {"name": "compiled", "rc": 0},
+            {"name": "profile", "rc": 0}]
 
 
 def test_report_counts_tests_and_summarises_the_steady_half_of_the_train_log(tmp_path):
@@ -87,8 +88,37 @@ def test_gpu_check_keeps_its_outputs_flat_and_few():
     """What a device's $OUT sends back: at most 8 plain files, none in a sub-folder."""
     script = (BENCH / "gpu_check.sh").read_text()
     written = {"gpu_check.json", "gpu_check.log", "steps.jsonl", "versions.json", "cuda_tests.xml",
-               "throughput.jsonl", "train_log.jsonl"}
+               "throughput.jsonl", "train_log.jsonl", "profile.json"}
     for name in written:
         assert f"$OUT/{name}" in script or name == "gpu_check.json"
     assert len(written) <= 8
     assert '--output "$WORK/train"' in script  # checkpoints stay out of OUT_DIR
+
+
+def test_profile_groups_kernels_by_what_they_do():
+    import profile_step
+    cases = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize": "matmul", "aten::addmm": "matmul",
+             "pytorch_flash::flash_fwd_kernel": "attention", "fmha_cutlassB_bf16_aligned_64x64_k64": "attention",
+             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+             "multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer", "aten::_fused_adamw_": "optimizer",
+             "vectorized_layer_norm_kernel": "normalisation", "aten::native_layer_norm_backward": "normalisation",
+             "cunn_SoftMaxForward": "softmax", "aten::_softmax_backward_data": "softmax",
+             "aten::gelu_backward": "elementwise", "triton_poi_fused_add_mul_0": "elementwise",
+             "aten::copy_": "copy/cast", "something_unheard_of": "other"}
+    for name, group in cases.items():
+        assert profile_step.group_of(name) == group, name
+
+
+def test_profile_of_a_tiny_step_adds_up(tmp_path):
+    """On the CPU: the groups' shares add to 1, and their times to the step's total."""
+    import profile_step
+    out = tmp_path / "profile.json"
+    reports = profile_step.main(["--device", "cpu", "--student", "vit_tiny", "--teacher", "vit_tiny",
+                                 "--img-size", "32", "--batch", "2", "--steps", "1", "--precision", "fp32",
+                                 "--json", str(out)])
+    (report,) = reports
+    assert report["device_ms_per_step"] > 0
+    assert abs(sum(report["groups_fraction"].values()) - 1) < 1e-9
+    assert abs(sum(report["groups_ms_per_step"].values()) - report["device_ms_per_step"]) < 1e-6
+    assert report["groups_ms_per_step"]["matmul"] > 0 and report["groups_ms_per_step"]["optimizer"] > 0
+    assert json.loads(out.read_text())["configs"][0]["config"] == "optimised"
