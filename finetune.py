@@ -335,7 +335,7 @@ def main(argv=None) -> dict:
     if cfg["probe_pool"] not in PROBE_POOLS:
         raise UserError(f"--probe-pool must be one of {', '.join(PROBE_POOLS)}, got {cfg['probe_pool']!r}")
     if cfg["knn"]:  # the frozen backbone as the linear probe sees it, then k-NN instead of training
-        return knn_evaluate(*build_model({**cfg, "linear_probe": True}), cfg, info, precision)
+        return knn_evaluate(*build_model({**cfg, "linear_probe": True}), cfg, info)
     if not cfg["linear_probe"] and (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}; "
                         "pass an even one or --mixup 0 --cutmix 0")

@@ -3,7 +3,7 @@
     features = the pooled feature the linear probe uses (fd_ref.probe.LinearProbe.features: the mean patch
                token + a LayerNorm without affine, or the normed class token with --probe-pool cls)
                of every training and every validation image, with the evaluation transform (resize, centre
-               crop), in batches (only the [N, C] features are kept: 50,000 CIFAR images at width 384 are
+               crop), in fp32 like every evaluation, in batches (only the [N, C] features are kept: 50,000 CIFAR images at width 384 are
                77 MB)
     k-NN     = each validation image classified by its k nearest training images (k 20, T 0.07)
 
@@ -22,27 +22,25 @@ import torch.nn as nn
 from .data import eval_transform
 from .files import write_text_atomic
 from .knn import knn_accuracy
-from .precision import autocast
 from .sampler import make_loader
 from .splits import train_val_datasets
 
 
 @torch.no_grad()
-def extract(probe: nn.Module, dataset, cfg: Mapping[str, Any], device: torch.device,
-            precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(probe: nn.Module, dataset, cfg: Mapping[str, Any],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, C] float32 on the CPU, labels [N]) of every image of ``dataset``, in order."""
     loader, _ = make_loader(dataset, cfg["batch_size"], seed=0, shuffle=False, rank=0, world_size=1,
                             num_workers=cfg["num_workers"], drop_last=False)
     feats, labels = [], []
     for images, targets in loader:
-        with autocast(precision, device):
-            f = probe.features(images.to(device, non_blocking=True))
+        f = probe.features(images.to(device, non_blocking=True))
         feats.append(f.float().cpu())
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_evaluate(probe: nn.Module, summary: str, cfg: Mapping[str, Any], info, precision: str) -> dict:
+def knn_evaluate(probe: nn.Module, summary: str, cfg: Mapping[str, Any], info) -> dict:
     """The k-NN evaluation of ``probe``'s backbone (module docstring); returns results.json's content."""
     if not info.is_main:
         return {}
@@ -53,8 +51,8 @@ def knn_evaluate(probe: nn.Module, summary: str, cfg: Mapping[str, Any], info, p
         train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"], img_size=cfg["img_size"],
         seed=cfg["seed"], in_memory=cfg["data_in_memory"])
     probe.to(info.device).eval()
-    train_f, train_y = extract(probe, train_set, cfg, info.device, precision)
-    val_f, val_y = extract(probe, val_set, cfg, info.device, precision)
+    train_f, train_y = extract(probe, train_set, cfg, info.device)
+    val_f, val_y = extract(probe, val_set, cfg, info.device)
     num_classes = max(cfg["num_classes"], int(train_y.max()) + 1, int(val_y.max()) + 1)
     metrics = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, k=cfg["knn_k"],
                            temperature=cfg["knn_temperature"])
