@@ -39,8 +39,8 @@ from fd_ref.probe import PROBE_POOLS, LinearProbe
 from fd_ref.splits import train_val_datasets
 from fd_ref.swinv2_init import is_swinv2
 from fd_ref.swinv2_keys import load_published_swinv2
-from fd_ref.timm_backbone import (TimmBackbone, build_from_config, build_timm_optimizer, is_timm_config,
-                                  is_timm_name, load_backbone, parse_kwargs)
+from fd_ref.timm_backbone import (TimmBackbone, backbone_state, build_from_config, build_timm_optimizer,
+                                  is_timm_config, is_timm_name, load_backbone, parse_kwargs)
 from fd_ref.vit import VisionTransformer, preset_arguments
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,10 +227,7 @@ def build_timm_model(cfg: dict, blob, source: dict, path: str) -> tuple[nn.Modul
     if int(source.get("img_size", cfg["img_size"])) != cfg["img_size"]:
         raise UserError(f"{path} was trained at {source.get('img_size')} px but --img-size is {cfg['img_size']}; "
                         f"pass --img-size {source.get('img_size')}")
-    import timm
-    head = getattr(timm.models.get_pretrained_cfg(source["timm"]), "classifier", None) or "head"
-    heads = tuple(f"model.{h}." for h in ((head,) if isinstance(head, str) else head))  # e.g. a ResNet's fc
-    state = {k: v for k, v in model_state(blob).items() if not k.startswith(("model.head.", "projection.") + heads)}
+    state = {"model." + k: v for k, v in backbone_state(source, model_state(blob)).items()}  # head, projection out
     backbone = load_backbone(source, state, path, num_classes=0,
                              drop_path_rate=0.0 if cfg["linear_probe"] else cfg["drop_path"])
     summary = f"loaded timm:{source['timm']} ({len(state)} tensors) from {path}"

@@ -60,7 +60,7 @@ from .checkpoint import check_model_config, load_file, load_weights, model_state
 from . import hub
 from .errors import UserError
 from .position import Grid
-from .timm_backbone import check_timm_name, head_norm, probe_layout, to_tokens
+from .timm_backbone import backbone_state, check_timm_name, head_norm, is_timm_config, probe_layout, to_tokens
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vit import PRESETS, VisionTransformer, create_vit
 
@@ -176,7 +176,11 @@ def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], disp
             model = create(False)
             # timm's own filter maps original releases (DINO, OpenAI CLIP, DeiT) to its keys and resamples
             # position embeddings for another image size.
-            state = model_state(load_file(checkpoint))
+            blob = load_file(checkpoint)
+            state = model_state(blob)
+            recorded = blob.get("model_config") if isinstance(blob, dict) else None
+            if is_timm_config(recorded):  # a timm model fd-ref trained (finetune.py --from-scratch --model timm:...)
+                state = backbone_state(recorded, state)
             filter_fn = _checkpoint_filter(timm_name)
             if filter_fn is not None:
                 state = filter_fn(state, model)

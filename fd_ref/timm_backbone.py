@@ -251,6 +251,16 @@ def is_timm_config(config: Optional[Mapping[str, Any]]) -> bool:
     return isinstance(config, Mapping) and "timm" in config
 
 
+def backbone_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The timm model's own keys in an fd-ref file of a timm backbone (``model.`` removed), without its
+    classifier (timm's ``classifier`` name: ``head`` for a ViT, ``fc`` for a ResNet) or the FD projection."""
+    import timm
+    head = getattr(timm.models.get_pretrained_cfg(config["timm"]), "classifier", None) or "head"
+    heads = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head)) + ("head.",)
+    return {k[len("model."):]: v for k, v in state.items()
+            if k.startswith("model.") and not k[len("model."):].startswith(heads)}
+
+
 def build_timm_optimizer(model: TimmBackbone, lr: float, weight_decay: float,
                          layer_decay: Optional[float] = None,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:

@@ -172,3 +172,25 @@ def test_single_teacher_defaults_keep_todays_files(tmp_path):
     assert set(k for k in state if k.startswith("projection.")) == {"projection.proj.weight", "projection.proj.bias"}
     blob = torch.load(out / "student.pt", map_location="cpu", weights_only=True)
     assert blob["teacher"] == "vit_tiny" and set(blob) == {"model", "model_config", "teacher"}
+
+
+def test_a_timm_model_trained_by_finetune_is_a_teacher(tmp_path):
+    """finetune.py --from-scratch --model timm:<cnn> writes best.pt (keys under ``model.``, a classifier
+    ``fc``); build_teacher reads it: the teacher's tokens are that network's last map, flattened."""
+    import finetune
+    kwargs = "layers=[1,1,1,1],channels=[8,8,16,16],output_stride=8"
+    out = tmp_path / "cnn"
+    finetune.main(["--from-scratch", "--model", "timm:resnet18", "--model-kwargs", kwargs, "--img-size", "32",
+                   "--synthetic-size", "32", "--epochs", "1", "--batch-size", "16", "--mixup", "0", "--cutmix", "0",
+                   "--num-workers", "0", "--progress", "false", "--output", str(out)])
+    teacher = build_teacher("timm:resnet18", img_size=32, checkpoint=str(out / "best.pt"),
+                            timm_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], output_stride=8))
+    assert (teacher.grid, teacher.embed_dim, teacher.num_prefix_tokens) == ((4, 4), 16, 0)
+    saved = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"]
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10, layers=[1, 1, 1, 1],
+                            channels=[8, 8, 16, 16], output_stride=8).eval()
+    net.load_state_dict({k[len("model."):]: v for k, v in saved.items()})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = net.forward_features(x).flatten(2).transpose(1, 2)
+    assert torch.allclose(teacher(x), expected, atol=1e-5)
