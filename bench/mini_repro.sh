@@ -12,6 +12,14 @@
 #      fine-tunes that student with the same seeds (ft_fd_dD_sS, ft_<ablation>_dD_sS), so the spread
 #      includes distillation noise, not only fine-tuning noise
 #   6. diagnostics on held-out images: teacher, FD student, abs-pos student, the fine-tuned pair
+#   7. (issue #24) VARIANTS of the FD student, each distilled once and fine-tuned with SEEDS seeds:
+#      cnn_teacher  FD from a second teacher of another family: a small timm ResNet trained from scratch on
+#                   the same images for T_EPOCHS (stage teacher_cnn), distilled alone into the usual student
+#      two_teachers FD from both teachers at once (the ViT teacher and the CNN teacher, weights 1 and 1)
+#      phi_s        --target-norm phi_s (PHI-S instead of whitening)
+#      cosine       --loss cosine (instead of smooth-L1)
+#   8. (issue #24) KNN=yes: weighted k-NN top-1 (finetune.py --knn) on the hold-out of every model before
+#      fine-tuning: both teachers, every distilled student, every control run
 # Validation: a fixed 5,000-image hold-out of the CIFAR-10 *training* split (--val-split 5000 --split-seed 0),
 # never trained on by any stage. The CIFAR-10 test split is not used.
 #
@@ -27,12 +35,15 @@ PRESET=${PRESET:-cpu}
 case $PRESET in
   cpu)  # a 2-core CPU: width 64, depth 6, 2 heads; two stages side by side, one thread each
     ARCH_DEFAULT="--model vit_tiny --embed-dim 64 --num-heads 2 --depth 6 --patch-size 4 --img-size 32"
+    CNN_DEFAULT="layers=[1,1,1,1],channels=[32,64,128,128],output_stride=8"
     D_T=12; D_FD=12; D_FT=4; D_BATCH=128; D_WORKERS=1; D_PAR=2; D_MEM=no; D_THREADS=1 ;;
   gpu)  # one H100-class GPU, about an hour: ViT-S/4 (width 384, depth 12, 6 heads), images decoded once
     ARCH_DEFAULT="--model vit_small --embed-dim 384 --num-heads 6 --depth 12 --patch-size 4 --img-size 32"
+    CNN_DEFAULT="layers=[2,2,2,2],output_stride=8"
     D_T=100; D_FD=100; D_FT=50; D_BATCH=256; D_WORKERS=8; D_PAR=1; D_MEM=yes; D_THREADS=8 ;;
   toy)  # the wiring at test size (tests/test_mini_repro.py)
     ARCH_DEFAULT="--model vit_tiny --embed-dim 32 --num-heads 2 --depth 2 --patch-size 8 --img-size 32"
+    CNN_DEFAULT="layers=[1,1,1,1],channels=[8,8,16,16],output_stride=8"
     D_T=1; D_FD=1; D_FT=1; D_BATCH=8; D_WORKERS=0; D_PAR=1; D_MEM=yes; D_THREADS=1 ;;
   *) echo "PRESET must be cpu, gpu or toy, got $PRESET" >&2; exit 2 ;;
 esac
@@ -48,6 +59,11 @@ SEEDS=${SEEDS:-"0 1 2"}         # fine-tuning seeds of the teacher and the FD st
 ABL_SEEDS=${ABL_SEEDS:-"0 1"}   # fine-tuning seeds of each ablation
 FD_SEEDS=${FD_SEEDS:-0}         # distillation seeds of the FD student and of each ablation (train.py --seed)
 ABLATIONS=${ABLATIONS-"target_cls abs_pos no_whiten sym_drop target_avg"}
+VARIANTS=${VARIANTS-"cnn_teacher two_teachers phi_s cosine"}  # fd-ref's own settings (issue #24), SEEDS seeds each
+KNN=${KNN:-yes}                 # yes: k-NN top-1 of every model before fine-tuning (stages knn_*)
+KNN_CONTROL_SEEDS=${KNN_CONTROL_SEEDS-$SEEDS}  # control runs given a k-NN stage (they need scratch_sS/best.pt)
+CNN=${CNN:-timm:resnet18}       # the second teacher's family (output stride 8: a 4x4 map at 32 px)
+CNN_KWARGS=${CNN_KWARGS:-$CNN_DEFAULT}
 WORKERS=${WORKERS:-$D_WORKERS}
 PAR=${PAR:-$D_PAR}              # stages run side by side (each as soon as the stages it needs are done)
 IN_MEMORY=${IN_MEMORY:-$D_MEM}  # yes: decode the images once into memory (small images: JPEG decoding starves a GPU)
@@ -64,6 +80,10 @@ FT_RECIPE="--batch-size $BATCH --lr 4e-3 --warmup-epochs 1 --drop-path 0.1 --mix
   --auto-augment rand-m9-mstd0.5-inc1 --random-erasing 0.25 --color-jitter 0 --label-smoothing 0.1 --crop-pct 1.0"
 FD_RECIPE="--batch-size $BATCH --lr 2e-3 --warmup-epochs 1 --drop-path 0.1 --epochs $FD_EPOCHS"
 TEACHER="--teacher vit_tiny --teacher-checkpoint $OUT/teacher/best.pt"
+TEACHER_CNN="--teacher $CNN --teacher-checkpoint $OUT/teacher_cnn/best.pt --teacher-kwargs $CNN_KWARGS"
+TEACHERS_TWO="--teacher vit_tiny $CNN --teacher-checkpoint $OUT/teacher/best.pt $OUT/teacher_cnn/best.pt \
+  --teacher-kwargs none $CNN_KWARGS --teacher-weight 1 1"
+IMG=$(set -- $ARCH; while [ $# -gt 1 ]; do [ "$1" = --img-size ] && { echo "$2"; exit; }; shift; done; echo 32)
 mkdir -p "$OUT"
 
 stage() { # name, command...: run unless marked done; log to OUT/name.log
@@ -115,10 +135,19 @@ finetune() { # name, distillation stage, checkpoint, seed
   queue "$1_s$4" "$2" $PY finetune.py --pretrained $3 --data $DATA $SPLIT $FT_RECIPE --layer-decay 0.75 \
     --epochs $FT_EPOCHS --eval-every $FT_EPOCHS --seed $4 --output $OUT/$1_s$4
 }
+distil_from() { # "dependencies", "teacher flags", name, seed, flags...: FD into a fresh student
+  local deps=$1 teacher=$2 name=$3 seed=$4; shift 4
+  queue "$name" "$deps" $PY train.py $ARCH $teacher --data $DATA $SPLIT $FD_RECIPE "$@" --seed "$seed" \
+    --output $OUT/$name
+}
 distil() { # name, seed, flags...: feature distillation of the teacher into a fresh student
   local name=$1 seed=$2; shift 2
-  queue "$name" teacher $PY train.py $ARCH $TEACHER --data $DATA $SPLIT $FD_RECIPE "$@" --seed "$seed" \
-    --output $OUT/$name
+  distil_from teacher "$TEACHER" "$name" "$seed" "$@"
+}
+knn() { # stage that wrote the model, model file: its weighted k-NN top-1 on the hold-out (stage knn_<stage>)
+  [ "$KNN" = yes ] || return 0
+  queue "knn_$1" "$1" $PY finetune.py --knn --pretrained $2 --data $DATA $SPLIT --img-size $IMG --crop-pct 1.0 \
+    --batch-size $BATCH --output $OUT/knn_$1
 }
 set -- $SEEDS; FIRST_SEED=$1
 set -- $FD_SEEDS; FIRST_FD_SEED=${1:?FD_SEEDS is empty: give at least one distillation seed}
@@ -167,6 +196,36 @@ case " $ABLATIONS " in *" abs_pos "*)
 MODELS="$MODELS ft_teacher=$OUT/ft_teacher_s$FIRST_SEED/best.pt ft_fd=$OUT/ft_fd_s$FIRST_SEED/best.pt"
 queue analysis "$DEPS" $PY analyze.py --data $DATA --val-split $VAL --split-seed 0 --num-images $ANALYSIS_IMAGES \
   --img-size 32 --landscape-steps 11 --progress false --models $MODELS --output $OUT/analysis
+
+# 7. variants with fd-ref's own settings (issue #24): distilled once (the first distillation seed), fine-tuned
+#    with every seed; the second teacher (a CNN) is trained like the ViT teacher, same images and epochs
+case " $VARIANTS " in *" cnn_teacher "*|*" two_teachers "*)
+  queue teacher_cnn "" $PY finetune.py --from-scratch --model $CNN --model-kwargs $CNN_KWARGS --img-size $IMG \
+    --data $DATA $SPLIT --epochs $T_EPOCHS --batch-size $BATCH --lr 4e-3 --warmup-epochs 1 --layer-decay 1.0 \
+    --drop-path 0.1 --mixup 0 --cutmix 0 --auto-augment rand-m5-mstd0.5-inc1 --random-erasing 0 --color-jitter 0 \
+    --crop-pct 1.0 --eval-every $T_EPOCHS --output $OUT/teacher_cnn
+  knn teacher_cnn "$OUT/teacher_cnn/best.pt" ;; esac
+for v in $VARIANTS; do
+  case $v in
+    cnn_teacher)  distil_from teacher_cnn "$TEACHER_CNN" "fd_$v" "$FIRST_FD_SEED" ;;
+    two_teachers) distil_from "teacher teacher_cnn" "$TEACHERS_TWO" "fd_$v" "$FIRST_FD_SEED" ;;
+    phi_s)        distil "fd_$v" "$FIRST_FD_SEED" --target-norm phi_s ;;
+    cosine)       distil "fd_$v" "$FIRST_FD_SEED" --loss cosine ;;
+    *) echo "unknown variant $v" >&2; exit 2 ;;
+  esac
+  for seed in $SEEDS; do finetune "ft_$v" "fd_$v" "$OUT/fd_$v/student.pt" "$seed"; done
+done
+
+# 8. k-NN top-1 of every model before fine-tuning: teacher, control runs, every distilled student
+knn teacher "$OUT/teacher/best.pt"
+for seed in $KNN_CONTROL_SEEDS; do knn "scratch_s$seed" "$OUT/scratch_s$seed/best.pt"; done
+for d in $FD_SEEDS; do
+  sfx=$([ "$d" = "$FIRST_FD_SEED" ] || echo "_d$d")
+  knn "fd$sfx" "$OUT/fd$sfx/student.pt"
+  for ab in $ABLATIONS; do knn "fd_$ab$sfx" "$OUT/fd_$ab$sfx/student.pt"; done
+done
+for v in $VARIANTS; do knn "fd_$v" "$OUT/fd_$v/student.pt"; done
+
 run_queue
 
 [ "$DRY_RUN" = 1 ] || $PY bench/repro_table.py "$OUT"

@@ -4,7 +4,8 @@
 #   bash bench/study_snapshot.sh save    OUT DEST   # OUT -> DEST (e.g. bench/results/cifar10_study/stages)
 #   bash bench/study_snapshot.sh restore OUT DEST   # DEST -> OUT, then rerun mini_repro.sh to continue
 # Saved per stage: DONE, seconds, results.json, config.yaml, log.jsonl; the weights later stages load
-# (teacher/best.pt, every distillation's student.pt, the first seed's fine-tuned best.pt); and, for a stage
+# (teacher/best.pt and teacher_cnn/best.pt, every distillation's student.pt, the first seed's fine-tuned
+# best.pt, a control run's best.pt until its k-NN stage is done); and, for a stage
 # that has not finished, its checkpoint.pt, so that it resumes where it stopped.
 set -euo pipefail
 MODE=${1:?usage: study_snapshot.sh save|restore OUT DEST}; OUT=${2:?OUT}; DEST=${3:?DEST}
@@ -18,7 +19,8 @@ for dir in "$OUT"/*/; do
   name=$(basename "$dir"); keep=()
   for f in DONE seconds results.json config.yaml log.jsonl; do [ -f "$dir/$f" ] && keep+=("$f"); done
   case $name in
-    teacher) keep+=(best.pt) ;;
+    teacher|teacher_cnn) keep+=(best.pt) ;;
+    scratch_s*) [ -f "$OUT/knn_$name/DONE" ] || keep+=(best.pt) ;;
     fd|fd_*) keep+=(student.pt) ;;
     ft_teacher_s$FIRST|ft_fd_s$FIRST) keep+=(best.pt) ;;
   esac

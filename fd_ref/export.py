@@ -134,7 +134,9 @@ def _max_difference(fd_model: torch.nn.Module, timm_model: torch.nn.Module, args
 def model_card(mf: ModelFile, args: Mapping[str, Any], folder_name: str, repo_id: Optional[str]) -> str:
     train_cfg, results = _training_config(mf), _results(mf)
     teacher = mf.blob.get("teacher") or train_cfg.get("teacher")
-    if teacher in PRESETS and not train_cfg.get("teacher_checkpoint") and "teacher_checkpoint" in train_cfg:
+    if isinstance(teacher, (list, tuple)):  # several teachers (train.py --teacher A B): named together
+        teacher = " + ".join(map(str, teacher))
+    elif teacher in PRESETS and not train_cfg.get("teacher_checkpoint") and "teacher_checkpoint" in train_cfg:
         teacher = f"{teacher} (randomly initialised: a machinery check, not a real distillation)"
     kind = ("fine-tuned classifier" if args["num_classes"] > 0 else
             "feature-distilled student (backbone, no classifier)")
