@@ -110,12 +110,25 @@ class FeatureDistillation(nn.Module):
                             "or Swin) has none: use --target full or avg")
         self.student, self.teacher = student, teacher
         self.projection = Projection(student.embed_dim, teacher.embed_dim)
-        self.beta, self.whiten_target, self.target = beta, target_norm == "whiten", target
-        self.norm_name, self.loss = target_norm, loss
+        self.beta, self.target, self.loss = beta, target, loss
+        self.set_target_norm(target_norm)
+
+    def set_target_norm(self, name: str) -> None:
+        """Normalise the targets with ``name`` (fd_ref.target_norm.TARGET_NORMS) from now on."""
         try:
-            self.target_norm = build_target_norm(target_norm, teacher.embed_dim)
+            self.target_norm = build_target_norm(name, self.teacher.embed_dim)
         except ValueError as e:
-            raise UserError(f"teacher {teacher.name or ''} ({teacher.embed_dim} channels): {e}") from None
+            raise UserError(f"teacher {self.teacher.name or ''} ({self.teacher.embed_dim} channels): {e}") from None
+        self.norm_name = name
+
+    @property
+    def whiten_target(self) -> bool:
+        """Whether the target is whitened (``target_norm`` whiten); setting it chooses whiten or none."""
+        return self.norm_name == "whiten"
+
+    @whiten_target.setter
+    def whiten_target(self, value: bool) -> None:
+        self.set_target_norm("whiten" if value else "none")
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_whiten_each_token_has_mean_zero_and_variance_one(lead, c, scale, offset
     t = (_tokens(seed, (*lead, c)) * scale + offset).float()
     y = Whiten()(t).double()
     var_t = t.double().var(-1, unbiased=False)
-    assert torch.allclose(y.mean(-1), torch.zeros_like(var_t), atol=1e-4)
+    assert torch.allclose(y.mean(-1), torch.zeros_like(var_t), atol=1e-4 * (1 + abs(offset) / scale))
     assert torch.allclose(y.var(-1, unbiased=False), var_t / (var_t + 1e-5), atol=2e-3)
 
 
@@ -76,9 +76,10 @@ def test_phi_s_output_has_equal_channel_variances_zero_mean(c, seed):
     cov = torch.cov(y.T)
     assert torch.allclose(torch.diagonal(cov), torch.ones(c, dtype=torch.float64), atol=2e-3)
     assert torch.allclose(y.mean(0), torch.zeros(c, dtype=torch.float64), atol=2e-3)
-    # the raw channels' variances spread over orders of magnitude; after PHI-S, not at all
-    raw = torch.diagonal(torch.cov(x.T))
-    assert raw.max() / raw.min() > 10
+    # the raw distribution is far from isotropic (principal variances over orders of magnitude); after
+    # PHI-S every channel's variance is the same
+    eig = torch.linalg.eigvalsh(torch.cov(x.T))
+    assert eig.max() / eig.min() > 10
 
 
 @given(c=st.sampled_from([4, 8, 12, 16, 20, 24, 32]), seed=st.integers(0, 2**31 - 1))
