@@ -144,16 +144,22 @@ TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "1", "--embed-dim", 
 
 
 def test_two_teacher_run_writes_each_teachers_loss_and_records_both(tmp_path):
+    pytest.importorskip("tensorboard")
     net = timm.create_model(RESNET[0], pretrained=False, num_classes=0, **RESNET[1])
     torch.save(net.state_dict(), tmp_path / "r.pt")
     out = tmp_path / "two"
     train.main(TINY + ["--teacher", "vit_tiny", f"timm:{RESNET[0]}", "--teacher-checkpoint", "none",
                        str(tmp_path / "r.pt"), "--teacher-kwargs", "none", json.dumps(RESNET[1]),
-                       "--teacher-weight", "1", "0.5", "--output", str(out)])
+                       "--teacher-weight", "1", "0.5", "--output", str(out), "--tensorboard"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4
     for rec in log:
         assert rec["loss"] == pytest.approx(rec["loss_0_vit_tiny"] + 0.5 * rec["loss_1_timm_resnet18"], rel=1e-5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("loss_0_vit_tiny", "loss_1_timm_resnet18"):  # beside the total in TensorBoard too
+        assert [e.value for e in events.Scalars(f"train/{key}")] == pytest.approx([r[key] for r in log], rel=1e-6)
     blob = torch.load(out / "student.pt", map_location="cpu", weights_only=True)
     assert blob["teacher"] == ["vit_tiny", f"timm:{RESNET[0]}"]
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
