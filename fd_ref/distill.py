@@ -89,7 +89,8 @@ class FeatureDistillation(nn.Module):
     fd_ref.losses' losses (defaults: whitening and smooth-L1, the paper's);
     ``target`` chooses the full feature map (default), the class token or the average-pooled feature
     (module docstring). The teacher is a registered submodule (so ``.to(device)`` moves it) but stays
-    frozen and in eval mode; checkpoints keep only ``student`` and ``projection``.
+    frozen and in eval mode; checkpoints keep only ``student`` and ``projection`` (and ``target_norm``, whose
+    only state is PHI-S's statistics).
     """
 
     def __init__(self, student: nn.Module, teacher: Teacher, beta: float = 2.0,
@@ -118,7 +119,8 @@ class FeatureDistillation(nn.Module):
         try:
             self.target_norm = build_target_norm(name, self.teacher.embed_dim)
         except ValueError as e:
-            raise UserError(f"teacher {self.teacher.name or ''} ({self.teacher.embed_dim} channels): {e}") from None
+            name = getattr(self.teacher, "name", "") or "teacher"
+            raise UserError(f"{name} ({self.teacher.embed_dim} channels): {e}") from None
         self.norm_name = name
 
     @property

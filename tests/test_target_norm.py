@@ -117,7 +117,7 @@ def _student():
 def test_a_teacher_width_without_hadamard_matrix_is_a_one_line_error():
     with pytest.raises(UserError) as err:
         FeatureDistillation(_student(), _teacher(10), target_norm="phi_s")
-    assert "\n" not in str(err.value) and "10 channels" in str(err.value) and "Hadamard" in str(err.value)
+    assert "\n" not in str(err.value) and "vit_test (10 channels)" in str(err.value) and "Hadamard" in str(err.value)
     FeatureDistillation(_student(), _teacher(10), target_norm="whiten")  # the other settings take any width
 
 
