@@ -151,3 +151,23 @@ def test_phi_s_estimated_once_and_resumed_from_the_checkpoint(tmp_path, capsys):
     final = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     for key in ("target_norm.mean", "target_norm.matrix", "target_norm.scale", "target_norm.count"):
         assert torch.equal(final[key], saved[key])
+
+
+def test_phi_s_estimate_is_the_same_on_every_rank_and_leaves_the_random_streams_alone():
+    """fit_phi_s draws its sample and augmentations from its own seed: two processes whose random states
+    differ (ranks) estimate the same transform, and the caller's random stream is where it was."""
+    from fd_ref.data import pretrain_transform
+    from fd_ref.splits import train_val_datasets
+    from fd_ref.target_fit import fit_phi_s
+    dataset, _ = train_val_datasets("synthetic", pretrain_transform(32), None, need_val=False, synthetic_size=24,
+                                    img_size=32)
+    estimates, teacher = [], _teacher(12)  # the same teacher on every rank
+    for rank_seed in (1, 2):
+        torch.manual_seed(rank_seed)
+        fd = FeatureDistillation(_student(), teacher, target_norm="phi_s")
+        before = torch.get_rng_state()
+        assert fit_phi_s([fd], dataset, 16, 8, seed=0, device=torch.device("cpu")) == 16
+        assert torch.equal(torch.get_rng_state(), before)
+        assert fit_phi_s([fd], dataset, 16, 8, seed=0, device=torch.device("cpu")) == 0  # estimated already
+        estimates.append(fd.target_norm.state_dict())
+    assert all(torch.equal(estimates[0][k], estimates[1][k]) for k in estimates[0])
