@@ -1,0 +1,77 @@
+"""The generated corpus of broken image files (bench/broken_images.py, issue #25): every file decodes as
+documented or is skipped and counted; and the two cases the corpus found broken, each with its own test
+(a symlink loop listed every image 41 times; a named pipe with an image name blocked the run for good)."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from broken_images import EXPECTED, bad_files, check_decoding, make_corpus  # noqa: E402
+
+from fd_ref.images import ImageSkipped, RobustImageFolder, load_rgb  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("corpus") / "mixed"
+    return root, make_corpus(root, n_good=8)
+
+
+def test_every_corpus_file_decodes_as_documented_or_is_skipped(corpus) -> None:
+    root, paths = corpus
+    assert set(paths) == set(EXPECTED)
+    assert check_decoding(root, paths) == []
+
+
+def test_the_skipped_files_are_counted_once_each(corpus) -> None:
+    root, paths = corpus
+    folder = RobustImageFolder(root)
+    for _ in range(2):  # a second pass meets the same files: no new count
+        labels = [folder[i][1] for i in range(len(folder))]
+    assert folder.num_skipped == len(bad_files(paths))
+    assert set(labels) <= {0, 1} and folder.classes[2] == "empty"
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path: Path) -> None:
+    """``cls/again -> .`` made os.walk(followlinks=True) descend cls/again/again/... until the kernel's
+    limit of 40 links: every image of the class was a sample 41 times."""
+    make_corpus(tmp_path, n_good=4)
+    (tmp_path / "a" / "deeper").mkdir()
+    os.symlink("..", tmp_path / "a" / "deeper" / "up")  # a loop one level down
+    (tmp_path / "a" / "deeper" / "x.png").write_bytes((tmp_path / "b" / "dot.png").read_bytes())
+    folder = RobustImageFolder(tmp_path)
+    real = [os.path.realpath(p) for p, _ in folder.samples]
+    assert len(real) == len(set(real))
+    assert str(tmp_path / "a" / "deeper" / "x.png") in [p for p, _ in folder.samples]
+    a_files = {f for f in os.listdir(tmp_path / "a") if f.endswith((".jpg", ".png"))}
+    assert sum(label == 0 for _, label in folder.samples) == len(a_files) + 1  # + deeper/x.png
+
+
+def test_a_named_pipe_is_skipped_without_waiting(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer; PIL's open did, so one such file stopped a run for
+    good. Only regular files are opened now."""
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_rgb(pipe)
+        except BaseException as err:  # noqa: BLE001
+            outcome.append(err)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(10)
+    try:
+        assert not worker.is_alive(), "load_rgb is blocked on the named pipe"
+        assert len(outcome) == 1 and isinstance(outcome[0], ImageSkipped)
+        assert "not a regular file" in str(outcome[0])
+    finally:
+        if worker.is_alive():  # release the blocked open
+            os.close(os.open(pipe, os.O_WRONLY))
