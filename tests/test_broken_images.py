@@ -75,3 +75,35 @@ def test_a_named_pipe_is_skipped_without_waiting(tmp_path: Path) -> None:
     finally:
         if worker.is_alive():  # release the blocked open
             os.close(os.open(pipe, os.O_WRONLY))
+
+
+
+def test_finetune_counts_the_validation_images_it_skips(tmp_path: Path) -> None:
+    """finetune.py's evaluation skipped unreadable validation files (with a warning) but counted them
+    nowhere: log.jsonl and the closing note covered the training set only. ``evaluate`` now returns
+    ``skipped_val_images`` (summed over ranks), which the epoch's log.jsonl record carries."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import finetune
+    from fd_ref.data import eval_transform
+    from fd_ref.sampler import make_loader
+
+    for cls, bad in (("a", "zero.jpg"), ("b", "notes.jpg")):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / cls / f"good{i}.jpg")
+        (tmp_path / cls / bad).write_bytes(b"" if bad == "zero.jpg" else b"not an image")
+    folder = RobustImageFolder(tmp_path, eval_transform(32, 0.875))
+    names = [os.path.basename(p) for p, _ in folder.samples]
+    val = [names.index("zero.jpg"), names.index("notes.jpg"), 0]  # each bad file's successor is good
+    loader, _ = make_loader(torch.utils.data.Subset(folder, val), 2, seed=0, shuffle=False, drop_last=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    metrics = finetune.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
+    assert metrics["skipped_val_images"] == 2
+    good = torch.utils.data.Subset(RobustImageFolder(tmp_path, eval_transform(32, 0.875)), [0, 1])  # fresh count
+    loader, _ = make_loader(good, 2, seed=0, shuffle=False, drop_last=False)
+    assert "skipped_val_images" not in finetune.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
