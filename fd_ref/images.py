@@ -8,12 +8,12 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .errors import UserError
 
@@ -226,10 +226,16 @@ class RobustImageFolder(Dataset):
             return None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        n = len(self.samples)
+        return self.item_within(range(len(self.samples)), index)
+
+    def item_within(self, indices: Sequence[int], position: int) -> tuple[Any, int]:
+        """Sample ``indices[position]``; for a bad file the next readable sample *of* ``indices``
+        (``position + 1``, ... wrapping around), never one outside them (see :class:`FolderSubset`)."""
+        n = len(indices)
         for offset in range(n):
-            path, label = self.samples[(index + offset) % n]
-            image = self._try_load(path, (index + offset) % n)
+            index = indices[(position + offset) % n]
+            path, label = self.samples[index]
+            image = self._try_load(path, index)
             if image is not None:
                 return (self.transform(image) if self.transform is not None else image), label
         raise UserError(f"none of the {n} images in {self.root} can be read; check the files")
@@ -260,6 +266,18 @@ class RobustImageFolder(Dataset):
         if not self.samples:
             raise UserError(f"none of the images in {self.root} can be read; check the files")
         return dropped
+
+
+class FolderSubset(Subset):
+    """A ``Subset`` of a :class:`RobustImageFolder` that replaces a bad file by the next readable file of
+    the subset, so a training split never borrows a held-out validation image (nor the other way round),
+    and each split's skips count only its own files."""
+
+    def __getitem__(self, position: int) -> tuple[Any, int]:
+        return self.dataset.item_within(self.indices, position)
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[Any, int]]:
+        return [self[p] for p in positions]
 
 
 class _Decoded:

@@ -107,3 +107,30 @@ def test_finetune_counts_the_validation_images_it_skips(tmp_path: Path) -> None:
     good = torch.utils.data.Subset(RobustImageFolder(tmp_path, eval_transform(32, 0.875)), [0, 1])  # fresh count
     loader, _ = make_loader(good, 2, seed=0, shuffle=False, drop_last=False)
     assert "skipped_val_images" not in finetune.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
+
+
+def test_a_split_replaces_a_bad_file_from_within_itself(tmp_path: Path) -> None:
+    """With --val-split, a bad training file was replaced by the next file of the whole folder, which
+    could be a held-out validation image (trained on), and the other way round; each side also counted
+    the other side's bad files it met on the way. Now each split borrows only from itself, and the two
+    counts add up to the bad files."""
+    import numpy as np
+    from PIL import Image
+
+    from fd_ref.splits import train_val_datasets
+
+    (tmp_path / "a").mkdir()
+    for i in range(14):  # a unique gray level per good file (lossless PNG): an image names its file
+        Image.fromarray(np.full((8, 8), 10 * i + 5, np.uint8)).save(tmp_path / "a" / f"{i:02d}.png")
+    for name in ("03x.png", "04x.png", "07x.png", "11x.png"):  # bad ones between good ones
+        (tmp_path / "a" / name).write_bytes(b"")
+    for split_seed in range(6):
+        train, val = train_val_datasets(str(tmp_path), None, None, val_split=6, split_seed=split_seed)
+        levels = {side: {int(np.asarray(ds[i][0])[0, 0, 0]) for i in range(len(ds))} for side, ds in
+                  (("train", train), ("val", val))}
+        names = {side: {os.path.basename(train.dataset.samples[i][0]) for i in ds.indices}
+                 for side, ds in (("train", train), ("val", val))}
+        for side in ("train", "val"):
+            own = {10 * int(n[:2]) + 5 for n in names[side] if "x" not in n}
+            assert levels[side] <= own, (split_seed, side)  # only its own files' pixels
+        assert train.dataset.num_skipped + val.dataset.num_skipped == 4
