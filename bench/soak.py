@@ -90,6 +90,25 @@ def lock_free(out: Path) -> bool:
         os.close(fd)
 
 
+def check_run(out: Path, ref_out: Path, steps: int) -> tuple[list[str], bool]:
+    """(problems, bit-exact) of a finished run folder against the uninterrupted one: student.pt written,
+    every step logged once, no other file (no temporary), the lock free; bit-exact: student.pt equal byte
+    for byte and every step's loss, lr and gradient norm equal."""
+    problems = []
+    if not (out / "student.pt").exists():
+        problems.append("no student.pt")
+    if log_steps(out) != list(range(1, steps + 1)):
+        problems.append(f"steps logged {log_steps(out)}, not 1..{steps} once each")
+    files = set(os.listdir(out)) if out.is_dir() else set()
+    if files != RUN_FILES:
+        problems.append(f"files {sorted(files ^ RUN_FILES)} missing or left over")
+    elif not lock_free(out):
+        problems.append("the run lock is still held")
+    exact = not problems and (out / "student.pt").read_bytes() == (ref_out / "student.pt").read_bytes() and \
+        records(out) == records(ref_out)
+    return problems, exact
+
+
 def trial(work: Path, seed: int, index: int, epochs: int, kinds: tuple[str, ...] = KINDS) -> dict:
     rng = random.Random(f"{seed}:{index}")
     ranks = 1 if index % 2 == 0 else 2
@@ -109,26 +128,19 @@ def trial(work: Path, seed: int, index: int, epochs: int, kinds: tuple[str, ...]
         if attempt.rc == 0 or plan is None or len(attempts) > 2 * MAX_FAULTS + 2:
             break
         fault = rng.choice(KINDS) if faults < MAX_FAULTS and rng.random() < FOLLOW_UP else None
-    last = attempts[-1]
-    ref_out = Path(ref["out"])
-    finished = last.rc == 0 and (out / "student.pt").exists()
-    steps_once = log_steps(out) == list(range(1, ref["steps"] + 1))
-    files = sorted(os.listdir(out)) if out.is_dir() else []
-    clean = set(files) == RUN_FILES
-    free = clean and lock_free(out)
-    loadable = all(a.checkpoint_ok for a in attempts)
-    survived = finished and steps_once and clean and free and loadable
-    exact = survived and (out / "student.pt").read_bytes() == (ref_out / "student.pt").read_bytes() \
-        and records(out) == records(ref_out)
+    problems, exact = check_run(out, Path(ref["out"]), ref["steps"])
+    if attempts[-1].rc != 0:
+        problems.insert(0, f"the last attempt exited {attempts[-1].rc}")
+    if not all(a.checkpoint_ok for a in attempts):
+        problems.append("a checkpoint left by a fault did not load")
+    survived = not problems
     redone = sum(max(0, a.reached - a.saved) for a in attempts[:-1])
     result = {"trial": index, "seed": seed, "epochs": epochs, "ranks": ranks, "kind": kind, "faults": faults,
-              "survived": survived, "bit_exact": exact, "redone_steps": redone,
+              "survived": survived, "bit_exact": survived and exact, "redone_steps": redone,
               "moments": [a.moment for a in attempts if a.moment],
               "attempts": [{"kind": a.kind, "rc": a.rc, "reached": a.reached, "saved": a.saved, "moment": a.moment,
                             "s": a.seconds, "note": a.note} for a in attempts],
-              "problems": [p for p, bad in (("did not finish", not finished), ("steps not logged once", not steps_once),
-                                            (f"files {files}", not clean), ("lock held", clean and not free),
-                                            ("a checkpoint did not load", not loadable)) if bad]}
+              "problems": problems}
     if survived:
         shutil.rmtree(out)  # keep only what failed
     return result
@@ -191,7 +203,7 @@ def main(argv=None) -> dict:
         print(f"trial {index}: {r['kind']} on {r['ranks']} rank(s), {r['faults']} fault(s), "
               f"{'survived' if r['survived'] else 'FAILED'}{', bit-exact' if r['bit_exact'] else ''}, "
               f"{r['redone_steps']} step(s) redone, moments {r['moments']}", flush=True)
-    corpus = {} if a.no_corpus else run_corpus(work / "corpus", TINY)
+    corpus = {} if a.no_corpus else run_corpus(work / "corpus", TINY, epochs=min(2, a.epochs))
     summary = report([done[i] for i in range(a.trials)], corpus, time.monotonic() - t0)
     print(json.dumps(summary), flush=True)
     return summary
