@@ -25,6 +25,7 @@ FAULT_ENTRY = str(ROOT / "tests" / "run_with_faults.py")
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
        "PYTHONHASHSEED": "0", "FD_DIST_TIMEOUT": "5"}
 STALL_S = 20.0     # no new step for this long while alive: the attempt is stuck (a hang); killed like a scheduler would
+STARTUP_S = 120.0  # ... and before its first step (start-up on a busy machine takes a while)
 ATTEMPT_S = 240.0  # hard limit of one attempt
 
 
@@ -149,32 +150,33 @@ def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], lo
     with open(logs / f"{n}.out", "w") as stdout, open(logs / f"{n}.err", "w") as stderr:
         proc = subprocess.Popen(command(args, ranks), cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
                                 stdin=subprocess.DEVNULL, preexec_fn=limit, start_new_session=True)
-    moment, fired, last_step, last_change = "", False, 0, t0
+    moment, fired, last_log, last_change, last_read = "", False, log_steps(out), None, 0.0
     worker_seen: Optional[float] = None
     while proc.poll() is None:
         now = time.monotonic()
-        steps = log_steps(out) if now - last_change > 0.05 else []
-        if steps and steps[-1] != last_step:
-            last_step, last_change = steps[-1], now
-        if now - last_change > STALL_S or now - t0 > ATTEMPT_S:
+        if now - last_read > 0.02:  # the log every 20 ms; a checkpoint write is looked for every 1 ms
+            steps, last_read = log_steps(out), now
+            if steps != last_log:  # a step logged (or the log trimmed to the checkpoint) by this attempt
+                last_log, last_change = steps, now
+        stuck = now - last_change > STALL_S if last_change is not None else now - t0 > STARTUP_S
+        if stuck or now - t0 > ATTEMPT_S:
             moment = moment or "stalled"
             break
-        if plan is not None and plan.kill and not fired:
-            target = _target(proc, ranks, plan.rank)
-            reached = max(log_steps(out), default=0)
-            if target is not None:
-                if plan.kill == "save" and reached >= plan.after and _in_save(out):
-                    fired, moment = _send(target, plan.sig), "save"
-                elif plan.kill == "loader":
-                    if worker_seen is None and _children(target):
-                        worker_seen = now
-                    if worker_seen is not None and now - worker_seen >= plan.delay:
-                        fired = _send(target, plan.sig)
-                        moment = "loader" if max(log_steps(out), default=0) == reached else "step"
-                elif plan.kill == "time" and now - t0 >= plan.delay:
-                    in_save = _in_save(out)
+        target = _target(proc, ranks, plan.rank) if plan is not None and plan.kill and not fired else None
+        if target is not None:
+            reached = max(last_log, default=0)
+            if plan.kill == "save" and reached >= plan.after and _in_save(out):
+                fired, moment = _send(target, plan.sig), "save"
+            elif plan.kill == "loader":
+                if worker_seen is None and _children(target):
+                    worker_seen, reached_then = now, last_change
+                if worker_seen is not None and now - worker_seen >= plan.delay:
                     fired = _send(target, plan.sig)
-                    moment = "save" if in_save else ("startup" if not reached else "step")
+                    moment = "loader" if last_change == reached_then else "step"
+            elif plan.kill == "time" and now - t0 >= plan.delay:
+                in_save = _in_save(out)
+                fired = _send(target, plan.sig)
+                moment = "save" if in_save else ("startup" if last_change is None else "step")
         time.sleep(0.001)
     _end_group(proc)
     saved, ok = saved_step(out)
