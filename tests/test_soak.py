@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from soak import check_run  # noqa: E402
 
+import robustness_helpers as rb  # noqa: E402
+from robustness_helpers import close_launcher_per_module  # noqa: E402,F401 - autouse: one launcher per module
+
 
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory) -> tuple[Path, dict, str]:
@@ -88,3 +91,30 @@ def test_the_checks_catch_what_a_fault_could_break(soak, tmp_path: Path) -> None
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Faults the soak found
+# --------------------------------------------------------------------------------------------------------
+
+def test_a_stop_between_the_last_checkpoint_and_the_export_is_not_a_finished_run(tmp_path: Path) -> None:
+    """Found by the 100-trial soak (2 of 100 trials, SIGKILL of rank 1 during a save at the last step): the
+    last step's checkpoint was on disk, student.pt was the one exported at the previous epoch end, and the
+    rerun said "already finished": the run delivered the weights of step 4 as its result. Now the final
+    checkpoint is written after the export and says so (``finished``); a run stopped before that resumes
+    at the last step, exports, and then (only then) counts as finished."""
+    command = [*rb.TRAIN, "--epochs", "2", "--save-every", "1"]  # 8 steps; student.pt exported at 4 and 8
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert rb.run(tmp_path, "train.py", *command, "--output", ref).rc == 0
+    # exits right after step 8 and its checkpoint, before the epoch end's export (fault hook)
+    r = rb.run(tmp_path, "train.py", *command, "--output", out, env={"FD_TEST_DIE_AT_STEP": "8"})
+    assert r.rc == 1 and rb.load_checkpoint(out / "checkpoint.pt")["step"] == 8
+    assert not rb.load_checkpoint(out / "checkpoint.pt").get("finished")
+    assert (out / "student.pt").read_bytes() != (ref / "student.pt").read_bytes()  # step 4's
+    r = rb.run(tmp_path, "train.py", *command, "--output", out)
+    assert r.rc == 0 and f"resumed from {out / 'checkpoint.pt'} at step 8" in r.out, r.out + r.err[-2000:]
+    assert (out / "student.pt").read_bytes() == (ref / "student.pt").read_bytes()
+    assert rb.log_steps(out) == list(range(1, 9))
+    assert rb.load_checkpoint(out / "checkpoint.pt")["finished"]
+    r = rb.run(tmp_path, "train.py", *command, "--output", out)
+    assert r.rc == 0 and "already finished (step 8 of 8" in r.out
