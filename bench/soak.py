@@ -141,8 +141,8 @@ def trial(work: Path, seed: int, index: int, epochs: int, kinds: tuple[str, ...]
               "attempts": [{"kind": a.kind, "rc": a.rc, "reached": a.reached, "saved": a.saved, "moment": a.moment,
                             "s": a.seconds, "note": a.note} for a in attempts],
               "problems": problems}
-    if survived:
-        shutil.rmtree(out)  # keep only what failed
+    if survived and exact:
+        shutil.rmtree(out)  # keep what failed, or survived but not bit-exact, to look at
     return result
 
 
