@@ -205,8 +205,8 @@ def _descendants(pid: int) -> list[int]:
 
 def _end_group(proc: subprocess.Popen) -> None:
     """After the attempt: kill whatever is left of the job, as a scheduler ending it would: the process
-    group and every descendant (torchrun starts each rank in a session of its own; a hanging rank, or a
-    rank whose agent was killed, would otherwise live on and hold the run lock)."""
+    group and every descendant (torchrun starts each rank in a process group of its own; a hanging rank, or a
+    rank whose torchrun launcher was killed, would otherwise live on and hold the run lock)."""
     for pid in [*_descendants(proc.pid), proc.pid]:
         _send(pid, signal.SIGKILL)
     try:
