@@ -32,6 +32,7 @@ from fd_ref.errors import UserError
 from fd_ref.files import write_text_atomic
 from fd_ref.knn_eval import knn_evaluate
 from fd_ref.lars import Lars
+from fd_ref.loop_output import skipped_images
 from fd_ref.model_file import build_vit, load_strict, read_model_file, vit_arguments
 from fd_ref.optim import build_optimizer
 from fd_ref.position import resize_relative_position_bias_table
@@ -301,10 +302,11 @@ def evaluate_only(cfg: dict, info) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set, computed in float32
-    whatever the training precision (published ``main_finetune.py::validate`` runs without autocast)."""
+    whatever the training precision (published ``main_finetune.py::validate`` runs without autocast); with
+    ``skipped_val_images`` when unreadable validation files were skipped (all ranks)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count, skipped
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=False):
@@ -314,12 +316,16 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]
         totals[1] += (top5 == labels[:, None]).any(1).sum()
         totals[2] += F.cross_entropy(logits.float(), labels, reduction="sum")
         totals[3] += len(labels)
+    totals[4] = skipped_images(loader)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     model.train(was_training)
     n = max(totals[3].item(), 1)
-    return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
-            "val_loss": totals[2].item() / n}
+    metrics = {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
+               "val_loss": totals[2].item() / n}
+    if totals[4].item():
+        metrics["skipped_val_images"] = int(totals[4].item())
+    return metrics
 
 
 def main(argv=None) -> dict:
@@ -414,6 +420,9 @@ def main(argv=None) -> dict:
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]
                else cfg["pretrained"], "mode": "linear_probe" if cfg["linear_probe"] else "finetune"}
     if info.is_main:
+        if final.get("skipped_val_images"):
+            print(f"note: {final['skipped_val_images']} unreadable validation image(s) skipped (named in the "
+                  f"warnings above)", flush=True)
         write_text_atomic(results_path, json.dumps(results, indent=2))
         print(f"top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  (best top-1 "
               f"{results['best_top1']:.2f}%)  -> {Path(cfg['output']) / 'results.json'}", flush=True)

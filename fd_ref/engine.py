@@ -122,6 +122,7 @@ class Trainer(CheckpointState, LoopOutput, GracefulStop):
         if settings.max_steps:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.step, self.epoch, self.micro, self.skipped, self.best = 0, 0, 0, 0, -math.inf
+        self.finished = False  # the last checkpoint is written after the deliverable (see _run)
         self.bad_in_row = 0  # consecutive non-finite steps (nan_policy="skip" stops at max_skipped)
         self.faults = _fault_hook
         self.out = Path(settings.output)
@@ -259,9 +260,12 @@ class Trainer(CheckpointState, LoopOutput, GracefulStop):
             elif self.step >= self.total_steps:
                 break
         self._finish_stop_check()
-        self.save()
+        # the deliverable first, then the checkpoint that says it was written (``finished``): a run stopped
+        # in between (student.pt of an earlier epoch end still there) resumes and exports, not "finished"
         if self.export and self.info.is_main:
             self.export(self.out)
+        self.finished = True
+        self.save()
         self._report_skips()
         barrier()
 

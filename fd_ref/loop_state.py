@@ -67,7 +67,7 @@ class CheckpointState:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "step": self.step, "epoch": self.epoch, "micro": self.micro, "best": self.best,
                 "skipped": self.skipped, "rng": rng, "config": self.config,
-                "model_config": self.model_config}
+                "model_config": self.model_config, "finished": self.finished}
         if rng_ranks and len(rng_ranks) > 1:
             blob["rng_ranks"] = rng_ranks
         return blob
