@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fd_ref.drop_path import DropPath, add_branch, drop_path, drop_path_rates
-from fd_ref.loss import smooth_l1
-from fd_ref.projection import Projection
-from fd_ref.whitening import whiten
+from fd_ref.method.drop_path import DropPath, add_branch, drop_path, drop_path_rates
+from fd_ref.method.loss import smooth_l1
+from fd_ref.method.projection import Projection
+from fd_ref.method.whitening import whiten
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=2).flatmap(
     lambda lead: st.integers(2, 48).map(lambda c: tuple(lead) + (c,)))

@@ -15,15 +15,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fd_ref.run
+import fd_ref.engine.setup
 import finetune
 import train
 from fd_ref.config import resolve_config
 from fd_ref.data import SingleDrawResizedCrop, build_mixup
 from fd_ref.errors import UserError
-from fd_ref.lars import Lars
-from fd_ref.probe import LinearProbe
-from fd_ref.vit import VisionTransformer
+from fd_ref.optim.lars import Lars
+from fd_ref.models.probe import LinearProbe
+from fd_ref.models.vit import VisionTransformer
 
 DEPTH = 2
 STUDENT = ["--img-size", "32", "--patch-size", "8", "--depth", str(DEPTH), "--embed-dim", "32", "--num-heads", "2",
@@ -71,7 +71,7 @@ def test_loaded_student_computes_the_same_features(student):
     shared = VisionTransformer(**blob["model_config"])
     shared.load_state_dict(blob["model"])  # strict: student.pt is exactly the student
     cfg = resolve_config(finetune.DEFAULTS, FT + ["--pretrained", str(student)])
-    model, summary = finetune.build_model(cfg)
+    model, summary = finetune.build_finetune_model(cfg)
 
     assert isinstance(model, VisionTransformer)
     assert model.pos_embed_type == "rpb" and model.rel_pos_bias is None and model.global_pool == "avg"
@@ -218,12 +218,12 @@ def test_linear_probe_features_are_the_published_models(pool):
 def _recording_trainer(monkeypatch):
     trainers = []
 
-    class Recording(fd_ref.run.Trainer):
+    class Recording(fd_ref.engine.setup.Trainer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(fd_ref.run, "Trainer", Recording)  # the Trainer finetune.main builds
+    monkeypatch.setattr(fd_ref.engine.setup, "Trainer", Recording)  # the Trainer finetune.main builds
     return trainers
 
 

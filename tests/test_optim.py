@@ -1,4 +1,4 @@
-"""Tests for fd_ref.optim: weight-decay exclusion, layer ids, layer-wise lr decay groups, AdamW construction."""
+"""Tests for fd_ref.optim.groups: weight-decay exclusion, layer ids, layer-wise lr decay groups, AdamW construction."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fd_ref.errors import UserError
-from fd_ref.optim import build_optimizer, layer_id, no_weight_decay, param_groups, strip_prefix
+from fd_ref.optim.groups import build_optimizer, layer_id, no_weight_decay, param_groups, strip_prefix
 
 DIM = 4
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import fd_ref.teachers as teachers
+import fd_ref.models.teachers as teachers
 from fd_ref.errors import UserError
-from fd_ref.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teacher
-from fd_ref.vit import VisionTransformer
+from fd_ref.models.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teacher
+from fd_ref.models.vit import VisionTransformer
 
 TIMM_TAG = "vit_tiny_patch16_224"
 

@@ -1,0 +1,142 @@
+"""fd_ref's layers import one way only.
+
+Every module's imports are read from its source (function-local ones and ``TYPE_CHECKING`` ones included) and
+checked against the layer table below: a module may import its own layer and the layers below it, the
+method only itself and ``fd_ref.errors``. There is no import cycle between modules, and no module imports a
+private name (``_x``) from another module. The checker is also fed small invented packages, so that each
+rule is seen to fail when it is broken.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fd_ref"
+
+# layer -> rank: a module may import a layer of lower rank, or its own layer
+RANKS = {
+    "errors": 0, "files": 0, "__init__": 0,    # plain utilities every layer may use
+    "config": 1,                               # settings: defaults < YAML < flags
+    "method": 1,                               # the paper's equations and the FD objective
+    "checkpoint": 2,                           # checkpoint I/O and key conversions
+    "models": 3, "data": 3,                    # networks; datasets, transforms, batching
+    "optim": 4,                                # parameter groups, layer decay, schedule, LARS
+    "engine": 5,                               # the loop and what keeps a run alive
+    "analysis": 6, "export": 6,                # diagnostics; timm / Hugging Face export
+    "cli": 7,                                  # what the scripts' main runs in
+}
+ONLY = {"method": {"method", "errors"}}        # layers restricted further than their rank
+
+
+def layer(module: str) -> str:
+    """``fd_ref.models.vit`` -> ``models``; ``fd_ref`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(module: str, source: str, is_package: bool) -> list[tuple[str, list[str], int]]:
+    """``(imported fd_ref module, names, line)`` for every import statement of ``source``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "fd_ref"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "fd_ref":
+                out.append((target, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
+    """Every broken rule in ``sources`` (module name -> (source, is_package)), one line each."""
+    found, edges = [], {}
+    for module, (source, is_package) in sources.items():
+        here = layer(module)
+        for target, names, line in imports(module, source, is_package):
+            # ``from fd_ref.models import hub`` imports the module fd_ref.models.hub
+            resolved = [f"{target}.{n}" for n in names if f"{target}.{n}" in sources] or [target]
+            for dep in resolved:
+                if dep != module:
+                    edges.setdefault(module, set()).add(dep)
+            there = layer(target)
+            allowed = ONLY.get(here)
+            if here != there and (there not in allowed if allowed else RANKS[there] >= RANKS[here]):
+                found.append(f"{module}:{line} imports {target} (layer {there}, not below {here})")
+            private = [n for n in names if n.startswith("_") and f"{target}.{n}" not in sources]
+            if private and target != module:
+                found.append(f"{module}:{line} imports private {', '.join(private)} from {target}")
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:  # depth-first search; state 1: on the path, 2: done
+        state[node] = 1
+        for dep in sorted(edges.get(node, ())):
+            if state.get(dep) == 1:
+                found.append("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(sources):
+        if module not in state:
+            visit(module, [module])
+    return found
+
+
+def package_sources() -> dict[str, tuple[str, bool]]:
+    sources = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        sources[".".join(parts[:-1] if is_package else parts)] = (path.read_text(), is_package)
+    return sources
+
+
+def test_every_layer_is_in_the_table():
+    sources = package_sources()
+    assert len(sources) > 40
+    assert {layer(m) for m in sources} <= set(RANKS), sorted({layer(m) for m in sources} - set(RANKS))
+
+
+def test_fd_ref_imports_one_way_without_cycles_or_private_names():
+    assert violations(package_sources()) == []
+
+
+def test_the_method_imports_nothing_but_itself_and_errors():
+    sources = package_sources()
+    for module, (source, is_package) in sources.items():
+        if layer(module) == "method":
+            assert {layer(t) for t, _, _ in imports(module, source, is_package)} <= {"method", "errors"}, module
+
+
+@pytest.mark.parametrize("sources, expected", [
+    ({"fd_ref.data.sampler": ("from fd_ref.engine.trainer import Trainer", False),
+      "fd_ref.engine.trainer": ("", False)}, "imports fd_ref.engine.trainer (layer engine, not below data)"),
+    ({"fd_ref.models.vit": ("def f():\n    from fd_ref.optim.groups import build_optimizer\n", False),
+      "fd_ref.optim.groups": ("", False)}, "fd_ref.models.vit:2 imports fd_ref.optim.groups"),
+    ({"fd_ref.models.vit": ("from fd_ref.data.transforms import IMAGENET_MEAN", False),
+      "fd_ref.data.transforms": ("", False)}, "layer data, not below models"),
+    ({"fd_ref.method.distill": ("from fd_ref.files import write_atomic", False),
+      "fd_ref.files": ("", False)}, "imports fd_ref.files"),
+    ({"fd_ref.models.a": ("from fd_ref.models.b import x", False),
+      "fd_ref.models.b": ("def f():\n    from .a import y\n", False)}, "import cycle: fd_ref.models.a -> fd_ref.models.b"),
+    ({"fd_ref.engine.trainer": ("from fd_ref.engine.loop import _in_main_thread", False),
+      "fd_ref.engine.loop": ("", False)}, "imports private _in_main_thread from fd_ref.engine.loop"),
+])
+def test_the_checker_finds_each_broken_rule(sources, expected):
+    found = violations(sources)
+    assert any(expected in line for line in found), found
+
+
+def test_relative_and_package_imports_resolve():
+    sources = {"fd_ref.models": ("from . import hub", True), "fd_ref.models.hub": ("", False),
+               "fd_ref.models.vit": ("from ..method.position import Grid\nfrom fd_ref.models import hub", False),
+               "fd_ref.method.position": ("", False)}
+    assert violations(sources) == []
+    assert imports("fd_ref.models.vit", sources["fd_ref.models.vit"][0], False)[0][0] == "fd_ref.method.position"
