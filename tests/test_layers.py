@@ -115,23 +115,30 @@ def test_the_method_imports_nothing_but_itself_and_errors():
             assert {layer(t) for t, _, _ in imports(module, source, is_package)} <= {"method", "errors"}, module
 
 
-@pytest.mark.parametrize("sources, expected", [
-    ({"fd_ref.data.sampler": ("from fd_ref.engine.trainer import Trainer", False),
-      "fd_ref.engine.trainer": ("", False)}, "imports fd_ref.engine.trainer (layer engine, not below data)"),
-    ({"fd_ref.models.vit": ("def f():\n    from fd_ref.optim.groups import build_optimizer\n", False),
-      "fd_ref.optim.groups": ("", False)}, "fd_ref.models.vit:2 imports fd_ref.optim.groups"),
-    ({"fd_ref.models.vit": ("from fd_ref.data.transforms import IMAGENET_MEAN", False),
-      "fd_ref.data.transforms": ("", False)}, "layer data, not below models"),
-    ({"fd_ref.method.distill": ("from fd_ref.files import write_atomic", False),
-      "fd_ref.files": ("", False)}, "imports fd_ref.files"),
-    ({"fd_ref.models.a": ("from fd_ref.models.b import x", False),
-      "fd_ref.models.b": ("def f():\n    from .a import y\n", False)}, "import cycle: fd_ref.models.a -> fd_ref.models.b"),
-    ({"fd_ref.engine.trainer": ("from fd_ref.engine.loop import _in_main_thread", False),
-      "fd_ref.engine.loop": ("", False)}, "imports private _in_main_thread from fd_ref.engine.loop"),
-])
-def test_the_checker_finds_each_broken_rule(sources, expected):
-    found = violations(sources)
+def invented(importer: str, code: str, imported: str) -> dict[str, tuple[str, bool]]:
+    """A two-module package: ``importer`` holding ``code``, and an empty ``imported``."""
+    return {importer: (code, False), imported: ("", False)}
+
+
+CASES = [  # (importer, its code, the module it imports, a fragment of the line the checker must write)
+    ("fd_ref.data.sampler", "from fd_ref.engine.trainer import Trainer", "fd_ref.engine.trainer", "(layer engine, not below data)"),
+    ("fd_ref.models.vit", "def f():\n    from fd_ref.optim.groups import g\n", "fd_ref.optim.groups", "fd_ref.models.vit:2 imports"),
+    ("fd_ref.models.vit", "from fd_ref.data.transforms import MEAN", "fd_ref.data.transforms", "layer data, not below models"),
+    ("fd_ref.method.distill", "from fd_ref.files import write_atomic", "fd_ref.files", "imports fd_ref.files"),
+    ("fd_ref.engine.trainer", "from fd_ref.engine.loop import _in_main_thread", "fd_ref.engine.loop", "imports private _in_main"),
+]
+
+
+@pytest.mark.parametrize("importer, code, imported, expected", CASES)
+def test_the_checker_finds_each_broken_rule(importer, code, imported, expected):
+    found = violations(invented(importer, code, imported))
     assert any(expected in line for line in found), found
+
+
+def test_the_checker_finds_a_cycle_through_a_function_local_import():
+    sources = {"fd_ref.models.a": ("from fd_ref.models.b import x", False),
+               "fd_ref.models.b": ("def f():\n    from .a import y\n", False)}
+    assert "import cycle: fd_ref.models.a -> fd_ref.models.b -> fd_ref.models.a" in violations(sources)
 
 
 def test_relative_and_package_imports_resolve():

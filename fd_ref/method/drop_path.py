@@ -10,7 +10,9 @@ path), the student with rates growing linearly over depth,
 
     rate_i = max_rate * i / (depth - 1),   i = 0 .. depth-1,
 
-with max_rate 0.1-0.3 depending on the recipe.
+with max_rate 0.1-0.3 depending on the recipe, computed as the published code computes it: ``torch.linspace``
+in float32, so every rate is the published one bit for bit (a float64 formula differs in the last bits,
+e.g. 0.1 / 3 against float32's 0.033333335).
 
 Where the asymmetry lives in the code: the teacher's side is :meth:`fd_ref.models.teachers.Teacher.train`, which keeps
 the wrapped teacher in eval mode whatever its parent module does (so its blocks drop nothing); the student's
@@ -81,7 +83,6 @@ class DropPath(nn.Module):
 
 
 def drop_path_rates(max_rate: float, depth: int) -> list[float]:
-    """Linear stochastic-depth schedule: 0 for the first block, ``max_rate`` for the last."""
-    if depth == 1:
-        return [0.0]
-    return [max_rate * i / (depth - 1) for i in range(depth)]
+    """Linear stochastic-depth schedule: 0 for the first block, ``max_rate`` for the last (float32
+    ``linspace``, as published)."""
+    return torch.linspace(0.0, max_rate, depth, device="cpu").tolist()  # cpu: also under torch.device("meta")
