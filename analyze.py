@@ -38,14 +38,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fd_ref.analysis.models import (Loaded, ModelSpec, attention_model, attention_statistics, head_classes, landscape_of, load_model, parse_layer, parse_model_spec, parse_model_specs, resolve_layers)
-from fd_ref.analysis.report import (figure_distance, figure_landscape_1d, figure_landscape_2d, figure_maps, figure_similarity, write_json)
+from fd_ref.analysis.models import (Loaded, ModelSpec, attention_model, attention_statistics, head_classes,
+                                    landscape_of, load_model, parse_layer, parse_model_spec, parse_model_specs,
+                                    resolve_layers)
+from fd_ref.analysis.plots import FIGURE as CURVES
+from fd_ref.analysis.plots import draw_training_curves, read_run
+from fd_ref.analysis.report import (figure_distance, figure_landscape_1d, figure_landscape_2d, figure_maps,
+                                    figure_similarity, write_json)
 from fd_ref.cli import run_main
 from fd_ref.config import resolve_config
 from fd_ref.errors import UserError
 from fd_ref.files import parse_bool
-from fd_ref.analysis.plots import FIGURE as CURVES
-from fd_ref.analysis.plots import draw_training_curves, read_run
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: the student of the train.py quickstart on built-in synthetic images, fully offline.

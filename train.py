@@ -16,19 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fd_ref.engine import setup
-from fd_ref.engine.trainer import Job
 from fd_ref.checkpoint.io import save_atomic
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import pretrain_transform
-from fd_ref.method.distill import FeatureDistillation
-from fd_ref.errors import UserError
-from fd_ref.optim.groups import build_optimizer
 from fd_ref.data.splits import train_val_datasets
+from fd_ref.engine import setup
+from fd_ref.engine.trainer import Job
+from fd_ref.errors import UserError
+from fd_ref.method.distill import FeatureDistillation
 from fd_ref.models.teachers import build_teacher
 from fd_ref.models.timm_backbone import TimmBackbone, check_timm_name, is_timm_name, parse_kwargs
 from fd_ref.models.vit import PRESETS, create_vit
+from fd_ref.optim.groups import build_optimizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: the offline quickstart. The published recipes live in configs/*.yaml.

@@ -33,10 +33,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
 from fd_ref.errors import UserError
 from fd_ref.files import current_umask
 from fd_ref.models.from_file import ModelFile, build_model, read_model_file
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from fd_ref.models.vit import PRESETS
 
 BEIT_ARCHITECTURE = "beit_base_patch16_224"  # any registered Beit entry point: model_args set every size

@@ -9,7 +9,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fd_ref.analysis.diagnostics import (attention_distance, attention_geometry, average_attention_map, collect_attention, filter_normalized_direction, head_cosine_matrix, head_cosine_similarity, loss_landscape, patch_coordinates)
+from fd_ref.analysis.diagnostics import (
+    attention_distance,
+    attention_geometry,
+    average_attention_map,
+    collect_attention,
+    filter_normalized_direction,
+    head_cosine_matrix,
+    head_cosine_similarity,
+    loss_landscape,
+    patch_coordinates,
+)
 
 # The CPU is shared: no deadline and no too-slow health check, so load never fails a test.
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

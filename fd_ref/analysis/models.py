@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_ref.analysis.diagnostics import (attention_distance, attention_geometry, average_attention_map, collect_attention, head_cosine_similarity, loss_landscape)
-from fd_ref.models.from_file import build_model, read_model_file
+from fd_ref.analysis.diagnostics import (attention_distance, attention_geometry, average_attention_map,
+                                         collect_attention, head_cosine_similarity, loss_landscape)
 from fd_ref.errors import UserError
+from fd_ref.models.from_file import build_model, read_model_file
 from fd_ref.models.teachers import ESVIT_NAMES, PAPER_TEACHERS, build_teacher
 from fd_ref.models.timm_backbone import TimmBackbone
 from fd_ref.models.vit import PRESETS

@@ -19,7 +19,9 @@ Batching lives in :mod:`fd_ref.data.sampler`, train/validation splits of a ``--d
 from fd_ref.data.datasets import SyntheticImages, build_dataset, split_indices
 from fd_ref.data.images import IMAGE_EXTENSIONS, ImageSkipped, RobustImageFolder, Transform, load_rgb, to_rgb
 from fd_ref.data.mixing import build_criterion, build_mixup
-from fd_ref.data.transforms import (CLIP_MEAN, CLIP_STD, EVAL_NORMS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, SingleDrawResizedCrop, eval_transform, finetune_transform, pretrain_transform, probe_transform)
+from fd_ref.data.transforms import (CLIP_MEAN, CLIP_STD, EVAL_NORMS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
+                                    SingleDrawResizedCrop, eval_transform, finetune_transform, pretrain_transform,
+                                    probe_transform)
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "EVAL_NORMS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
            "INTERPOLATIONS", "ImageSkipped", "RobustImageFolder", "SingleDrawResizedCrop", "SyntheticImages",

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fd_ref.errors import UserError
 from fd_ref.data.images import RobustImageFolder, Transform, class_folders
+from fd_ref.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------
 # Synthetic images

@@ -20,8 +20,8 @@ from fd_ref.checkpoint.io import load_file
 from fd_ref.config import save_yaml
 from fd_ref.engine.distributed import broadcast_from_main
 from fd_ref.engine.rng import restore_rng, rng_from_safe
-from fd_ref.errors import UserError
 from fd_ref.engine.runlock import lock_output, unlock_output
+from fd_ref.errors import UserError
 
 # Settings that may differ between a checkpoint and the command that resumes it (the one list).
 RUN_CONTROL_KEYS: frozenset[str] = frozenset({

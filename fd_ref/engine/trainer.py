@@ -89,7 +89,8 @@ class Trainer:
     def __init__(self, job: Job, settings: LoopSettings, info: DistInfo, config: dict) -> None:
         self.step_fn, self.state_module, self.optimizer = job.step_fn, job.model, job.optimizer
         self.scheduler, self.loader, self.sampler = job.scheduler, job.loader, job.sampler
-        self.model_config, self.ddp, self.export, self.on_epoch_end = job.model_config, job.ddp, job.export, job.on_epoch_end
+        self.model_config, self.ddp = job.model_config, job.ddp
+        self.export, self.on_epoch_end = job.export, job.on_epoch_end
         self.s, self.info, self.config = settings, info, config
         if settings.precision not in DTYPES:
             raise UserError(f"--precision must be one of {', '.join(DTYPES)}, got {settings.precision!r}")

@@ -113,7 +113,8 @@ class ModelFile:
         """One line: what was read, and the tensors an older file lacks."""
         line = f"loaded {len(self.state)} tensors from {self.path}"
         if self.missing:
-            shown = ", ".join(self.missing[:6]) + (f", ... ({len(self.missing)} in all)" if len(self.missing) > 6 else "")
+            more = f", ... ({len(self.missing)} in all)" if len(self.missing) > 6 else ""
+            shown = ", ".join(self.missing[:6]) + more
             line += f"; missing (left at init, an older file): {shown}"
         return line
 

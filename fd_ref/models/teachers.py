@@ -47,13 +47,14 @@ import torch.nn as nn
 
 import re
 
-from fd_ref.models.from_file import build_model, read_model_file
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
 from fd_ref.checkpoint.io import load_file, load_weights, model_state
-from fd_ref.models import hub
 from fd_ref.errors import UserError
 from fd_ref.method.position import Grid
+from fd_ref.models import hub
+from fd_ref.models.from_file import build_model, read_model_file
 from fd_ref.models.timm_backbone import check_timm_name, head_norm, probe_layout, to_tokens
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from fd_ref.models.vit import PRESETS, VisionTransformer, create_vit
 
 
