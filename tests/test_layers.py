@@ -147,3 +147,18 @@ def test_relative_and_package_imports_resolve():
                "fd_ref.method.position": ("", False)}
     assert violations(sources) == []
     assert imports("fd_ref.models.vit", sources["fd_ref.models.vit"][0], False)[0][0] == "fd_ref.method.position"
+
+
+def test_importing_the_objective_loads_only_the_method():
+    """In a fresh interpreter, the FD objective brings no hub, checkpoint, timm or torchvision with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fd_ref.method.distill; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fd_ref', 'timm', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    loaded = ast.literal_eval(out.strip())
+    assert "fd_ref.method.distill" in loaded
+    assert {layer(m) for m in loaded if m.startswith("fd_ref")} <= {"__init__", "method", "errors"}, loaded
+    assert not [m for m in loaded if m.split(".")[0] in ("timm", "torchvision")], loaded

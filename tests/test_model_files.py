@@ -112,3 +112,24 @@ def test_an_older_file_is_read_alike_by_every_entry_point(tmp_path):
     for name, (script, args) in entry_points(path, tmp_path / "out").items():
         r = run(tmp_path, script, *args, timeout=300)
         assert r.rc == 0, f"{name}: exit {r.rc}\n{r.err[-2000:]}"
+
+
+def test_written_files_name_no_fd_ref_module(tmp_path):
+    """student.pt, checkpoint.pt and best.pt hold tensors and plain containers only: their pickles name no
+    fd_ref module, so moving fd_ref's modules (as the layered package did) never breaks a file written before;
+    and they load back with ``weights_only=True``."""
+    import io
+    import pickletools
+    import zipfile
+
+    fd, ft = tmp_path / "fd", tmp_path / "ft"
+    assert run(tmp_path, "train.py", *TRAIN, "--max-steps", "1", "--output", fd, timeout=300).rc == 0
+    assert run(tmp_path, "finetune.py", *FINETUNE, "--pretrained", fd / "student.pt", "--output", ft,
+               timeout=300).rc == 0
+    for path in (fd / "student.pt", fd / "checkpoint.pt", ft / "best.pt", ft / "checkpoint.pt"):
+        with zipfile.ZipFile(path) as z:
+            pickle = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        names = {str(arg) for op, arg, _ in pickletools.genops(io.BytesIO(pickle)) if op.name == "GLOBAL"}
+        assert names and all(n.split()[0] in ("torch", "torch._utils", "collections") for n in names), (path, names)
+        assert b"fd_ref" not in pickle, path
+        torch.load(path, map_location="cpu", weights_only=True)
