@@ -1,29 +1,22 @@
-"""One run per output folder: an OS lock on ``--output/.lock``.
+"""One run per output folder: an OS lock on ``--output/.lock`` (``filelock``).
 
 Two runs writing the same folder (a re-queued job started while the old one still runs) would interleave
-``log.jsonl`` and race on ``checkpoint.pt``. The first run therefore holds a POSIX record lock
-(``fcntl.lockf``) on ``.lock`` for as long as it lives; a second run on the same folder is refused with one
-line naming the holder. The kernel drops the lock when its process ends, however it ends (SIGKILL, OOM
-kill, power loss of a node that mounts the folder over NFS: the server's lock manager reclaims it), so a
-stale ``.lock`` file never blocks a resume: only a live holder does.
-
-POSIX locks belong to the process (DataLoader workers forked from it do not inherit them) and are
-released as soon as the process closes *any* descriptor of the file, so this module keeps at most one
-descriptor per folder per process (:data:`_HELD`). Under torchrun only
-rank 0 takes the lock; the other ranks learn the outcome from it.
-
-Hand-written rather than ``filelock``: that library locks with ``flock``, whose lock a forked DataLoader
-worker inherits, so after a SIGKILL of the main process its still-exiting workers would keep the folder locked
-and refuse the re-queued run; ``lockf`` locks belong to the process alone.
+``log.jsonl`` and race on ``checkpoint.pt``. The first run therefore holds ``filelock``'s OS lock on
+``.lock`` for as long as it lives, and writes who it is into that file; a second run on the same folder is
+refused with one line naming the holder. The kernel drops the lock when its process ends, however it ends
+(SIGKILL, OOM kill; on NFS the server's lock manager reclaims it), so a stale ``.lock`` file never blocks a
+resume: only a live holder does. ``filelock`` closes the lock's descriptor in forked children (DataLoader
+workers), so they never keep a dead run's folder locked. Under torchrun only rank 0 takes the lock; the other
+ranks learn the outcome from it.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+
+from filelock import FileLock, Timeout
 
 from fd_ref.errors import UserError
 
@@ -36,7 +29,7 @@ class OutputLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self.fd: Optional[int] = None
+        self.lock = FileLock(str(self.path))
         self.created_folder = False
         self.created_file = False
 
@@ -46,46 +39,33 @@ class OutputLock:
         if not self.folder.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             self.created_folder = True
-        while True:
-            existed = self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                self.discard()
-                raise UserError(f"another run ({holder}) is using --output {self.folder} right now; wait for "
-                                f"it to end or stop it, or pass another --output") from None
-            # the file may have been unlinked (by a holder that gave up) between open and lock: retry
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                self.created_file = self.created_file or not existed
-                return
-            os.close(fd)
+        existed = self.path.exists()
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            holder = _read_holder(self.path)
+            self.discard()
+            raise UserError(f"another run ({holder}) is using --output {self.folder} right now; wait for "
+                            f"it to end or stop it, or pass another --output") from None
+        self.created_file = self.created_file or not existed
 
     def mark_owner(self) -> None:
         """Record who holds the lock (pid, host, start time) for the refusal message of a second run."""
-        if self.fd is None:
+        if not self.lock.is_locked:
             return
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        with open(self.path, "r+") as f:  # another descriptor of the file: the lock stays held
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.lock.is_locked:
+            self.lock.release()
 
     def discard(self) -> None:
         """Undo what :meth:`acquire` created (the lock file, the folder if it is then empty) and release:
         for a run that stops before writing anything."""
-        if self.created_file and self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener re-checks the inode
+        if self.created_file and self.lock.is_locked:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener sees the inode is gone
         self.release()
         if self.created_folder:
             try:
@@ -94,9 +74,9 @@ class OutputLock:
                 pass
 
 
-def _read_holder(fd: int) -> str:
+def _read_holder(path: Path) -> str:
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        text = path.read_text(errors="replace").strip()
     except OSError:
         text = ""
     return text.splitlines()[0] if text else "pid unknown"
