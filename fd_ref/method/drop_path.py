@@ -20,6 +20,9 @@ side is :func:`drop_path_rates` (the schedule above, passed as ``drop_path_rate`
 constructor: ``--drop-path`` of train.py) and :func:`add_branch` (the per-sample drop in each residual branch
 of ``fd_ref.models.vit.Block``, fused with layer scale and the residual add; each block's :class:`DropPath` modules
 hold its rates).
+
+Hand-written rather than timm's ``DropPath``: timm's module multiplies by its mask as a step of its own, while
+:func:`add_branch` fuses layer scale, the drop and the residual add into one ``addcmul`` from the same draw.
 """
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ and, with a class token at position 0, three extra rows of the table are used:
 
 So the table has (2H-1)(2W-1)+3 rows and one column per head. FD uses *one* table for every block
 (shared RPB); at fine-tuning it is copied into each block (``fd_ref.checkpoint.keys.expand_shared_rpb``).
+
+Hand-written rather than timm's Beit ``RelativePositionBias``: timm's keeps the index and table inside a
+module built for one window size, while FD needs them as plain pieces (one table shared by every block, the
+index checked against the formula above, the table resized between grids for fine-tuning).
 """
 from __future__ import annotations
 
