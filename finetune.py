@@ -24,7 +24,6 @@ from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_t
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.evaluate import evaluate
-from fd_ref.engine.precision import autocast
 from fd_ref.engine.trainer import Job
 from fd_ref.errors import UserError
 from fd_ref.files import write_text_atomic
@@ -83,7 +82,7 @@ DEFAULTS = dict(
     random_erasing=0.25,         # probability; timm's "pixel" mode
     crop_pct=0.875,              # evaluation: resize to img_size / crop_pct, centre crop img_size
     eval_norm="imagenet",        # evaluation normalisation: imagenet | published (CLIP mean/std, as published)
-    precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
+    precision="auto",            # training: auto (bf16 on GPU and CPUs with native bf16, else fp32) | fp32 | bf16 | fp16; evaluation: fp32
     grad_checkpointing=False,
     compile=False,
     nan_policy="stop",
@@ -124,7 +123,7 @@ def evaluate_only(cfg: dict, run: setup.Run) -> dict[str, float]:
                         f"evaluate it on the data it was fine-tuned for")
     loader, _ = setup.eval_loader(val_set, run)
     info = run.info
-    metrics = evaluate(model.to(info.device), loader, info.device, lambda: autocast(run.precision, info.device))
+    metrics = evaluate(model.to(info.device), loader, info.device)
     if info.is_main:
         print(f"evaluated {path} ({mf.num_classes} classes, {img_size} px) on {len(val_set)} images of "
               f"{cfg['data']}", flush=True)
@@ -200,7 +199,7 @@ def main(argv=None) -> dict:
     def on_epoch_end(epoch: int) -> dict:
         if (epoch + 1) % max(1, cfg["eval_every"]) and epoch + 1 != cfg["epochs"]:
             return {}
-        return evaluate(model, val_loader, info.device, trainer.autocast)
+        return evaluate(model, val_loader, info.device)
 
     results_path = Path(cfg["output"]) / "results.json"
     trainer = setup.begin(run, Job(step_fn, model, optimizer, scheduler, loader, sampler, deliverable=results_path,
@@ -215,7 +214,7 @@ def main(argv=None) -> dict:
     history = setup.fit(trainer)
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
-        model, val_loader, info.device, trainer.autocast)
+        model, val_loader, info.device)
     best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
     results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]

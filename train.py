@@ -134,7 +134,7 @@ def main(argv=None) -> None:
                                 target=cfg["target"])
     model.to(info.device)
     if run.precision == "bf16":
-        teacher.to(torch.bfloat16)  # the frozen teacher runs in bf16 outright: no autocast casts, half the memory
+        teacher.set_precision(torch.bfloat16)  # bf16 matrix products; norms and the returned features in fp32
     if cfg["grad_checkpointing"]:
         student.set_grad_checkpointing(True)
     trainable = nn.ModuleDict({"student": student, "projection": model.projection})

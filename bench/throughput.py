@@ -29,8 +29,8 @@ The *baseline* is the straightforward step: explicit ``softmax(q k^T * scale + B
 (``set_fused_attn(False)``), q/v bias concatenated on every call (fd_ref itself still does that: 3 x C
 numbers per call, next to a [B*N, C] x [C, 3C] matmul), the teacher run under autocast (bf16)
 rather than cast, a for-loop AdamW (``foreach=False``). The *optimised* configuration is fd_ref as shipped:
-the model's defaults and ``build_optimizer``'s choice, plus, like train.py, the teacher cast to bf16
-outright when training in bf16 (CPU and CUDA). ``--compile`` adds *compiled*, the optimised configuration
+the model's defaults and ``build_optimizer``'s choice, plus, like train.py, the teacher's matrix layers in
+bf16 (``Teacher.set_precision``) when training in bf16 (CPU and CUDA). ``--compile`` adds *compiled*, the optimised configuration
 under ``torch.compile``, next to the eager one. ``--timm`` adds *timm*: the same FD step built from timm's
 own ``Beit`` student (shared relative position bias, layer scale 0.1, the student preset's width and depth)
 and timm's ``VisionTransformer`` as teacher (the teacher preset's shape), with the same projection, whitened

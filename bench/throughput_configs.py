@@ -31,7 +31,7 @@ class Knobs:
     student_fused_attn: bool = False     # student attention: SDPA (True) or the explicit formula
     teacher_fused_attn: bool = False     # same for the teacher
     force_sdpa: bool = False             # SDPA even where fd_ref takes the explicit formula (CPU training)
-    teacher_cast: bool = False           # bf16: teacher weights cast to bf16 (True) or run under autocast
+    teacher_cast: bool = False           # bf16: teacher matrices in bf16 (True, Teacher.set_precision) or autocast
     teacher_inference_mode: bool = False  # teacher under inference_mode instead of no_grad
     optimizer: str = "plain"             # AdamW implementation: plain (foreach=False) | foreach | fused | library
     channels_last: bool = False          # images and patch-embedding weight in channels-last layout
@@ -59,7 +59,7 @@ BF16_LEVERS: dict[str, dict] = {"teacher cast to bf16": dict(teacher_cast=True)}
 
 def optimised_knobs(args: argparse.Namespace, precision: str) -> Knobs:
     """fd_ref as shipped: the model's own defaults, build_optimizer's choice, and, like train.py, the frozen
-    teacher cast to bf16 outright when training in bf16 (CPU and CUDA)."""
+    teacher's matrix layers in bf16 (``Teacher.set_precision``) when training in bf16 (CPU and CUDA)."""
     probe = create_vit(args.student, img_size=args.img_size, depth=1)
     return Knobs(student_fused_attn=probe.blocks[0].attn.fused, teacher_fused_attn=probe.blocks[0].attn.fused,
                  teacher_cast=precision == "bf16", optimizer="library",
@@ -166,7 +166,7 @@ def build_config(name: str, knobs: Knobs, base: nn.Module, images: torch.Tensor,
                 module.explicit_on_cpu_training = False
     dtype = DTYPES[knobs.precision]
     if knobs.teacher_cast and dtype != torch.float32:
-        model.teacher.to(dtype)
+        model.teacher.set_precision(dtype)  # as train.py (before issue #23: the whole teacher cast to bf16)
     if knobs.grad_checkpointing:
         model.student.set_grad_checkpointing(True)
     x = images

@@ -2,7 +2,7 @@
 
 - fused attention (SDPA with the relative position bias as an additive mask) equals the explicit formula
   ``softmax(q k^T * scale + bias) v`` on CUDA, forward and gradients, in fp32 and in bf16;
-- one bf16-autocast FD step (teacher cast to bf16, as train.py does) against the same step in fp32;
+- one bf16-autocast FD step (teacher in bf16 as train.py sets it) against the same step in fp32;
 - train.py in fp16 (a GradScaler), with ``--compile``, and stopped then resumed, on the GPU;
 - a 1-process NCCL job under torchrun: train.py end to end, and one DDP step equal to the plain step.
 
@@ -112,7 +112,7 @@ def _fd_model(bf16_teacher: bool, drop_path: float = 0.0) -> FeatureDistillation
     teacher = build_teacher("vit_tiny", img_size=32, patch_size=8, depth=2)
     model = FeatureDistillation(student, teacher).cuda().train()
     if bf16_teacher:
-        teacher.to(torch.bfloat16)
+        teacher.set_precision(torch.bfloat16)  # as train.py does
     return model
 
 
@@ -144,7 +144,7 @@ def test_fp16_run_uses_a_grad_scaler(tmp_path):
 
 
 def test_compiled_step_equals_eager_on_cuda():
-    """The model and batch of TINY below (drop path 0.1, batch 16, in bf16 the teacher cast to bf16 as train.py
+    """The model and batch of TINY below (drop path 0.1, batch 16, in bf16 the teacher set to bf16 as train.py
     does), so that test_compiled_train_run_on_cuda can reuse the bf16 graph instead of compiling again."""
     import torch._inductor.config as inductor_config
     x = torch.randn(16, 3, 32, 32, device="cuda")

@@ -7,6 +7,7 @@ run is in-process through ``finetune.main(argv)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -391,3 +392,70 @@ def test_best_top1_survives_a_resume(student, tmp_path, monkeypatch):
     assert results["final"]["top1"] == 60.0 and results["steps"] == 8
     assert results["best_top1"] == 80.0
     assert torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)["metrics"]["top1"] == 80.0
+
+
+# -- evaluation precision (issue #23) ---------------------------------------------------------------------------
+def test_evaluate_is_float32_even_inside_autocast():
+    """``finetune.evaluate`` computes in float32 whatever context it is called from (published ``validate``
+    runs without autocast): its loss and top-1 equal a hand-written float64 pass (logsumexp - logit of the
+    label; argmax) to float32 precision, where the same model under bf16 autocast is off by far more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(20)  # logits of order 10: bf16 rounds them by ~0.04
+    images, labels = torch.randn(48, 3, 8, 8), torch.randint(0, 10, (48,))
+    loader = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 48, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        metrics = finetune.evaluate(model, loader, torch.device("cpu"))
+        bf16_logits = model(images)
+    w, b = model[1].weight.double(), model[1].bias.double()
+    logits = images.flatten(1).double() @ w.T + b
+    loss = (torch.logsumexp(logits, dim=1) - logits[torch.arange(48), labels]).mean().item()
+    top1 = 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    assert metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["top1"] == pytest.approx(top1)
+    bf16_loss = nn.functional.cross_entropy(bf16_logits.float(), labels).item()
+    assert abs(bf16_loss - loss) > 10 * 1e-5 * abs(loss)  # the check above tells bf16 from fp32
+
+
+def test_bf16_fine_tuning_evaluates_in_float32(student, tmp_path, monkeypatch):
+    """A ``--precision bf16`` run trains under autocast but every evaluation forward runs without it."""
+    seen = {"eval": [], "train": []}
+    real = finetune.evaluate
+
+    def spy(model, loader, device):
+        hook = model.register_forward_pre_hook(lambda m, a: seen["eval"].append(torch.is_autocast_enabled("cpu")))
+        try:
+            return real(model, loader, device)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(finetune, "evaluate", spy)
+    real_step = fd_ref.engine.setup.begin
+
+    def begin(run, job):
+        def step(batch):
+            seen["train"].append(torch.is_autocast_enabled("cpu"))
+            return job.step_fn(batch)
+        return real_step(run, dataclasses.replace(job, step_fn=step))
+
+    monkeypatch.setattr(fd_ref.engine.setup, "begin", begin)
+    finetune.main(FT + ["--pretrained", str(student), "--precision", "bf16", "--epochs", "1",
+                        "--output", str(tmp_path)])
+    assert seen["train"] and all(seen["train"])
+    assert seen["eval"] and not any(seen["eval"])
+
+
+def test_fine_tuning_at_another_resolution_resamples_the_tables_as_published(student):
+    """A 32 px student (4 x 4 patches) fine-tuned at 48 px (6 x 6): every block's table is the distilled shared
+    table resampled by the published rule (geometric positions + interp2d's cubic spline, written by hand in
+    tests/test_position.py), the class-token rows kept."""
+    from test_position import published_resize
+
+    shared = torch.load(student, map_location="cpu", weights_only=True)["model"]["rel_pos_bias.table"]
+    cfg = resolve_config(finetune.DEFAULTS, FT + ["--pretrained", str(student), "--img-size", "48"])
+    model, _ = finetune.build_finetune_model(cfg)
+    assert model.grid == (6, 6)
+    expected = published_resize(shared, (4, 4), (6, 6))
+    for block in model.blocks:
+        torch.testing.assert_close(block.attn.rel_pos_bias.table.detach(), expected, rtol=0, atol=2e-5)

@@ -229,3 +229,59 @@ def test_build_optimizer_steps() -> None:
     assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
     state = opt.state_dict()
     assert {g["name"] for g in state["param_groups"]} == {g["name"] for g in opt.param_groups}
+
+
+def test_adamw_hyperparameters_are_the_published_ones() -> None:
+    """Published ``config.py``: AdamW, ``TRAIN.OPTIMIZER.BETAS`` (0.9, 0.999), ``EPS`` 1e-8,
+    ``TRAIN.WEIGHT_DECAY`` 0.05: what train.py and finetune.py build by default (fd_ref's ViT and a timm
+    model) and what every distillation / fine-tuning config sets."""
+    from pathlib import Path
+
+    import yaml
+
+    import finetune
+    import train
+    from fd_ref.models.timm_backbone import TimmBackbone
+    from fd_ref.optim.groups import build_timm_optimizer
+
+    assert train.DEFAULTS["weight_decay"] == finetune.DEFAULTS["weight_decay"] == 0.05
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("f[dt]_*.yaml"))
+    assert len(configs) >= 12
+    for path in configs:
+        assert yaml.safe_load(path.read_text())["weight_decay"] == 0.05, path.name
+    opts = [build_optimizer(TinyViT(2), lr=1e-3, weight_decay=train.DEFAULTS["weight_decay"]),
+            build_optimizer(TinyViT(2), lr=1e-3, weight_decay=finetune.DEFAULTS["weight_decay"], layer_decay=0.65),
+            build_timm_optimizer(TimmBackbone("timm:resnet18", 32), lr=1e-3,
+                                 weight_decay=finetune.DEFAULTS["weight_decay"], layer_decay=0.65)]
+    for opt in opts:
+        assert type(opt) is torch.optim.AdamW
+        for g in opt.param_groups:
+            assert g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["weight_decay"] in (0.05, 0.0)
+            assert not g["amsgrad"] and not g["maximize"]
+        assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}
+
+
+def test_declared_no_weight_decay_resolves_module_names() -> None:
+    """A submodule's ``no_weight_decay()`` may list parameters or modules (timm has done both): a parameter's
+    name exempts that parameter, a module's name every parameter under it, relative to the listing module;
+    names that are neither exempt nothing (a listed ``mlp`` must not exempt ``mlp2``)."""
+    from fd_ref.optim.groups import declared_no_weight_decay
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+            self.mlp2 = nn.Linear(2, 2)
+            self.scale = nn.Parameter(torch.ones(2, 1))
+            self.other = nn.Linear(2, 2)
+
+        def no_weight_decay(self):
+            return {"mlp", "scale", "missing"}
+
+    model = nn.ModuleDict({"student": nn.ModuleDict({"model": Inner()})})
+    assert declared_no_weight_decay(model) == {
+        "student.model.mlp.0.weight", "student.model.mlp.0.bias", "student.model.mlp.1.weight",
+        "student.model.mlp.1.bias", "student.model.scale"}
+    groups = param_groups(model, 0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert decayed == {"student.model.mlp2.weight", "student.model.other.weight"}

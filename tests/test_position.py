@@ -1,14 +1,15 @@
 """Spec tests of the relative position bias (index, table, resizing) and of its sharing across blocks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from fd_ref.method.position import (RelativePositionBias, num_relative_positions, relative_position_index,
-                                    resize_relative_position_bias_table)
+from fd_ref.method.position import (RelativePositionBias, geometric_positions, num_relative_positions,
+                                    relative_position_index, resize_relative_position_bias_table)
 from fd_ref.models.vit import VisionTransformer
 
 grids = st.tuples(st.integers(1, 6), st.integers(1, 6))
@@ -118,8 +119,91 @@ def test_relative_position_bias_gradient_reaches_the_table():
 
 
 # ------------------------------------------------------------------------------------------------ resize
+# The published rule (utils.py, remap_pretrained_keys_vit / _swin), written out here by hand and solved another
+# way than fd_ref/position.py: the geometric positions from the bisection as the published loop runs it, then
+# SciPy's interp2d(kind="cubic") on a grid, i.e. along each axis the not-a-knot interpolating cubic spline
+# evaluated at the nearest edge outside the data, here solved as ONE linear system in the four polynomial
+# coefficients of every interval (numpy), where the library solves for the second derivatives (torch).
+def published_positions(src: int, dst: int) -> list[float]:
+    """Offsets 0, +-1, +-(1 + q), +-(1 + q + q^2), ... with q bisected on [1.01, 1.5] until the bracket is
+    narrower than 1e-6 (q = the last midpoint), so that the sum of the src // 2 first powers meets dst // 2."""
+    half, target = src // 2, dst // 2
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        total = sum(q ** k for k in range(half))
+        left, right = (left, q) if total > target else (q, right)
+    ends = [sum(q ** k for k in range(j)) for j in range(1, half + 1)]
+    return [-e for e in reversed(ends)] + [0.0] + ends
+
+
+def not_a_knot(x: np.ndarray, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Cubic p_i(s) = c0 + c1 s + c2 s^2 + c3 s^3, s = t - x_i, on each of the n - 1 intervals (n >= 4):
+    p_i(0) = z_i and p_i(h_i) = z_(i+1); p_i' and p_i'' meet p_(i+1)' and p_(i+1)'' at x_(i+1); c3 equal on the
+    first two and on the last two intervals (not-a-knot). ``z`` [n, k]; points clipped into [x_0, x_(n-1)]."""
+    n, m = len(x), len(x) - 1
+    a, rhs = np.zeros((4 * m, 4 * m)), np.zeros((4 * m, z.shape[1]))
+    row = 0
+    for i in range(m):
+        h = x[i + 1] - x[i]
+        a[row, 4 * i], rhs[row] = 1.0, z[i]
+        a[row + 1, 4 * i:4 * i + 4], rhs[row + 1] = [1.0, h, h * h, h ** 3], z[i + 1]
+        row += 2
+    for i in range(m - 1):
+        h = x[i + 1] - x[i]
+        a[row, 4 * i:4 * i + 4], a[row, 4 * i + 5] = [0.0, 1.0, 2 * h, 3 * h * h], -1.0
+        a[row + 1, 4 * i:4 * i + 4], a[row + 1, 4 * i + 6] = [0.0, 0.0, 2.0, 6 * h], -2.0
+        row += 2
+    a[row, 3], a[row, 7] = 1.0, -1.0
+    a[row + 1, 4 * (m - 2) + 3], a[row + 1, 4 * (m - 1) + 3] = 1.0, -1.0
+    c = np.linalg.solve(a, rhs).reshape(m, 4, -1)
+    t = np.clip(t, x[0], x[-1])
+    i = np.clip(np.searchsorted(x, t, side="right") - 1, 0, m - 1)
+    s = (t - x[i])[:, None]
+    return c[i, 0] + c[i, 1] * s + c[i, 2] * s ** 2 + c[i, 3] * s ** 3
+
+
+def published_resize(table: torch.Tensor, old, new) -> torch.Tensor:
+    (oh, ow), (nh, nw) = old, new
+    sy, sx, dy, dx = 2 * oh - 1, 2 * ow - 1, 2 * nh - 1, 2 * nw - 1
+    img = table[:sy * sx].double().numpy().reshape(sy, sx, -1)
+    ty, tx = np.arange(-(dy // 2), dy // 2 + 1.0), np.arange(-(dx // 2), dx // 2 + 1.0)
+    py, px = np.array(published_positions(sy, dy)), np.array(published_positions(sx, dx))
+    along_y = (lambda v: v) if sy == dy else (lambda v: not_a_knot(py, v, ty))  # an unchanged axis is kept
+    along_x = (lambda v: v) if sx == dx else (lambda v: not_a_knot(px, v, tx))
+    heads = []
+    for head in range(img.shape[2]):
+        rows = along_x(img[:, :, head].T).T                      # along x: [sy, dx]
+        heads.append(along_y(rows))                              # along y: [dy, dx]
+    out = torch.from_numpy(np.stack(heads, -1).reshape(dy * dx, -1))
+    return torch.cat([out.to(table.dtype), table[sy * sx:]])
+
+
 def _random_table(grid, heads=3, seed=0):
     return torch.randn(num_relative_positions(grid), heads, generator=torch.Generator().manual_seed(seed))
+
+
+def _image(table, grid):
+    h, w = grid
+    return table[:(2 * h - 1) * (2 * w - 1)].view(2 * h - 1, 2 * w - 1, -1)
+
+
+big_grids = st.tuples(st.integers(3, 9), st.integers(3, 9))  # >= 5 offsets per axis: a true cubic spline
+
+
+@given(old=big_grids, new=big_grids, seed=st.integers(0, 1000))
+def test_resize_is_the_published_geometric_cubic_resampling(old, new, seed):
+    t = _random_table(old, seed=seed)
+    torch.testing.assert_close(resize_relative_position_bias_table(t, old, new), published_resize(t, old, new),
+                               rtol=0, atol=2e-5)
+
+
+def test_resize_of_a_14_grid_to_24_matches_the_published_positions():
+    """ViT-B/16 224 -> 384 px: 27 offsets per axis placed on 47; the progression's ratio and its ends."""
+    x = geometric_positions(27, 47)
+    assert torch.allclose(x, torch.tensor(published_positions(27, 47), dtype=torch.float64), atol=1e-12)
+    q = float((x[15] - x[14]) / (x[14] - x[13]))
+    assert 1.01 < q < 1.5 and abs(float(x[-1]) - 23) < 1e-4 and float(x[14]) == 1.0
 
 
 def test_resize_same_grid_is_identity_copy():
@@ -146,56 +230,82 @@ def test_resize_constant_over_offsets_stays_constant(old, new, seed):
     assert torch.allclose(r[:n_new], t[0].expand(n_new, -1), atol=1e-5)
 
 
-def _centre(grid):
-    h, w = grid
-    return (h - 1) * (2 * w - 1) + (w - 1)
-
-
-@given(old=st.tuples(st.integers(2, 5), st.integers(2, 5)), new=st.tuples(st.integers(2, 7), st.integers(2, 7)),
-       seed=st.integers(0, 1000))
-def test_resize_keeps_zero_offset_at_centre_and_extreme_offsets_at_corners(old, new, seed):
-    t = _random_table(old, seed=seed)
-    r = resize_relative_position_bias_table(t, old, new)
-    assert torch.allclose(r[_centre(new)], t[_centre(old)], atol=1e-5)
-    oh, ow = 2 * old[0] - 1, 2 * old[1] - 1
-    nh, nw = 2 * new[0] - 1, 2 * new[1] - 1
-    old_img, new_img = t[:oh * ow].view(oh, ow, -1), r[:nh * nw].view(nh, nw, -1)
-    for (oy, ox), (ny, nx) in [((0, 0), (0, 0)), ((0, ow - 1), (0, nw - 1)), ((oh - 1, 0), (nh - 1, 0)),
-                               ((oh - 1, ow - 1), (nh - 1, nw - 1))]:
-        assert torch.allclose(new_img[ny, nx], old_img[oy, ox], atol=1e-5)
-
-
-@given(old=st.tuples(st.integers(2, 4), st.integers(2, 4)), seed=st.integers(0, 1000))
-def test_resize_to_doubled_offsets_resamples_at_old_offsets(old, seed):
-    """Grid (H, W) -> (2H-1, 2W-1) doubles the offset range: new offset 2*o lands exactly on old offset o."""
-    t = _random_table(old, seed=seed)
-    new = (2 * old[0] - 1, 2 * old[1] - 1)
-    r = resize_relative_position_bias_table(t, old, new)
-    oh, ow = 2 * old[0] - 1, 2 * old[1] - 1
-    nh, nw = 2 * new[0] - 1, 2 * new[1] - 1
-    old_img, new_img = t[:oh * ow].view(oh, ow, -1), r[:nh * nw].view(nh, nw, -1)
-    assert torch.allclose(new_img[::2, ::2], old_img, atol=1e-5)
-
-
 @given(old=grids, new=grids, seed=st.integers(0, 1000))
-def test_resize_preserves_antisymmetry_and_linear_trend_in_dy(old, new, seed):
-    # A table odd about the zero offset (e.g. linear in dy) stays odd: the resampling is centred.
-    n_old = num_relative_positions(old, cls_token=False)
+def test_resize_keeps_the_zero_offset_and_its_neighbours(old, new, seed):
+    """Offsets 0 and +-1 sit where they were (the progression starts at 1 with unit step), so the bias of a
+    patch to itself and to its 8 neighbours is kept exactly, growing or shrinking."""
     t = _random_table(old, seed=seed)
-    t[:n_old] = t[:n_old] - t[:n_old].flip(0)
     r = resize_relative_position_bias_table(t, old, new)
-    n_new = num_relative_positions(new, cls_token=False)
-    assert torch.allclose(r[:n_new], -r[:n_new].flip(0), atol=1e-5)
-    # linear in dy: values grow with dy and the zero-offset row stays 0
-    h, w = old
-    dy = torch.arange(-(h - 1), h).float()
-    lin = dy[:, None].expand(-1, 2 * w - 1).reshape(-1, 1)
-    lin = torch.cat([lin, torch.zeros(3, 1)])
-    rl = resize_relative_position_bias_table(lin, old, new)[:n_new].view(2 * new[0] - 1, 2 * new[1] - 1)
-    assert torch.allclose(rl[new[0] - 1], torch.zeros(2 * new[1] - 1), atol=1e-5)
-    assert torch.allclose(rl, rl[:, :1].expand_as(rl), atol=1e-5)  # still independent of dx
-    if h > 1 and new[0] > 1:  # extreme offsets map onto extreme offsets
-        assert rl[0, 0] == pytest.approx(-(h - 1), abs=1e-4) and rl[-1, 0] == pytest.approx(h - 1, abs=1e-4)
+    old_img, new_img = _image(t, old), _image(r, new)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if min(old[0], new[0]) > abs(dy) and min(old[1], new[1]) > abs(dx):
+                torch.testing.assert_close(new_img[new[0] - 1 + dy, new[1] - 1 + dx],
+                                           old_img[old[0] - 1 + dy, old[1] - 1 + dx], rtol=0, atol=1e-5)
+
+
+@given(old=grids, new=grids, seed=st.integers(0, 1000), axis=st.sampled_from([0, 1]))
+def test_resize_commutes_with_mirroring_and_is_linear(old, new, seed, axis):
+    """The grid is symmetric about offset 0: mirroring the offsets before or after resampling is the same;
+    and resampling is linear in the table."""
+    a, b = _random_table(old, seed=seed), _random_table(old, seed=seed + 1)
+    mirrored = a.clone()
+    _image(mirrored, old).copy_(_image(a, old).flip(axis))
+    ra = resize_relative_position_bias_table(a, old, new)
+    torch.testing.assert_close(_image(resize_relative_position_bias_table(mirrored, old, new), new),
+                               _image(ra, new).flip(axis), rtol=0, atol=1e-5)
+    rb = resize_relative_position_bias_table(b, old, new)
+    torch.testing.assert_close(resize_relative_position_bias_table(2 * a - 3 * b, old, new), 2 * ra - 3 * rb,
+                               rtol=0, atol=1e-4)
+
+
+@given(old=big_grids, grow=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+       coef=st.lists(st.floats(-1, 1), min_size=8, max_size=8))
+def test_resize_reproduces_a_cubic_in_the_geometric_positions(old, grow, coef):
+    """A table that is a product of cubics in the old offsets' new positions, P(y) Q(x), comes out as P and
+    Q at the new integer offsets (a cubic spline reproduces cubics); the class rows stay."""
+    new = (old[0] + grow[0], old[1] + grow[1])
+    py, px = (geometric_positions(2 * o - 1, 2 * n - 1) for o, n in zip(old, new))
+    poly = (lambda c, v: ((c[3] * v / 9 + c[2]) * v / 9 + c[1]) * v / 9 + c[0])
+    t = torch.cat([(poly(coef[:4], py)[:, None] * poly(coef[4:], px)[None, :]).reshape(-1, 1).float(),
+                   torch.zeros(3, 1)])
+    r = resize_relative_position_bias_table(t, old, new)
+    ty, tx = (torch.arange(-(n - 1), n, dtype=torch.float64) for n in new)
+    inside_y, inside_x = ty.abs() <= py[-1], tx.abs() <= px[-1]  # q cut at 1.5: the ends lie beyond the data
+    expected = poly(coef[:4], ty)[:, None] * poly(coef[4:], tx)[None, :]
+    got = _image(r, new)[..., 0].double()
+    assert torch.allclose(got[inside_y][:, inside_x], expected[inside_y][:, inside_x], atol=1e-4)
+
+
+@given(old=st.tuples(st.integers(2, 5), st.integers(2, 5)), grow=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+       seed=st.integers(0, 1000))
+def test_resize_to_a_larger_grid_keeps_the_corners(old, grow, seed):
+    """Growing moderately (ratio below the 1.5 cut), the outermost old offsets land on the new grid's ends."""
+    new = (old[0] + grow[0], old[1] + grow[1])
+    t = _random_table(old, seed=seed)
+    r = resize_relative_position_bias_table(t, old, new)
+    old_img, new_img = _image(t, old), _image(r, new)
+    for sy in (0, -1):
+        for sx in (0, -1):
+            torch.testing.assert_close(new_img[sy, sx], old_img[sy, sx], rtol=0, atol=1e-3)
+
+
+@given(src=st.integers(1, 30), dst=st.integers(1, 60))
+def test_geometric_positions(src, dst):
+    """Symmetric, 0 and +-1 fixed, gaps growing by one ratio q in [1.01, 1.5]; the ends at dst // 2 unless
+    q is cut at 1.01 (shrinking) or 1.5 (growing a lot)."""
+    src, dst = 2 * src - 1, 2 * dst - 1
+    x = geometric_positions(src, dst)
+    assert len(x) == src and torch.equal(x, -x.flip(0)) and x[src // 2] == 0
+    if src >= 3:
+        assert x[src // 2 + 1] == 1.0
+    gaps = x[src // 2 + 1:] - x[src // 2:-1]
+    if len(gaps) >= 2:
+        ratios = gaps[1:] / gaps[:-1]
+        q = float(ratios[0])
+        assert torch.allclose(ratios, torch.full_like(ratios, q)) and 1.01 - 1e-6 <= q <= 1.5 + 1e-6
+        if 1.01 + 1e-5 < q < 1.5 - 1e-5:
+            assert abs(float(x[-1]) - dst // 2) < 1e-3  # q is bisected to 1e-6
 
 
 def test_resize_rejects_wrong_table():

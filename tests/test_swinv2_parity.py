@@ -281,3 +281,106 @@ def test_fine_tuning_head_is_drawn_as_published(monkeypatch):
     timm_head = TimmBackbone(NAME, 64, INIT_SHAPE, num_classes=1000).model.get_classifier()
     assert not torch.all(timm_head.bias == 0)
     assert (timm_head.weight.abs() > 2 * timm_head.weight.std()).float().mean().item() == 0.0
+
+
+# -- fine-tuning and distillation optimiser groups as published (issue #23) ----------------------------------
+FT_SHAPE = dict(patch_size=4, embed_dim=8, depths=(2, 2, 4, 2), num_heads=(1, 2, 2, 4), window_size=4)
+PUBLISHED_NO_DECAY_KEYWORDS = ("rpe_mlp", "logit_scale", "relative_position_bias_table")  # rpe_wd False
+
+
+def published_name(timm_name: str) -> str:
+    """timm's SwinV2 name -> the published one, by hand: ``cpb_mlp`` is ``rpe_mlp``; timm's
+    ``layers.{i}.downsample`` (start of stage i) is the published ``layers.{i-1}.downsample`` (end of stage i-1)."""
+    parts = timm_name.replace("cpb_mlp", "rpe_mlp").split(".")
+    if parts[0] == "layers" and parts[2] == "downsample":
+        parts[1] = str(int(parts[1]) - 1)
+    return ".".join(parts)
+
+
+def published_swin_layer(name: str, num_layers: int, depths) -> int:
+    """``optimizer.py::get_swin_layer`` on a published name, written out by hand (num_layers = sum + 2)."""
+    if name.startswith("patch_embed"):
+        return 0
+    if name.startswith("layers"):
+        stage, part = int(name.split(".")[1]), name.split(".")[3]
+        if part in ("reduction", "norm"):  # layers.{stage}.downsample.{reduction|norm}
+            return sum(depths[:stage + 1])
+        return sum(depths[:stage]) + int(part) + 1
+    return num_layers - 1
+
+
+def published_decays(name: str, p: torch.Tensor) -> bool:
+    """``optimizer.py``: no decay for 1-D, ``.bias``, ``no_weight_decay()`` names, keyword substrings."""
+    pub = published_name(name)
+    return not (p.ndim == 1 or pub.endswith(".bias") or pub == "absolute_pos_embed"
+                or any(k in pub for k in PUBLISHED_NO_DECAY_KEYWORDS))
+
+
+@pytest.mark.parametrize("layer_decay", [0.8, 0.65])
+def test_fine_tuning_lr_scales_are_the_published_ones(layer_decay):
+    """``build_timm_optimizer`` (finetune.py's optimiser of a timm model) gives every SwinV2 parameter the lr
+    scale of the published fine-tuning optimiser: ``LAYER_DECAY ** (L - 1 - get_swin_layer(name))`` with
+    L = sum(depths) + 2, the final norm and the head in the top group, each patch merging with the last block
+    of the stage it closes. timm's own grouping (``param_groups_layer_decay``) puts the norm with the last
+    block and each merging with the next stage's first block; this test rejects it."""
+    from timm.optim import param_groups_layer_decay
+
+    from fd_ref.optim.groups import build_timm_optimizer
+
+    model = TimmBackbone(NAME, 64, FT_SHAPE, num_classes=10)
+    depths, num_layers = FT_SHAPE["depths"], sum(FT_SHAPE["depths"]) + 2
+    opt = build_timm_optimizer(model, lr=1.0, weight_decay=0.05, layer_decay=layer_decay)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.model.named_parameters())
+    assert len(scale) == len(named)
+    for name, p in named.items():
+        expected = layer_decay ** (num_layers - 1 - published_swin_layer(published_name(name), num_layers, depths))
+        assert scale[id(p)] == pytest.approx(expected, rel=1e-12), name
+        assert lr[id(p)] == pytest.approx(expected, rel=1e-12), name
+    if layer_decay == 0.8:  # the numbers of issue #23 (depths 2-2-4-2, layer decay 0.8)
+        assert scale[id(named["norm.weight"])] == 1.0 and scale[id(named["head.fc.weight"])] == 1.0
+        assert scale[id(named["layers.1.downsample.reduction.weight"])] == pytest.approx(0.8 ** 9)  # 0.134
+        timm_groups = param_groups_layer_decay(model.model, 0.05, layer_decay=0.8)
+        timm_scale = {id(p): g["lr_scale"] for g in timm_groups for p in g["params"]}
+        assert timm_scale[id(named["norm.weight"])] == pytest.approx(0.8)
+        assert timm_scale[id(named["layers.1.downsample.reduction.weight"])] == pytest.approx(0.8 ** 8)  # 0.168
+
+
+def _timm_lists_modules(self):
+    """A SwinV2's ``no_weight_decay()`` as timm before 1.0.31 wrote it: the bias-MLP MODULE names, no
+    ``logit_scale``."""
+    return {n for n, _ in self.named_modules() if "cpb_mlp" in n}
+
+
+def _timm_lists_parameters(self):
+    """As timm 1.0.31 writes it: the parameter names holding ``cpb_mlp`` or ``logit_scale``."""
+    return {n for n, _ in self.named_parameters() if "cpb_mlp" in n or "logit_scale" in n}
+
+
+@pytest.mark.parametrize("listing", [_timm_lists_modules, _timm_lists_parameters, lambda self: set()],
+                         ids=["modules", "parameters", "nothing"])
+def test_weight_decay_follows_the_published_keywords_whatever_timm_lists(monkeypatch, listing):
+    """Distillation (``build_optimizer`` on student + projection) and fine-tuning (``build_timm_optimizer``)
+    decay exactly the SwinV2 parameters the published optimiser decays, whether the installed timm lists
+    modules, parameters or nothing in ``no_weight_decay()``."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    from fd_ref.optim.groups import build_optimizer
+    from fd_ref.method.projection import Projection
+    from fd_ref.optim.groups import build_timm_optimizer
+
+    monkeypatch.setattr(SwinTransformerV2, "no_weight_decay", listing)
+    student = TimmBackbone(NAME, 64, FT_SHAPE)
+    trainable = torch.nn.ModuleDict({"student": student, "projection": Projection(student.embed_dim, 16)})
+    groups = build_optimizer(trainable, lr=1e-3, weight_decay=0.05).param_groups
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    expected = {"student.model." + n for n, p in student.model.named_parameters() if published_decays(n, p)}
+    assert decayed == expected | {"projection.proj.weight"}
+    assert any("logit_scale" in n for n in student.model.state_dict())  # the case the old timm missed exists
+
+    student.reset_classifier(10)
+    opt = build_timm_optimizer(student, lr=1.0, weight_decay=0.05, layer_decay=0.8)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in student.model.named_parameters():
+        assert decay[id(p)] == (0.05 if published_decays(name, p) else 0.0), name

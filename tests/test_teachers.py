@@ -173,3 +173,78 @@ def test_fd_ref_teacher_checkpoint_of_other_shape(tmp_path):
     torch.save(VisionTransformer(**config).state_dict(), path)  # no config: vit_tiny preset is built
     with pytest.raises(UserError):
         build_teacher("vit_tiny", img_size=32, checkpoint=str(path))
+
+
+# -- precision (issue #23): bf16 matrix products, float32 norms and features -------------------------------
+def _small_timm_teacher(seed=0) -> Teacher:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=64, depth=3)
+    return Teacher(model, model.num_features, tuple(model.patch_embed.grid_size), model.num_prefix_tokens)
+
+
+def _small_fd_ref_teacher(seed=0) -> Teacher:
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, num_classes=0)
+    return Teacher(model, model.embed_dim, model.grid, model.num_prefix_tokens)
+
+
+def _hand_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension, in float64."""
+    x = x.double()
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.double() + norm.bias.double()
+
+
+@pytest.mark.parametrize("build", [_small_timm_teacher, _small_fd_ref_teacher], ids=["timm_vit", "fd_ref_vit"])
+def test_bf16_teacher_keeps_norms_and_features_in_float32(build):
+    """``Teacher.set_precision(torch.bfloat16)`` (train.py's bf16 teacher): Linear / Conv weights in bf16, every
+    other parameter in float32; the final norm computes in float32 (its output equals the hand-written norm
+    of its own input to float32 precision, where a bf16 result would be off by bf16's rounding, ~4e-3), the
+    returned tokens are float32, and the whitened target is closer to the float32 teacher's than with the
+    whole teacher cast to bf16 (fd-ref before). ``set_precision(None)`` runs in float32 throughout."""
+    from fd_ref.models.teachers import MATRIX_LAYERS
+    from fd_ref.method.whitening import whiten
+
+    size = 64 if build is _small_timm_teacher else 32
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    fp32 = build()
+    with torch.no_grad():
+        ref = whiten(fp32(x))
+    teacher = build().set_precision(torch.bfloat16)
+    for module in teacher.model.modules():
+        for p in module.parameters(recurse=False):
+            assert p.dtype == (torch.bfloat16 if isinstance(module, MATRIX_LAYERS) else torch.float32)
+    seen = {}
+    teacher.model.norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    with torch.no_grad():
+        tokens = teacher(x)
+    assert tokens.dtype == torch.float32 and seen["out"].dtype == torch.float32
+    torch.testing.assert_close(tokens.double(), _hand_layer_norm(seen["x"], teacher.model.norm), rtol=0, atol=2e-5)
+    err_now = ((whiten(tokens) - ref).norm(dim=-1) / ref.norm(dim=-1)).mean()
+
+    whole = build()
+    whole.model.to(torch.bfloat16)  # fd-ref before: every parameter and the input in bf16
+    with torch.no_grad():
+        before = whiten(whole.model.forward_features(x.to(torch.bfloat16)))
+    err_before = ((before - ref).norm(dim=-1) / ref.norm(dim=-1)).mean()
+    assert 0 < err_now < err_before
+
+    with torch.no_grad():  # None: the float32 teacher, untouched
+        assert torch.equal(whiten(build().set_precision(None)(x)), ref)
+        teacher.set_precision(None)  # back to float32 throughout (the weights keep their bf16 rounding)
+        assert all(p.dtype == torch.float32 for p in teacher.parameters()) and not teacher._norm_hooks
+        assert torch.equal(teacher(x), teacher.model.forward_features(x))
+
+
+def test_train_runs_the_teacher_with_bf16_matrices(tmp_path, monkeypatch):
+    """A bf16 train.py run sets the teacher's precision (not a cast of the whole teacher)."""
+    import train
+
+    calls = []
+    original = Teacher.set_precision
+    monkeypatch.setattr(Teacher, "set_precision", lambda self, dtype: calls.append(dtype) or original(self, dtype))
+    train.main(["--precision", "bf16", "--max-steps", "1", "--synthetic-size", "8", "--batch-size", "4",
+                "--img-size", "32", "--epochs", "1", "--num-workers", "0", "--progress", "false",
+                "--output", str(tmp_path / "run")])
+    assert calls == [torch.bfloat16]

@@ -7,14 +7,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set."""
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set, computed in float32
+    whatever the training precision (published ``main_finetune.py::validate`` runs without autocast)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast():
+        with torch.autocast(device.type, enabled=False):
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         totals[0] += (top5[:, 0] == labels).sum()

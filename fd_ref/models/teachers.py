@@ -7,6 +7,14 @@ the paper's ablation). ``build_teacher`` returns a :class:`Teacher`, a frozen
 module that is always in eval mode (no drop path, no dropout: the teacher half of the asymmetric drop
 path) and exposes ``embed_dim``, ``grid`` and ``forward(images) -> [B, T, C]``.
 
+Precision: ``Teacher.set_precision(torch.bfloat16)`` (what train.py does for a bf16 run) stores only the
+weights of the Linear and Conv layers in bf16 and runs the network under bf16 autocast: the matrix products
+run in bf16, while every norm, the class token / position embeddings (so a timm ViT's residual stream) and
+the tokens returned (the features the whitening reads) stay in float32. Published: the CLIP teacher keeps
+its LayerNorms in fp32 with fp16 weights elsewhere (``models/clip/model.py``), DINO / DeiT run fp32 weights
+under autocast. Casting the whole teacher to bf16 (fd-ref before) also rounded the norms and the returned
+tokens; bench/teacher_precision.py measures both on a ViT-B/16.
+
 Images always arrive normalised with the ImageNet mean/std (the student's input). A teacher trained with
 other statistics (CLIP) undoes that and applies its own inside ``forward``:
 
@@ -39,6 +47,7 @@ Names:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -66,6 +75,14 @@ PAPER_TEACHERS = {
 }
 
 
+MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _inputs_to_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 class Teacher(nn.Module):
     """Frozen wrapper: re-normalises the input, runs the network, returns its tokens after its final norm
     (``feat_after_norm=True``) or before it (``False``: the final norm is replaced by the identity)."""
@@ -91,6 +108,8 @@ class Teacher(nn.Module):
         self.register_buffer("scale", (in_std / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((in_mean - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1),
                              persistent=False)
+        self.compute_dtype: Optional[torch.dtype] = None  # set_precision
+        self._norm_hooks: list = []
         self.requires_grad_(False)
         super().train(False)
 
@@ -98,24 +117,43 @@ class Teacher(nn.Module):
         """A teacher never trains: it stays in eval mode whatever its parent does."""
         return super().train(False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    def set_precision(self, dtype: Optional[torch.dtype]) -> "Teacher":
+        """Run the matrix products in ``dtype`` (bf16 / fp16), everything else in float32 (module docstring):
+        Linear and Conv weights are stored in ``dtype``, every other parameter (norms, embeddings, tables) in
+        float32, ``forward`` runs under ``dtype`` autocast, and every norm layer computes in float32 on a
+        float32 copy of its input. ``None``: float32 throughout."""
+        self.compute_dtype = dtype
+        self.model.float()
+        for handle in self._norm_hooks:
+            handle.remove()
+        self._norm_hooks = []
+        if dtype is not None:
+            for module in self.model.modules():
+                if isinstance(module, MATRIX_LAYERS):
+                    module.to(dtype)
+                elif isinstance(module, NORM_LAYERS):  # CPU autocast would run a norm on bf16 input in bf16
+                    self._norm_hooks.append(module.register_forward_pre_hook(_inputs_to_float32))
+        return self
+
+    def _precision(self, device: torch.device):
+        dtype = self.compute_dtype
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images * self.scale + self.shift if self.renormalise else images
-        tokens = self.model.forward_features(x.to(self.dtype))
-        if self.fmt != "tokens":  # a CNN / Swin map -> tokens [B, H*W, C]
-            if self.head_norm and self.fmt == "NCHW":
-                tokens = self.model.head.norm(tokens)
-            tokens = to_tokens(tokens, self.fmt)
-            if self.head_norm and self.fmt == "NHWC":
-                tokens = self.model.head.norm(tokens)
-            return tokens
-        if self.feat_after_norm and isinstance(self.model, VisionTransformer) and self.model.global_pool == "avg":
-            # Mean-pooling ViTs normalise after pooling; their final norm is fc_norm, applied per token.
-            tokens = self.model.fc_norm(tokens)
-        return tokens
+        """Tokens [B, T, C] in float32 (the features the whitening reads)."""
+        x = images.float() * self.scale + self.shift if self.renormalise else images.float()
+        with self._precision(x.device):
+            tokens = self.model.forward_features(x)
+            if self.fmt != "tokens":  # a CNN / Swin map -> tokens [B, H*W, C]
+                if self.head_norm and self.fmt == "NCHW":
+                    tokens = self.model.head.norm(tokens)
+                tokens = to_tokens(tokens, self.fmt)
+                if self.head_norm and self.fmt == "NHWC":
+                    tokens = self.model.head.norm(tokens)
+            elif self.feat_after_norm and isinstance(self.model, VisionTransformer) and self.model.global_pool == "avg":
+                # Mean-pooling ViTs normalise after pooling; their final norm is fc_norm, applied per token.
+                tokens = self.model.fc_norm(tokens)
+        return tokens.float()
 
 
 def _timm_teacher(timm_name: str, img_size: int, checkpoint: Optional[str], display: str,
