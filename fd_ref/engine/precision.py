@@ -3,8 +3,8 @@
 ``auto`` picks bf16 autocast where the hardware runs bf16 matrix products natively and fp32 elsewhere:
 
 - CUDA: bf16 (every GPU this project targets has bf16 tensor cores);
-- CPU with native bf16 (AVX512-BF16 or AMX-BF16, as oneDNN reports it): bf16. On such a CPU bf16 matmuls ran
-  3-5x faster than fp32 (bench/README.md);
+- CPU with native bf16 (AVX512-BF16 or AMX-BF16, as oneDNN reports it): bf16, several times faster than fp32
+  there (measurements: bench/README.md);
 - any other CPU: fp32, because there bf16 is emulated and far slower than fp32.
 
 The question is put to torch (oneDNN's own bf16 check), not to the CPU's model name.
