@@ -24,7 +24,7 @@ from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_t
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.evaluate import evaluate
-from fd_ref.engine.trainer import Job
+from fd_ref.engine.job import Job
 from fd_ref.errors import UserError
 from fd_ref.files import write_text_atomic
 from fd_ref.models.finetune_model import build_finetune_model

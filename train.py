@@ -22,7 +22,7 @@ from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import pretrain_transform
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
-from fd_ref.engine.trainer import Job
+from fd_ref.engine.job import Job
 from fd_ref.errors import UserError
 from fd_ref.method.distill import FeatureDistillation
 from fd_ref.models.teachers import build_teacher

@@ -20,7 +20,8 @@ import finetune
 import train
 from fd_ref.engine import trainer as engine
 from fd_ref.engine.distributed import DistInfo
-from fd_ref.engine.trainer import Job, LoopSettings, Trainer
+from fd_ref.engine.job import Job, LoopSettings
+from fd_ref.engine.trainer import Trainer
 from fd_ref.errors import UserError
 from fd_ref.data.sampler import make_loader
 from fd_ref.optim.schedule import WarmupCosine

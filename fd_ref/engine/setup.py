@@ -24,7 +24,8 @@ from fd_ref.engine.distributed import DistInfo, init_distributed, seed_everythin
 from fd_ref.engine.precision import resolve_precision
 from fd_ref.engine.resume import begin_run
 from fd_ref.engine.tensorboard import TensorBoardLog, require_tensorboard
-from fd_ref.engine.trainer import Job, LoopSettings, Trainer
+from fd_ref.engine.job import Job, LoopSettings
+from fd_ref.engine.trainer import Trainer
 from fd_ref.optim.schedule import WarmupCosine, scale_lrs
 
 

@@ -14,8 +14,9 @@ One optimiser step = ``accum_steps`` micro-batches on each of ``world_size`` ran
 
     images per step = batch_size * accum_steps * world_size,    MFU = flops_per_image * images / step_time / peak
 
-Read top to bottom: settings, job, then the Trainer: the loop (``fit``, ``_run``, the optimiser step, the epoch
-end), its checkpoints (``save``; resuming: :func:`fd_ref.engine.resume.restore`), its output and its stop.
+Read top to bottom (its inputs, :class:`Job` and :class:`LoopSettings`, are in :mod:`fd_ref.engine.job`): the
+loop (``fit``, ``_run``, the optimiser step, the epoch end), its checkpoints (``save``; resuming:
+:func:`fd_ref.engine.resume.restore`), its output and its stop.
 """
 from __future__ import annotations
 
@@ -25,62 +26,23 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn as nn
 
 from fd_ref.checkpoint.io import remove_stale_temporaries, save_atomic
 from fd_ref.data.images import skipped_images
-from fd_ref.data.sampler import ShardedBatchSampler
 from fd_ref.engine.distributed import (DistInfo, all_reduce_ints, all_reduce_ints_start, all_reduce_sum, barrier,
                                        gather_to_main, is_peer_failure)
 from fd_ref.engine.faults import installed_fault_hook
 from fd_ref.engine.flops import measure_step
+from fd_ref.engine.job import Job, LoopSettings
 from fd_ref.engine.precision import DTYPES, autocast
 from fd_ref.engine.rng import capture_rng, rng_to_safe
 from fd_ref.engine.stop import STOP_EXIT_CODE, STOP_SIGNALS, in_main_thread, peer_failure
 from fd_ref.errors import UserError
 from fd_ref.files import write_text_atomic
-
-
-@dataclass
-class LoopSettings:
-    output: str
-    epochs: int
-    batch_size: int
-    accum_steps: int = 1
-    max_steps: int = 0          # stop after this many optimiser steps (0: run all epochs)
-    precision: str = "fp32"
-    clip_grad: float = 0.0      # max global grad norm (0: no clipping)
-    log_every: int = 10
-    save_every: int = 0         # also save every N steps (0: only at epoch ends)
-    nan_policy: str = "stop"    # "stop": end with a message; "skip": drop the step and count it
-    max_skipped: int = 20       # with nan_policy=skip, stop after this many consecutive bad steps
-    best_metric: str = ""       # metric from on_epoch_end to keep best.pt by (higher is better)
-    progress: Optional[bool] = None  # None: a bar on a terminal, plain lines otherwise
-
-
-@dataclass
-class Job:
-    """What a script hands the loop. ``model``: what checkpoints keep (its state dict under ``"model"``);
-    ``ddp``: the DistributedDataParallel wrapper when there is one (for ``no_sync`` during accumulation);
-    ``export(folder)`` writes the job's deliverable (e.g. student.pt) next to the checkpoint;
-    ``on_epoch_end(epoch) -> metrics`` runs on every rank after each epoch (e.g. evaluation)."""
-    step_fn: Callable[[Any], torch.Tensor]
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any                   # fd_ref.optim.schedule.WarmupCosine
-    loader: Any
-    sampler: ShardedBatchSampler
-    deliverable: Path                # the file a finished run leaves (student.pt, results.json)
-    model_config: dict = field(default_factory=dict)
-    ddp: Optional[nn.Module] = None
-    export: Optional[Callable[[Path], None]] = None
-    on_epoch_end: Optional[Callable[[int], dict]] = None
-    best_metric: str = ""            # a metric of on_epoch_end to keep best.pt by (higher is better)
 
 
 class Trainer:
