@@ -220,6 +220,9 @@ def main(argv=None) -> dict:
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]
                else cfg["pretrained"], "mode": "linear_probe" if cfg["linear_probe"] else "finetune"}
     if info.is_main:
+        if final.get("skipped_val_images"):
+            print(f"note: {final['skipped_val_images']} unreadable validation image(s) skipped (named in the "
+                  f"warnings above)", flush=True)
         write_text_atomic(results_path, json.dumps(results, indent=2))
         print(f"top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  (best top-1 "
               f"{results['best_top1']:.2f}%)  -> {Path(cfg['output']) / 'results.json'}", flush=True)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from fd_ref.errors import UserError
 
@@ -38,7 +39,11 @@ class ImageSkipped(Exception):
 
 
 def _open_unlimited(path: str | os.PathLike[str]) -> Image.Image:
-    """``Image.open`` with PIL's decompression-bomb check switched off; :func:`load_rgb` applies its own."""
+    """``Image.open`` with PIL's decompression-bomb check switched off; :func:`load_rgb` applies its own.
+    Only a regular file is opened: a named pipe (or a device) with an image name would block the open,
+    and so the run, for good; it raises :class:`ImageSkipped`."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ImageSkipped("not a regular file (a named pipe, a device or a folder)")
     with _PIL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
@@ -138,6 +143,8 @@ class RobustImageFolder(Dataset):
       :func:`load_rgb`).
     * Classes are all non-hidden sub-folders, sorted, even empty ones (so train and val folders with the
       same class folders agree on label indices). Hidden files and non-image extensions are ignored.
+      Symbolic links are followed, but a folder reached again (a link to its own folder: a loop) is
+      listed once, so no image is listed twice. Only regular files are opened (a named pipe is skipped).
     * A missing folder, a folder without class sub-folders or without any image raises :class:`UserError`.
     * ``in_memory=True`` decodes every file once, at construction, into one shared uint8 buffer (bad files
       dropped as by :meth:`scan`), so each epoch reads pixels from memory instead of decoding files: for
@@ -174,7 +181,13 @@ class RobustImageFolder(Dataset):
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
         for name in self.classes:
+            seen: set[tuple[int, int]] = set()  # folders of this class listed so far (device, inode)
             for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
+                where = os.stat(dirpath)
+                if (where.st_dev, where.st_ino) in seen:  # reached again through a symlink (a loop): once
+                    dirnames[:] = []
+                    continue
+                seen.add((where.st_dev, where.st_ino))
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for filename in sorted(filenames):
                     if not filename.startswith(".") and filename.lower().endswith(IMAGE_EXTENSIONS):
@@ -227,10 +240,16 @@ class RobustImageFolder(Dataset):
             return None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        n = len(self.samples)
+        return self.item_within(range(len(self.samples)), index)
+
+    def item_within(self, indices: Sequence[int], position: int) -> tuple[Any, int]:
+        """Sample ``indices[position]``; for a bad file the next readable sample *of* ``indices``
+        (``position + 1``, ... wrapping around), never one outside them (see :class:`FolderSubset`)."""
+        n = len(indices)
         for offset in range(n):
-            path, label = self.samples[(index + offset) % n]
-            image = self._try_load(path, (index + offset) % n)
+            index = indices[(position + offset) % n]
+            path, label = self.samples[index]
+            image = self._try_load(path, index)
             if image is not None:
                 return (self.transform(image) if self.transform is not None else image), label
         raise UserError(f"none of the {n} images in {self.root} can be read; check the files")
@@ -261,6 +280,18 @@ class RobustImageFolder(Dataset):
         if not self.samples:
             raise UserError(f"none of the images in {self.root} can be read; check the files")
         return dropped
+
+
+class FolderSubset(Subset):
+    """A ``Subset`` of a :class:`RobustImageFolder` that replaces a bad file by the next readable file of
+    the subset, so a training split never borrows a held-out validation image (nor the other way round),
+    and each split's skips count only its own files."""
+
+    def __getitem__(self, position: int) -> tuple[Any, int]:
+        return self.dataset.item_within(self.indices, position)
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[Any, int]]:
+        return [self[p] for p in positions]
 
 
 class _Decoded:

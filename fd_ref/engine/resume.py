@@ -101,7 +101,9 @@ def begin_run(trainer, *, config: Mapping[str, Any], defaults: Mapping[str, Any]
                                 f"(checkpoint -> now); to start a new run pass another --output, to continue "
                                 f"this one with the new settings pass --allow-config-change (changed: {flags})")
             step = blob.get("step", 0) if isinstance(blob, dict) else 0
-            if not changes and step >= trainer.total_steps and Path(deliverable).exists():
+            # "finished": written after the deliverable (absent in older checkpoints: the file's presence)
+            done = blob.get("finished", True) if isinstance(blob, dict) else True
+            if not changes and step >= trainer.total_steps and done and Path(deliverable).exists():
                 if info.is_main:
                     print(f"the run in {out} already finished (step {step} of {trainer.total_steps}, "
                           f"{Path(deliverable).name} written); nothing to do. To train again pass another "

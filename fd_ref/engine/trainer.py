@@ -67,6 +67,7 @@ class Trainer:
         if settings.max_steps:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.step, self.epoch, self.micro, self.skipped, self.best = 0, 0, 0, 0, -math.inf
+        self.finished = False  # the last checkpoint is written after the deliverable (see _run)
         self.bad_in_row = 0  # consecutive non-finite steps (nan_policy="skip" stops at max_skipped)
         self.faults = installed_fault_hook()
         self.out = Path(settings.output)
@@ -179,9 +180,12 @@ class Trainer:
         if self._stop_votes is not None:  # ended normally: a signal during the last step no longer matters
             self._stop_votes()
             self._stop_votes = None
-        self.save()
+        # the deliverable first, then the checkpoint that says it was written (``finished``): a run stopped
+        # in between (student.pt of an earlier epoch end still there) resumes and exports, not "finished"
         if self.export and self.info.is_main:
             self.export(self.out)
+        self.finished = True
+        self.save()
         self._report_skips()
         barrier()
 
@@ -245,7 +249,8 @@ class Trainer:
         blob = {"model": self.state_module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "step": self.step, "epoch": self.epoch, "micro": self.micro, "best": self.best,
-                "skipped": self.skipped, "rng": rng, "config": self.config, "model_config": self.model_config}
+                "skipped": self.skipped, "rng": rng, "config": self.config, "model_config": self.model_config,
+                "finished": self.finished}
         if rng_ranks and len(rng_ranks) > 1:
             blob["rng_ranks"] = rng_ranks
         return blob
