@@ -12,7 +12,7 @@ more models next to each other:
 
 A model is ``label=source``; ``source`` is a file written by train.py / finetune.py (student.pt, best.pt,
 checkpoint.pt: the architecture comes from its recorded model_config), a teacher name of
-fd_ref.teachers.build_teacher (dino_vit_base, deit_vit_base, clip_vit_base, clip_vit_large, timm:<name>,
+fd_ref.models.teachers.build_teacher (dino_vit_base, deit_vit_base, clip_vit_base, clip_vit_large, timm:<name>,
 an fd_ref preset such as vit_tiny = random init), or ``teacher_name@weights_file`` for a teacher with local
 weights. Teachers see --img-size pixels; fd_ref files their own recorded img_size. All models see the same
 images (the validation split of --data, a seeded subset of --num-images), in eval mode, fp32, no grad.
@@ -24,8 +24,8 @@ The loss landscape needs a classifier head (a finetune.py model): models without
 note. The attention diagnostics need global attention maps (fd_ref and timm ViTs): a CNN or Swin (a timm
 backbone of train.py --model timm:<name>) gets the loss landscape only, the rest skipped with one line.
 Settings: DEFAULTS below <- --config YAML <- flags (``python analyze.py --help``). The models and measurements
-live in fd_ref.analysis_models (equations: fd_ref.analysis), the figures and analysis.json in
-fd_ref.analysis_report; this script reads the settings, the images and runs them.
+live in fd_ref.analysis.models (equations: fd_ref.analysis.diagnostics), the figures and analysis.json in
+fd_ref.analysis.report; this script reads the settings, the images and runs them.
 """
 from __future__ import annotations
 
@@ -38,17 +38,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fd_ref.analysis_models import (  # noqa: F401 - ModelSpec, parse_model_spec, resolve_layers: analyze.X too
-    Loaded, ModelSpec, attention_model, attention_statistics, head_classes, landscape_of, load_model, parse_layer,
-    parse_model_spec, parse_model_specs, resolve_layers)
-from fd_ref.analysis_report import (figure_distance, figure_landscape_1d, figure_landscape_2d, figure_maps,
+from fd_ref.analysis.models import (Loaded, ModelSpec, attention_model, attention_statistics, head_classes,
+                                    landscape_of, load_model, parse_layer, parse_model_spec, parse_model_specs,
+                                    resolve_layers)
+from fd_ref.analysis.plots import FIGURE as CURVES
+from fd_ref.analysis.plots import draw_training_curves, read_run
+from fd_ref.analysis.report import (figure_distance, figure_landscape_1d, figure_landscape_2d, figure_maps,
                                     figure_similarity, write_json)
 from fd_ref.cli import run_main
 from fd_ref.config import resolve_config
 from fd_ref.errors import UserError
 from fd_ref.files import parse_bool
-from fd_ref.plots import FIGURE as CURVES
-from fd_ref.plots import draw_training_curves, read_run
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: the student of the train.py quickstart on built-in synthetic images, fully offline.
@@ -94,11 +94,11 @@ DEFINITIONS = {
     "attention_distance": "[layer][head], pixels of the model's input: mean over images and query patches "
                           "of sum_j a_ij * ||p_i - p_j||_2 with p the patch centres and a the patch-to-patch "
                           "attention renormalised to sum 1 per query (class token excluded); "
-                          "fd_ref.analysis.attention_distance",
+                          "fd_ref.analysis.diagnostics.attention_distance",
     "head_similarity": "[layer]: cosine similarity between the attention maps [N, N] (class token "
                        "included) of two distinct heads of the layer, per image, averaged over images and "
                        "head pairs; lower = more diverse heads; null for single-head layers; "
-                       "fd_ref.analysis.head_cosine_similarity",
+                       "fd_ref.analysis.diagnostics.head_cosine_similarity",
     "average_attention_maps": "{'layers': [layer numbers], 'maps': [[N][N] per layer]}: attention "
                               "probabilities averaged over images and heads, rows = queries, columns = keys, "
                               "token 0 = class token, then patches row-major",
@@ -173,7 +173,7 @@ def load_images(cfg: dict) -> Images:
     base = build_dataset(cfg["data"], train=held_out, transform=None, synthetic_size=5 * n,
                          synthetic_val_size=n, synthetic_classes=cfg["synthetic_classes"],
                          synthetic_image_size=cfg["img_size"], seed=cfg["seed"])
-    if held_out:  # the same hold-out as fd_ref.splits.train_val_datasets carves for training and fine-tuning
+    if held_out:  # the same hold-out as fd_ref.data.splits.train_val_datasets carves for training and fine-tuning
         from fd_ref.data import split_indices
         if len(base) <= cfg["val_split"]:
             raise UserError(f"--val-split {cfg['val_split']} leaves no training images out of {len(base)}")

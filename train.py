@@ -7,7 +7,7 @@ whitened feature map.
 
 Settings: DEFAULTS below <- --config YAML <- flags (``python train.py --help`` lists them all). Outputs in
 --output: checkpoint.pt (resume state), student.pt (what finetune.py loads), config.yaml, log.jsonl.
-Rerunning the same command resumes from checkpoint.pt (fd_ref.resume checks that it is the same run).
+Rerunning the same command resumes from checkpoint.pt (fd_ref.engine.resume checks that it is the same run).
 """
 from __future__ import annotations
 
@@ -16,21 +16,22 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fd_ref import run
-from fd_ref.checkpoint import save_atomic
+from fd_ref.checkpoint.io import save_atomic
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import pretrain_transform
-from fd_ref.distill import FeatureDistillation
-from fd_ref.multi_teacher import MultiTeacherDistillation
-from fd_ref.target_fit import fit_phi_s
-from fd_ref.teacher_list import TEACHER_KEYS, teacher_settings
+from fd_ref.data.splits import train_val_datasets
+from fd_ref.engine import setup
+from fd_ref.engine.job import Job
+from fd_ref.engine.target_fit import fit_phi_s
 from fd_ref.errors import UserError
-from fd_ref.optim import build_optimizer
-from fd_ref.splits import train_val_datasets
-from fd_ref.teachers import build_teacher
-from fd_ref.timm_backbone import TimmBackbone, check_timm_name, is_timm_name, parse_kwargs
-from fd_ref.vit import PRESETS, create_vit
+from fd_ref.method.distill import FeatureDistillation
+from fd_ref.method.multi_teacher import MultiTeacherDistillation
+from fd_ref.models.teacher_list import TEACHER_KEYS, teacher_settings
+from fd_ref.models.teachers import build_teacher
+from fd_ref.models.timm_backbone import TimmBackbone, check_timm_name, is_timm_name, parse_kwargs
+from fd_ref.models.vit import PRESETS, create_vit
+from fd_ref.optim.groups import build_optimizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: the offline quickstart. The published recipes live in configs/*.yaml.
@@ -100,7 +101,7 @@ DEFAULTS = dict(
 
 
 def build_student(cfg: dict) -> nn.Module:
-    """fd_ref's ViT (the default), or ``timm:<name>``: a timm backbone (``fd_ref.timm_backbone``) built
+    """fd_ref's ViT (the default), or ``timm:<name>``: a timm backbone (``fd_ref.models.timm_backbone``) built
     with ``--model-kwargs``, ``--img-size`` and ``--drop-path``; the ViT shape flags (patch size, depth,
     widths, position embedding, layer scale) do not apply to it."""
     if is_timm_name(cfg["model"]):
@@ -117,7 +118,8 @@ def build_student(cfg: dict) -> nn.Module:
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__), multi=TEACHER_KEYS)
-    info, precision = run.start(cfg)
+    run = setup.start(cfg, DEFAULTS)
+    info = run.info
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
 
@@ -143,24 +145,23 @@ def main(argv=None) -> None:
         branches = [model]
         trainable = nn.ModuleDict({"student": student, "projection": model.projection,
                                    "target_norm": model.target_norm})  # (whiten, none: no state)
-    else:  # several teachers (fd_ref.multi_teacher): one projection and one target normalisation each
+    else:  # several teachers (fd_ref.method.multi_teacher): one projection and one target normalisation each
         model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
         branches = list(model.branches)
         trainable = nn.ModuleDict({"student": student, "projections": model.projections,
                                    "target_norms": model.target_norms})
     model.to(info.device)
-    if precision == "bf16":
+    if run.precision == "bf16":
         for teacher in teachers:  # bf16 matrix products; norms and the returned features in fp32
             teacher.set_precision(torch.bfloat16)
     if cfg["grad_checkpointing"]:
         student.set_grad_checkpointing(True)
-    ddp, forward = run.wrap_model(model, info, cfg, broadcast_buffers=False)
+    ddp, forward = setup.wrap_model(model, run, broadcast_buffers=False)
 
-    lrs, total_batch = run.scaled_lrs(cfg, info)
-    lr = lrs["base_lr"]
+    lr = run.lrs["base_lr"]
     optimizer = build_optimizer(trainable, lr=lr, weight_decay=cfg["weight_decay"])
-    loader, sampler = run.train_loader(dataset, cfg, info)
-    scheduler = run.warmup_cosine(optimizer, lrs, sampler, cfg)
+    loader, sampler = setup.train_loader(dataset, run)
+    scheduler = setup.warmup_cosine(optimizer, run, sampler)
 
     def step_fn(batch) -> torch.Tensor:
         images = batch[0].to(info.device, non_blocking=True)
@@ -170,15 +171,17 @@ def main(argv=None) -> None:
         save_atomic({"model": student.state_dict(), "model_config": student.config,
                      "teacher": cfg["teacher"]}, folder / "student.pt")
 
-    trainer = run.begin(cfg, DEFAULTS, info, precision, total_batch, lrs, Path(cfg["output"]) / "student.pt",
-                        step_fn=step_fn, state_module=trainable, optimizer=optimizer, scheduler=scheduler,
-                        loader=loader, sampler=sampler, model_config=student.config, ddp=ddp, export=export)
+    def teacher_losses() -> dict:  # several teachers: each one's loss beside the total in log.jsonl
+        return {k: float(v) for k, v in model.last_losses.items()}
+
+    trainer = setup.begin(run, Job(step_fn, trainable, optimizer, scheduler, loader, sampler,
+                                   deliverable=Path(cfg["output"]) / "student.pt", model_config=student.config,
+                                   ddp=ddp, export=export,
+                                   log_extra=teacher_losses if isinstance(model, MultiTeacherDistillation) else None))
     if trainer is None:
         return  # that run already finished
-    if isinstance(model, MultiTeacherDistillation):  # each teacher's loss beside the total in log.jsonl
-        trainer.log_extra = lambda: {k: float(v) for k, v in model.last_losses.items()}
     fitted = fit_phi_s(branches, dataset, cfg["phi_s_images"], cfg["batch_size"], cfg["seed"], info.device,
-                       precision)  # nothing on a resume: the statistics are in checkpoint.pt
+                       run.precision)  # nothing on a resume: the statistics are in checkpoint.pt
     if info.is_main and fitted:
         print(f"PHI-S: teacher mean and covariance estimated on {fitted} training images", flush=True)
     if info.is_main:
@@ -186,7 +189,7 @@ def main(argv=None) -> None:
         described = " + ".join(f"{t.name} ({t.embed_dim}-d, grid {t.grid})" for t in teachers)
         print(f"distilling {described} into {cfg['model']} "
               f"({n_student / 1e6:.1f}M params, grid {student.grid}) on {len(dataset)} images, "
-              f"{info.world_size} process(es), {precision}, batch {total_batch}, lr {lr:.2e}", flush=True)
+              f"{info.world_size} process(es), {run.precision}, batch {run.total_batch}, lr {lr:.2e}", flush=True)
         random = [t["teacher"] for t in settings if t["teacher"] in PRESETS and not t["teacher_checkpoint"]]
         random_teacher = bool(random)
         if random_teacher:
@@ -196,7 +199,7 @@ def main(argv=None) -> None:
             print(f"warning: distilling a random teacher on {cfg['data']}; for a real run pass --config "
                   f"configs/fd_*.yaml or --teacher dino_vit_base|deit_vit_base|clip_vit_base|clip_vit_large",
                   flush=True)
-    run.fit(trainer)
+    setup.fit(trainer)
     if info.is_main:
         print(f"done: {Path(cfg['output']) / 'student.pt'}", flush=True)
 

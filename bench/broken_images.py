@@ -1,5 +1,5 @@
 """A corpus of broken and awkward image files, generated (never stored in the repository), with what
-``fd_ref.images.RobustImageFolder`` is documented to do with each: decode it (and to what), or skip it
+``fd_ref.data.images.RobustImageFolder`` is documented to do with each: decode it (and to what), or skip it
 with a warning and count it. ``bench/soak.py`` runs train.py and finetune.py on the corpus; the test
 ``tests/test_soak.py`` checks every file against its expectation in-process.
 
@@ -109,7 +109,7 @@ def bad_files(paths: dict[str, Path]) -> dict[str, Path]:
 
 def check_decoding(root: str | os.PathLike, paths: dict[str, Path]) -> list[str]:
     """Every corpus file against ``EXPECTED`` through ``RobustImageFolder``; the problems found ([] if none)."""
-    from fd_ref.images import RobustImageFolder
+    from fd_ref.data.images import RobustImageFolder
 
     folder = RobustImageFolder(root)
     problems = []

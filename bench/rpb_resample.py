@@ -1,7 +1,7 @@
 """Relative position tables at another resolution: fd-ref's cubic resampling against linear, and against the
 published SciPy call (issue #23).
 
-fd-ref (``fd_ref/position.py``) resamples a table as the published ``utils.py`` does: the old offsets placed
+fd-ref (``fd_ref/method/position.py``) resamples a table as the published ``utils.py`` does: the old offsets placed
 on a geometric progression, then the not-a-knot bicubic spline of SciPy's ``interp2d(kind="cubic")``. timm's
 ``resize_rel_pos_bias_table`` builds the same progression but, without SciPy, interpolates linearly. This
 script measures how far the two are apart on learned tables (the CIFAR-10 study's distilled FD student: its
@@ -44,7 +44,7 @@ def compare(json_path: Path | None) -> dict:
     from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
 
     sys.path.insert(0, str(ROOT))
-    from fd_ref.position import num_relative_positions, resize_relative_position_bias_table
+    from fd_ref.method.position import num_relative_positions, resize_relative_position_bias_table
 
     tables = {name: (t.float(), (8, 8)) for name, t in learned_tables().items()}
     g = torch.Generator().manual_seed(0)
@@ -78,7 +78,7 @@ def export(path: Path) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from fd_ref.position import num_relative_positions, resize_relative_position_bias_table
+    from fd_ref.method.position import num_relative_positions, resize_relative_position_bias_table
 
     g = torch.Generator().manual_seed(0)
     arrays = {}

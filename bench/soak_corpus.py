@@ -70,8 +70,8 @@ def _noted(text: str) -> int:
 
 def split_seed(root: Path, bad: dict[str, Path]) -> int:
     """A --split-seed whose held-out images include some of the bad files but not all."""
-    from fd_ref.datasets import split_indices
-    from fd_ref.images import RobustImageFolder
+    from fd_ref.data.datasets import split_indices
+    from fd_ref.data.images import RobustImageFolder
 
     listed = [path for path, _ in RobustImageFolder(root).samples]
     bad_paths = {str(p) for p in bad.values()}

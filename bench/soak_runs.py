@@ -83,7 +83,7 @@ def saved_step(out: Path) -> tuple[int, bool]:
     path = out / "checkpoint.pt"
     if not path.exists():
         return 0, True
-    from fd_ref.checkpoint import load_file
+    from fd_ref.checkpoint.io import load_file
     from fd_ref.errors import UserError
     try:
         return int(load_file(path)["step"]), True

@@ -36,8 +36,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fd_ref.teachers import Teacher  # noqa: E402
-from fd_ref.whitening import whiten  # noqa: E402
+from fd_ref.models.teachers import Teacher  # noqa: E402
+from fd_ref.method.whitening import whiten  # noqa: E402
 
 
 def build(seed: int) -> Teacher:

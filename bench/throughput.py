@@ -66,7 +66,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fd_ref.flops import count_flops  # noqa: E402
+from fd_ref.engine.flops import count_flops  # noqa: E402
 from throughput_configs import (BASELINE, BF16_LEVERS, DTYPES, LEVERS, Config, Knobs,  # noqa: E402
                                 build_base, build_config, build_timm_base, optimised_knobs, timm_knobs)
 from throughput_measure import (CpuPeakMemory, CudaPeakMemory, cpu_flags, datasheet_peak,  # noqa: E402

@@ -15,11 +15,11 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fd_ref.distill import FeatureDistillation  # noqa: E402
-from fd_ref.loss import smooth_l1  # noqa: E402
-from fd_ref.optim import build_optimizer, param_groups  # noqa: E402
-from fd_ref.teachers import build_teacher  # noqa: E402
-from fd_ref.vit import create_vit  # noqa: E402
+from fd_ref.method.distill import FeatureDistillation  # noqa: E402
+from fd_ref.method.loss import smooth_l1  # noqa: E402
+from fd_ref.optim.groups import build_optimizer, param_groups  # noqa: E402
+from fd_ref.models.teachers import build_teacher  # noqa: E402
+from fd_ref.models.vit import create_vit  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -122,7 +122,7 @@ def build_timm_base(args: argparse.Namespace, device: torch.device) -> TimmDisti
     from timm.models.beit import Beit
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    from fd_ref.vit import PRESETS
+    from fd_ref.models.vit import PRESETS
     if args.student not in PRESETS or args.teacher not in PRESETS:
         raise SystemExit(f"--timm needs fd_ref preset names for --student and --teacher ({', '.join(PRESETS)})")
     s, t = PRESETS[args.student], PRESETS[args.teacher]

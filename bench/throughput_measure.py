@@ -153,14 +153,14 @@ def default_peak_n(dtype: torch.dtype, cuda: bool) -> int:
         return 4096
     if dtype == torch.float32:
         return 2048
-    from fd_ref.precision import cpu_has_native_bf16
+    from fd_ref.engine.precision import cpu_has_native_bf16
     return 2048 if cpu_has_native_bf16() else 256  # emulated bf16 is slow: a smaller matmul keeps it quick
 
 
 def datasheet_peak(dtype: torch.dtype, device: torch.device) -> Optional[float]:
-    """A known GPU's dense datasheet FLOP/s in ``dtype`` (fd_ref.flops' table), else None."""
+    """A known GPU's dense datasheet FLOP/s in ``dtype`` (fd_ref.engine.flops' table), else None."""
     if device.type != "cuda":
         return None
-    from fd_ref.flops import _GPU_PEAK
+    from fd_ref.engine.flops import _GPU_PEAK
     name = torch.cuda.get_device_name(device)
     return next((v for (fragment, dt), v in _GPU_PEAK.items() if fragment in name and dt == dtype), None)

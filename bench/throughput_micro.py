@@ -15,8 +15,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fd_ref.drop_path import add_branch, drop_path  # noqa: E402
-from fd_ref.optim import param_groups  # noqa: E402
+from fd_ref.method.drop_path import add_branch, drop_path  # noqa: E402
+from fd_ref.optim.groups import param_groups  # noqa: E402
 from throughput_configs import DTYPES, build_base  # noqa: E402
 from throughput_measure import CpuPeakMemory, CudaPeakMemory  # noqa: E402
 

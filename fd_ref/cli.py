@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from .errors import RunStopped, UserError
-from .runlock import release_all
+from fd_ref.engine.runlock import release_all
+from fd_ref.errors import RunStopped, UserError
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .errors import UserError
-from .files import FALSE_WORDS, TRUE_WORDS, parse_bool
+from fd_ref.errors import UserError
+from fd_ref.files import FALSE_WORDS, TRUE_WORDS, parse_bool
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,7 +5,7 @@
 The folder holds ``config.json`` (timm's ``architecture``, ``model_args`` and ``pretrained_cfg``: input
 size, mean/std, interpolation, crop_pct, num_classes), ``model.safetensors`` and a ``README.md`` model card.
 
-fd_ref's ViT is timm's ``Beit`` with other key names (``fd_ref.checkpoint.to_timm_beit``):
+fd_ref's ViT is timm's ``Beit`` with other key names (``fd_ref.checkpoint.keys.to_timm_beit``):
 
     pos_embed "shared_rpb" (an FD student)      -> use_shared_rel_pos_bias=True, one table for all blocks
     pos_embed "rpb"        (a fine-tuned model) -> use_rel_pos_bias=True, one table per block
@@ -33,11 +33,12 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .errors import UserError
-from .files import current_umask
-from .model_file import ModelFile, build_vit, read_model_file
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
-from .vit import PRESETS
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
+from fd_ref.errors import UserError
+from fd_ref.files import current_umask
+from fd_ref.models.from_file import ModelFile, build_model, read_model_file
+from fd_ref.models.vit import PRESETS
 
 BEIT_ARCHITECTURE = "beit_base_patch16_224"  # any registered Beit entry point: model_args set every size
 DEFAULT_CROP_PCT = 0.875
@@ -234,9 +235,7 @@ def _export_timm_backbone(mf: ModelFile, folder: Path, repo_id: Optional[str]) -
     ViT export: timm's model rebuilt from config.json must give the same features and logits."""
     import timm
 
-    from .timm_backbone import load_backbone
-
-    backbone = load_backbone(mf.config, mf.state, mf.path).eval()
+    backbone = build_model(mf)
     inner, name = backbone.model, str(mf.config["timm"])
     img_size = int(mf.config.get("img_size") or 224)
     args = _timm_model_args(name, mf.config.get("timm_kwargs") or {}, img_size, backbone.num_classes)
@@ -279,7 +278,7 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
     Returns a summary (architecture, model_args, the checked max difference)."""
     import timm
 
-    from .checkpoint import to_timm_beit
+    from fd_ref.checkpoint.keys import to_timm_beit
 
     source, folder = Path(source), Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -287,10 +286,13 @@ def export_model(source: str | os.PathLike, folder: str | os.PathLike, *, overwr
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise UserError(f"{folder} exists and is not empty; pass --overwrite to replace it, or another folder")
     mf = read_model_file(source)
+    if "timm" in mf.config and mf.linear_probe:
+        raise UserError(f"{source} cannot be exported: it is a linear probe (BatchNorm + linear head on a frozen "
+                        f"backbone); export the student it was probed from")
     if "timm" in mf.config:  # a timm student: exported as that timm model
         return _export_timm_backbone(mf, folder, repo_id)
     args = beit_model_args(mf.config, source)
-    fd_model = build_vit(mf)
+    fd_model = build_model(mf)
     timm_model = timm.create_model(BEIT_ARCHITECTURE, pretrained=False, **args).eval()
     result = timm_model.load_state_dict(to_timm_beit(fd_model.state_dict()), strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -319,7 +321,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) 
         import huggingface_hub as hf
     except ImportError:
         raise UserError("--push-to-hub needs the huggingface_hub package (pip install huggingface_hub)") from None
-    from .hub import hub_error_message
+    from fd_ref.models.hub import hub_error_message
 
     try:
         api = hf.HfApi()

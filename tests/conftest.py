@@ -21,7 +21,7 @@ def _auto_precision_is_fp32():
     """In-process runs resolve ``--precision auto`` as on a CPU without native bf16, so the suite's numbers
     (tight tolerances, exact resumes) do not depend on which CPU runs it; tests/test_precision.py tests the
     rule itself with the capability stubbed both ways."""
-    from fd_ref import precision
+    from fd_ref.engine import precision
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(precision, "cpu_has_native_bf16", lambda: False)
         yield

@@ -1,6 +1,6 @@
 """Simulated failures for the tests that run train.py / finetune.py as processes (test_user_errors.py,
 test_interruption.py, test_reliability.py). The library knows nothing of them: this module builds a hook from
-environment variables and installs it with :func:`fd_ref.engine.install_fault_hook`; ``run_with_faults.py``
+environment variables and installs it with :func:`fd_ref.engine.faults.install_fault_hook`; ``run_with_faults.py``
 (the entry the tests start instead of ``python train.py``) and the launcher's forked children
 (robustness_helpers.py) call :func:`install_from_env` before running the script. Unset or empty, the variables
 install nothing.
@@ -54,7 +54,7 @@ class FaultInjection:
             raise SystemExit(f"{', '.join(VARIABLES)} (test fault injection) must be integers (k:SIGNAME for "
                              f"the signal); unset them") from None
 
-    # -- the hook the loop calls (fd_ref.engine.install_fault_hook) ------------------------------------
+    # -- the hook the loop calls (fd_ref.engine.faults.install_fault_hook) ------------------------------------
     def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
         return loss * float("nan") if attempt in self.nan_at_steps else loss
 
@@ -74,6 +74,6 @@ class FaultInjection:
 
 def install_from_env() -> None:
     """Install the faults the FD_TEST_* variables ask for (none set: nothing is installed)."""
-    from fd_ref.engine import install_fault_hook
+    from fd_ref.engine.faults import install_fault_hook
     if any(os.environ.get(key, "").strip() for key in VARIABLES):
         install_fault_hook(FaultInjection.from_env())

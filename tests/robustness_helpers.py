@@ -275,7 +275,7 @@ def student_file(path: Path, embed_dim: int = 64, record_config: bool = True, **
     """A student.pt as train.py writes it (or a bare state dict / an older config with keys dropped)."""
     import torch
 
-    from fd_ref.vit import create_vit
+    from fd_ref.models.vit import create_vit
     model = create_vit("vit_tiny", img_size=32, patch_size=16, depth=1, embed_dim=embed_dim, num_heads=2)
     state = {k: v for k, v in model.state_dict().items() if not any(d in k for d in drop.get("state", ()))}
     blob = {"model": state}
@@ -286,7 +286,7 @@ def student_file(path: Path, embed_dim: int = 64, record_config: bool = True, **
 
 
 def load_checkpoint(path: Path) -> dict:
-    from fd_ref.checkpoint import load_file
+    from fd_ref.checkpoint.io import load_file
     return load_file(path)
 
 

@@ -1,4 +1,4 @@
-"""Invariants of the Section 4 diagnostics in fd_ref.analysis."""
+"""Invariants of the Section 4 diagnostics in fd_ref.analysis.diagnostics."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fd_ref.analysis import (
+from fd_ref.analysis.diagnostics import (
     attention_distance,
     attention_geometry,
     average_attention_map,

@@ -17,10 +17,10 @@ if str(REPO) not in sys.path:  # analyze.py is a script at the repository root, 
     sys.path.insert(0, str(REPO))
 
 import analyze  # noqa: E402
-from fd_ref.analysis import attention_distance, attention_geometry, collect_attention  # noqa: E402
-from fd_ref.checkpoint import load_vit  # noqa: E402
+from fd_ref.analysis.diagnostics import attention_distance, attention_geometry, collect_attention  # noqa: E402
+from fd_ref.models.from_file import build_model, read_model_file  # noqa: E402
 from fd_ref.errors import UserError  # noqa: E402
-from fd_ref.vit import VisionTransformer  # noqa: E402
+from fd_ref.models.vit import VisionTransformer  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 TOKENS = 1 + (32 // 8) ** 2  # class token + 4x4 patches
@@ -97,7 +97,7 @@ def test_landscape_only_for_the_classifier(report, models) -> None:
     # The centre is the unperturbed model: per-image mean cross-entropy on the analysed images.
     cfg = {**analyze.DEFAULTS, "num_images": 8, "batch_size": 5, "num_workers": 0}
     batches = analyze.load_images(cfg).batches(32, cfg, torch.device("cpu"))
-    model, _ = load_vit(models["b"])
+    model = build_model(read_model_file(models["b"]))
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(x) for x, _ in batches])
@@ -111,7 +111,7 @@ def test_distance_over_batches_equals_one_pass(report, models) -> None:
     _, data = report
     cfg = {**analyze.DEFAULTS, "num_images": 8, "batch_size": 8, "num_workers": 0}
     (images, _), = analyze.load_images(cfg).batches(32, cfg, torch.device("cpu"))
-    model, _ = load_vit(models["a"])
+    model = build_model(read_model_file(models["a"]))
     grid, patch = attention_geometry(model)
     expected = [attention_distance(a, grid, patch).tolist() for a in collect_attention(model, images)]
     got = data["models"][0]["attention_distance"]
@@ -157,10 +157,10 @@ def test_missing_model_file_exits_2_with_one_line() -> None:
 
 def test_val_split_analyses_only_the_training_hold_out(tmp_path) -> None:
     """--val-split N --split-seed S picks images from exactly the hold-out that train.py / finetune.py carve
-    from the same folder (fd_ref.splits.train_val_datasets), never from the images they train on."""
+    from the same folder (fd_ref.data.splits.train_val_datasets), never from the images they train on."""
     from PIL import Image
 
-    from fd_ref.splits import train_val_datasets
+    from fd_ref.data.splits import train_val_datasets
     folder = tmp_path / "images"
     for c in ("a", "b", "c"):
         (folder / c).mkdir(parents=True)

@@ -1,5 +1,5 @@
 """The paper's baselines ("teacher fine-tuned") must be the published networks: a timm DeiT-, DINO- or
-OpenAI-CLIP-shaped checkpoint (no recorded architecture) loads through finetune.build_model into a model
+OpenAI-CLIP-shaped checkpoint (no recorded architecture) loads through finetune.build_finetune_model into a model
 that computes the same function as timm's, before any training:
 
 - the linear-probe backbone (class-token pooling, final norm kept) gives timm's ``forward_features``,
@@ -17,10 +17,10 @@ import timm
 import torch
 
 import finetune
-from fd_ref.checkpoint import infer_vit_options
+from fd_ref.checkpoint.keys import infer_vit_options
 from fd_ref.config import resolve_config
 from fd_ref.errors import UserError
-from fd_ref.vit import QuickGELU, VisionTransformer
+from fd_ref.models.vit import QuickGELU, VisionTransformer
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 FLAGS = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2",
@@ -44,7 +44,7 @@ def _timm_checkpoint(kind: str, path) -> torch.nn.Module:
 
 def _build(path, *extra) -> tuple[torch.nn.Module, str]:
     cfg = resolve_config(finetune.DEFAULTS, FLAGS + ["--pretrained", str(path), *extra])
-    return finetune.build_model(cfg)
+    return finetune.build_finetune_model(cfg)
 
 
 def _tokens_before_final_norm(model, x):

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from broken_images import EXPECTED, bad_files, check_decoding, make_corpus  # noqa: E402
 
-from fd_ref.images import ImageSkipped, RobustImageFolder, load_rgb  # noqa: E402
+from fd_ref.data.images import ImageSkipped, RobustImageFolder, load_rgb  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +82,13 @@ def test_finetune_counts_the_validation_images_it_skips(tmp_path: Path) -> None:
     """finetune.py's evaluation skipped unreadable validation files (with a warning) but counted them
     nowhere: log.jsonl and the closing note covered the training set only. ``evaluate`` now returns
     ``skipped_val_images`` (summed over ranks), which the epoch's log.jsonl record carries."""
-    import contextlib
-
     import numpy as np
     import torch
     from PIL import Image
 
     import finetune
     from fd_ref.data import eval_transform
-    from fd_ref.sampler import make_loader
+    from fd_ref.data.sampler import make_loader
 
     for cls, bad in (("a", "zero.jpg"), ("b", "notes.jpg")):
         (tmp_path / cls).mkdir()
@@ -102,11 +100,11 @@ def test_finetune_counts_the_validation_images_it_skips(tmp_path: Path) -> None:
     val = [names.index("zero.jpg"), names.index("notes.jpg"), 0]  # each bad file's successor is good
     loader, _ = make_loader(torch.utils.data.Subset(folder, val), 2, seed=0, shuffle=False, drop_last=False)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
-    metrics = finetune.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
+    metrics = finetune.evaluate(model, loader, torch.device("cpu"))
     assert metrics["skipped_val_images"] == 2
     good = torch.utils.data.Subset(RobustImageFolder(tmp_path, eval_transform(32, 0.875)), [0, 1])  # fresh count
     loader, _ = make_loader(good, 2, seed=0, shuffle=False, drop_last=False)
-    assert "skipped_val_images" not in finetune.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
+    assert "skipped_val_images" not in finetune.evaluate(model, loader, torch.device("cpu"))
 
 
 def test_a_split_replaces_a_bad_file_from_within_itself(tmp_path: Path) -> None:
@@ -117,7 +115,7 @@ def test_a_split_replaces_a_bad_file_from_within_itself(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from fd_ref.splits import train_val_datasets
+    from fd_ref.data.splits import train_val_datasets
 
     (tmp_path / "a").mkdir()
     for i in range(14):  # a unique gray level per good file (lossless PNG): an image names its file

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from fd_ref.checkpoint import (expand_shared_rpb, load_file, load_weights, model_state,
-                               remove_stale_temporaries, save_atomic)
+from fd_ref.checkpoint.keys import expand_shared_rpb
+from fd_ref.checkpoint.io import load_file, load_weights, model_state, remove_stale_temporaries, save_atomic
 from fd_ref.errors import UserError
-from fd_ref.vit import VisionTransformer
+from fd_ref.models.vit import VisionTransformer
 
 
 class Evil:

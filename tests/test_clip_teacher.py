@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fd_ref.teachers import IMAGENET_MEAN, IMAGENET_STD, PAPER_TEACHERS, build_teacher
+from fd_ref.models.teachers import IMAGENET_MEAN, IMAGENET_STD, PAPER_TEACHERS, build_teacher
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

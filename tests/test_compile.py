@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import train
-from fd_ref.distill import FeatureDistillation
-from fd_ref.teachers import build_teacher
-from fd_ref.vit import create_vit
+from fd_ref.method.distill import FeatureDistillation
+from fd_ref.models.teachers import build_teacher
+from fd_ref.models.vit import create_vit
 
 pytestmark = pytest.mark.slow
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import train
-from fd_ref.distill import FeatureDistillation
-from fd_ref.teachers import build_teacher
-from fd_ref.vit import create_vit
+from fd_ref.method.distill import FeatureDistillation
+from fd_ref.models.teachers import build_teacher
+from fd_ref.models.vit import create_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,10 +218,10 @@ def test_train_py_under_torchrun_nccl(tmp_path):
 DDP_STEP = textwrap.dedent('''
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
-    from fd_ref.distributed import init_distributed
-    from fd_ref.distill import FeatureDistillation
-    from fd_ref.teachers import build_teacher
-    from fd_ref.vit import create_vit
+    from fd_ref.engine.distributed import init_distributed
+    from fd_ref.method.distill import FeatureDistillation
+    from fd_ref.models.teachers import build_teacher
+    from fd_ref.models.vit import create_vit
     info = init_distributed()
     assert dist.get_backend() == "nccl", dist.get_backend()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -23,7 +23,7 @@ from fd_ref.data import (
     split_indices,
 )
 from fd_ref.errors import UserError
-from fd_ref.sampler import make_loader
+from fd_ref.data.sampler import make_loader
 
 # ------------------------------------------------------------------------------------------------ synthetic
 

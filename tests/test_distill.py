@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fd_ref.distill import FeatureDistillation, match_token_grid
-from fd_ref.teachers import Teacher, build_teacher
-from fd_ref.vit import VisionTransformer
+from fd_ref.method.distill import FeatureDistillation, match_token_grid
+from fd_ref.models.teachers import Teacher, build_teacher
+from fd_ref.models.vit import VisionTransformer
 
 
 def _student(seed=0, patch=8, drop_path_rate=0.0, dim=32):

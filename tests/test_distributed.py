@@ -1,4 +1,4 @@
-"""Tests for fd_ref.distributed: single-process mode, and two real gloo processes on localhost."""
+"""Tests for fd_ref.engine.distributed: single-process mode, and two real gloo processes on localhost."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fd_ref import distributed as fdd
+from fd_ref.engine import distributed as fdd
 from fd_ref.errors import UserError
 
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

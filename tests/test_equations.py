@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,10 +11,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fd_ref.drop_path import DropPath, add_branch, drop_path, drop_path_rates
-from fd_ref.loss import smooth_l1
-from fd_ref.projection import Projection
-from fd_ref.whitening import whiten
+from fd_ref.method.drop_path import DropPath, add_branch, drop_path, drop_path_rates
+from fd_ref.method.loss import smooth_l1
+from fd_ref.method.projection import Projection
+from fd_ref.method.whitening import whiten
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=2).flatmap(
     lambda lead: st.integers(2, 48).map(lambda c: tuple(lead) + (c,)))
@@ -304,10 +305,24 @@ def test_drop_path_rates_linear_from_zero_to_max(max_rate, depth):
     if depth > 1:
         assert rates[-1] == pytest.approx(max_rate)
         step = max_rate / (depth - 1)
-        for i, r in enumerate(rates):
-            assert r == pytest.approx(i * step, abs=1e-12)
+        for i, r in enumerate(rates):  # float32 rates (as published): within float32's rounding of i * step
+            assert r == pytest.approx(i * step, rel=1e-6, abs=1e-12)
     assert all(a <= b for a, b in zip(rates, rates[1:]))
 
 
 def test_drop_path_rates_hand_example():
     assert drop_path_rates(0.3, 4) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+@given(max_rate=st.floats(0.0, 0.9), depth=st.integers(1, 48))
+def test_drop_path_rates_are_the_published_float32_ones(max_rate, depth):
+    """Bit for bit the rates the published ViT computes (``[x.item() for x in torch.linspace(0, rate, depth)]``,
+    written out in tests/swinv2_reference.py): float32 values, not a float64 formula."""
+    import swinv2_reference as published
+    rates = drop_path_rates(max_rate, depth)
+    assert rates == published.drop_path_rates(max_rate, (depth,))
+    assert all(float(np.float32(r)) == r for r in rates)
+
+
+def test_drop_path_rates_differ_from_a_float64_formula():
+    assert drop_path_rates(0.1, 4)[1] != 0.1 / 3 and drop_path_rates(0.1, 4)[1] == float(np.float32(0.1 / 3))

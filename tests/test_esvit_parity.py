@@ -18,11 +18,11 @@ import re
 import pytest
 import torch
 
-import fd_ref.teachers as teachers
+import fd_ref.models.teachers as teachers
 import swin_reference as ref
 from swin_windows import mask_windows_column_major
 from fd_ref.errors import UserError
-from fd_ref.teachers import build_teacher, esvit_to_timm
+from fd_ref.models.teachers import build_teacher, esvit_to_timm
 
 TOL = 1e-4  # max |teacher - reference| in fp32, features of order 1 (seen: 0 on CPU, where timm's unfused
 #             attention runs the same operations; the margin is for fused attention and other kernels)

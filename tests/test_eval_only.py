@@ -14,9 +14,9 @@ import torch
 
 import finetune
 import train
-from fd_ref.checkpoint import save_atomic
+from fd_ref.checkpoint.io import save_atomic
 from fd_ref.errors import UserError
-from fd_ref.vit import VisionTransformer
+from fd_ref.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2",
@@ -69,8 +69,9 @@ def test_linear_probe_file_is_evaluated(student, tmp_path):
     for key in ("top1", "top5", "val_loss"):
         assert metrics[key] == pytest.approx(results["final"][key], rel=1e-9, abs=1e-9)
     # analyze.py reads the same file: the probe's frozen backbone, every tensor loaded
-    from fd_ref.checkpoint import load_vit
-    backbone, summary = load_vit(out / "checkpoint.pt")
+    from fd_ref.models.from_file import build_model, read_model_file
+    mf = read_model_file(out / "checkpoint.pt")
+    backbone, summary = build_model(mf).backbone, mf.summary
     assert backbone.num_classes == 0 and "missing" not in summary
     probe = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     assert torch.equal(backbone.blocks[0].mlp.fc1.weight, probe["backbone.blocks.0.mlp.fc1.weight"])

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 import export
 import finetune
 import train
-from fd_ref.checkpoint import save_atomic
+from fd_ref.checkpoint.io import save_atomic
 from fd_ref.errors import UserError
 from fd_ref.export import beit_model_args
-from fd_ref.vit import VisionTransformer
+from fd_ref.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2",

@@ -7,6 +7,7 @@ run is in-process through ``finetune.main(argv)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,15 +16,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fd_ref.run
+import fd_ref.engine.setup
 import finetune
 import train
 from fd_ref.config import resolve_config
 from fd_ref.data import SingleDrawResizedCrop, build_mixup
 from fd_ref.errors import UserError
-from fd_ref.lars import Lars
-from fd_ref.probe import LinearProbe
-from fd_ref.vit import VisionTransformer
+from fd_ref.optim.lars import Lars
+from fd_ref.models.probe import LinearProbe
+from fd_ref.models.vit import VisionTransformer
 
 DEPTH = 2
 STUDENT = ["--img-size", "32", "--patch-size", "8", "--depth", str(DEPTH), "--embed-dim", "32", "--num-heads", "2",
@@ -71,7 +72,7 @@ def test_loaded_student_computes_the_same_features(student):
     shared = VisionTransformer(**blob["model_config"])
     shared.load_state_dict(blob["model"])  # strict: student.pt is exactly the student
     cfg = resolve_config(finetune.DEFAULTS, FT + ["--pretrained", str(student)])
-    model, summary = finetune.build_model(cfg)
+    model, summary = finetune.build_finetune_model(cfg)
 
     assert isinstance(model, VisionTransformer)
     assert model.pos_embed_type == "rpb" and model.rel_pos_bias is None and model.global_pool == "avg"
@@ -218,12 +219,12 @@ def test_linear_probe_features_are_the_published_models(pool):
 def _recording_trainer(monkeypatch):
     trainers = []
 
-    class Recording(fd_ref.run.Trainer):
+    class Recording(fd_ref.engine.setup.Trainer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(fd_ref.run, "Trainer", Recording)  # the Trainer finetune.main builds
+    monkeypatch.setattr(fd_ref.engine.setup, "Trainer", Recording)  # the Trainer finetune.main builds
     return trainers
 
 
@@ -430,15 +431,15 @@ def test_bf16_fine_tuning_evaluates_in_float32(student, tmp_path, monkeypatch):
             hook.remove()
 
     monkeypatch.setattr(finetune, "evaluate", spy)
-    real_step = fd_ref.run.begin
+    real_step = fd_ref.engine.setup.begin
 
-    def begin(*args, step_fn, **kwargs):
+    def begin(run, job):
         def step(batch):
             seen["train"].append(torch.is_autocast_enabled("cpu"))
-            return step_fn(batch)
-        return real_step(*args, step_fn=step, **kwargs)
+            return job.step_fn(batch)
+        return real_step(run, dataclasses.replace(job, step_fn=step))
 
-    monkeypatch.setattr(fd_ref.run, "begin", begin)
+    monkeypatch.setattr(fd_ref.engine.setup, "begin", begin)
     finetune.main(FT + ["--pretrained", str(student), "--precision", "bf16", "--epochs", "1",
                         "--output", str(tmp_path)])
     assert seen["train"] and all(seen["train"])
@@ -453,7 +454,7 @@ def test_fine_tuning_at_another_resolution_resamples_the_tables_as_published(stu
 
     shared = torch.load(student, map_location="cpu", weights_only=True)["model"]["rel_pos_bias.table"]
     cfg = resolve_config(finetune.DEFAULTS, FT + ["--pretrained", str(student), "--img-size", "48"])
-    model, _ = finetune.build_model(cfg)
+    model, _ = finetune.build_finetune_model(cfg)
     assert model.grid == (6, 6)
     expected = published_resize(shared, (4, 4), (6, 6))
     for block in model.blocks:

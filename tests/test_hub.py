@@ -68,7 +68,7 @@ def test_the_check_asks_the_configured_mirror(tmp_path):
     thread.start()
     try:
         mirror = f"http://127.0.0.1:{server.server_address[1]}"
-        code = "from fd_ref.hub import hub_unreachable; print(repr(hub_unreachable('timm/some_model')))"
+        code = "from fd_ref.models.hub import hub_unreachable; print(repr(hub_unreachable('timm/some_model')))"
         proc = _run(["-c", code], _env(tmp_path, HF_ENDPOINT=mirror))
     finally:
         server.shutdown()
@@ -80,6 +80,6 @@ def test_the_check_asks_the_configured_mirror(tmp_path):
 def test_hub_error_messages_name_the_cause():
     from huggingface_hub import errors as hf_errors
 
-    from fd_ref.hub import hub_error_message
+    from fd_ref.models.hub import hub_error_message
     assert "offline mode" in hub_error_message(hf_errors.OfflineModeIsEnabled("x"))
     assert "no connection" in hub_error_message(ConnectionError("refused"))

@@ -18,8 +18,8 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fd_ref.projection import Projection
-from fd_ref.vit import VisionTransformer
+from fd_ref.method.projection import Projection
+from fd_ref.models.vit import VisionTransformer
 
 STD = 0.02
 

@@ -114,7 +114,7 @@ def test_a_shielded_worker_obeys_only_its_parent() -> None:
     """``shield_loader_worker`` in a fresh child (default signal dispositions, as under the spawn and
     forkserver start methods, Python 3.14's default, where no handler is inherited): SIGUSR1 and SIGTERM
     from another process leave it running; SIGTERM from its parent ends it with status 0."""
-    from fd_ref.loop_stop import shield_loader_worker
+    from fd_ref.data.sampler import shield_loader_worker
     child = os.fork()
     if child == 0:  # the worker
         try:

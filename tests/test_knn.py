@@ -1,4 +1,4 @@
-"""Spec tests of the weighted k-NN (fd_ref.knn, DINO's: k 20, T 0.07, cosine similarity, votes exp(sim/T))
+"""Spec tests of the weighted k-NN (fd_ref.engine.knn, DINO's: k 20, T 0.07, cosine similarity, votes exp(sim/T))
 against a k-NN written out with loops, on random features and on a small separable set; and of
 ``finetune.py --knn`` on every kind of model file fd-ref loads (FD ViT student, timm student, fine-tuned)."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import finetune
 import train
-from fd_ref.knn import knn_accuracy, knn_scores
+from fd_ref.engine.knn import knn_accuracy, knn_scores
+from fd_ref.models.finetune_model import build_finetune_model
 
 
 def _hand_knn(train_f, train_y, query_f, num_classes, k=20, t=0.07):
@@ -94,9 +95,9 @@ def test_knn_of_an_fd_student_matches_the_probe_features_by_hand(tmp_path, capsy
     results = _knn(tmp_path, fd / "student.pt", capsys)
     # the same numbers from the probe's own features, put through the hand-written k-NN
     from fd_ref.data import eval_transform
-    from fd_ref.splits import train_val_datasets
-    model, _ = finetune.build_model({**finetune.DEFAULTS, "pretrained": str(fd / "student.pt"), "linear_probe": True,
-                                     "img_size": 32})
+    from fd_ref.data.splits import train_val_datasets
+    model, _ = build_finetune_model({**finetune.DEFAULTS, "pretrained": str(fd / "student.pt"),
+                                     "linear_probe": True, "img_size": 32})
     tf = eval_transform(32, finetune.DEFAULTS["crop_pct"])
     tr, va = train_val_datasets("synthetic", tf, tf, val_split=16, synthetic_size=48, img_size=32)
     feats = [(torch.stack([model.eval().features(ds[i][0][None])[0] for i in range(len(ds))]),

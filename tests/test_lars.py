@@ -1,4 +1,4 @@
-"""fd_ref.lars.Lars, the published linear probe's optimiser (MoCo v3's LARS): a hand formula for several
+"""fd_ref.optim.lars.Lars, the published linear probe's optimiser (MoCo v3's LARS): a hand formula for several
 steps, and timm's Lars as an independent reference where the two variants coincide (no weight decay)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fd_ref.errors import UserError
-from fd_ref.lars import Lars
+from fd_ref.optim.lars import Lars
 
 
 def _hand_lars(params, grads_per_step, lr, wd, momentum, trust):

@@ -18,12 +18,13 @@ from torch.utils.data import TensorDataset
 
 import finetune
 import train
-from fd_ref import engine
-from fd_ref.distributed import DistInfo
-from fd_ref.engine import LoopSettings, Trainer
+from fd_ref.engine import trainer as engine
+from fd_ref.engine.distributed import DistInfo
+from fd_ref.engine.job import Job, LoopSettings
+from fd_ref.engine.trainer import Trainer
 from fd_ref.errors import UserError
-from fd_ref.sampler import make_loader
-from fd_ref.schedule import WarmupCosine
+from fd_ref.data.sampler import make_loader
+from fd_ref.optim.schedule import WarmupCosine
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "1", "--embed-dim", "16", "--num-heads", "2",
         "--teacher-patch-size", "8", "--teacher-depth", "1", "--synthetic-size", "32", "--batch-size", "8",
@@ -118,9 +119,9 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
     settings = LoopSettings(output=str(tmp_path), epochs=2, batch_size=4, log_every=2, progress=False)
-    trainer = Trainer(step_fn=step_fn, state_module=model, optimizer=optimizer, scheduler=scheduler,
-                      loader=loader, sampler=sampler, settings=settings, info=info, config={},
-                      on_epoch_end=on_epoch_end)
+    job = Job(step_fn=step_fn, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+              sampler=sampler, deliverable=tmp_path / "results.json", on_epoch_end=on_epoch_end)
+    trainer = Trainer(job=job, settings=settings, info=info, config={})
     trainer.flops_per_image, trainer.peak = 0.0, 0.0  # skip the FLOP count (it would run step_fn)
     return trainer, scheduler
 
@@ -162,7 +163,7 @@ def test_logged_lr_is_the_base_lr_of_the_schedule(tmp_path):
     records = [r for r in read_log(tmp_path) if "loss" in r]
     assert [r["lr"] for r in records] == pytest.approx([expected(r["step"]) for r in records], rel=1e-9)
     # the other groups follow the published per-group schedule: their own peak 0.1 * lr_scale, the floor
-    # and warm-up start shared (fd_ref.schedule); checked in the middle of the cosine
+    # and warm-up start shared (fd_ref.optim.schedule); checked in the middle of the cosine
     sched, groups = trainer.scheduler, trainer.optimizer.param_groups
     sched.load_state_dict({**sched.state_dict(), "step_count": 4})
     t = (4 - 2) / 6

@@ -1,4 +1,4 @@
-"""Spec tests of several teachers at once (fd_ref.multi_teacher, train.py --teacher A B ...): one teacher
+"""Spec tests of several teachers at once (fd_ref.method.multi_teacher, train.py --teacher A B ...): one teacher
 of weight 1 is FD's objective step by step, bit for bit; with several, the loss is the weighted sum of each
 teacher's FD loss computed on its own; ViT + CNN + Swin teachers of different widths and grids train
 together; the flags, YAML lists, log.jsonl, student.pt and checkpoint.pt of a two-teacher run; and the
@@ -15,12 +15,12 @@ import yaml
 
 import train
 from fd_ref.config import resolve_config
-from fd_ref.distill import FeatureDistillation
 from fd_ref.errors import UserError
-from fd_ref.multi_teacher import MultiTeacherDistillation, teacher_keys
-from fd_ref.teacher_list import TEACHER_KEYS, teacher_settings
-from fd_ref.teachers import Teacher, build_teacher
-from fd_ref.vit import VisionTransformer
+from fd_ref.method.distill import FeatureDistillation
+from fd_ref.method.multi_teacher import MultiTeacherDistillation, teacher_keys
+from fd_ref.models.teacher_list import TEACHER_KEYS, teacher_settings
+from fd_ref.models.teachers import Teacher, build_teacher
+from fd_ref.models.vit import VisionTransformer
 
 RESNET = ("resnet18", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8))
 SWIN = ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4))

@@ -1,4 +1,4 @@
-"""Tests for fd_ref.optim: weight-decay exclusion, layer ids, layer-wise lr decay groups, AdamW construction."""
+"""Tests for fd_ref.optim.groups: weight-decay exclusion, layer ids, layer-wise lr decay groups, AdamW construction."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fd_ref.errors import UserError
-from fd_ref.optim import build_optimizer, layer_id, no_weight_decay, param_groups, strip_prefix
+from fd_ref.optim.groups import build_optimizer, layer_id, no_weight_decay, param_groups, strip_prefix
 
 DIM = 4
 
@@ -241,7 +241,8 @@ def test_adamw_hyperparameters_are_the_published_ones() -> None:
 
     import finetune
     import train
-    from fd_ref.timm_backbone import TimmBackbone, build_timm_optimizer
+    from fd_ref.models.timm_backbone import TimmBackbone
+    from fd_ref.optim.groups import build_timm_optimizer
 
     assert train.DEFAULTS["weight_decay"] == finetune.DEFAULTS["weight_decay"] == 0.05
     configs = sorted((Path(__file__).parents[1] / "configs").glob("f[dt]_*.yaml"))
@@ -264,7 +265,7 @@ def test_declared_no_weight_decay_resolves_module_names() -> None:
     """A submodule's ``no_weight_decay()`` may list parameters or modules (timm has done both): a parameter's
     name exempts that parameter, a module's name every parameter under it, relative to the listing module;
     names that are neither exempt nothing (a listed ``mlp`` must not exempt ``mlp2``)."""
-    from fd_ref.optim import declared_no_weight_decay
+    from fd_ref.optim.groups import declared_no_weight_decay
 
     class Inner(nn.Module):
         def __init__(self) -> None:

@@ -10,7 +10,7 @@ from PIL import Image
 
 import analyze
 from fd_ref.errors import UserError
-from fd_ref.plots import series, draw_training_curves, read_run
+from fd_ref.analysis.plots import series, draw_training_curves, read_run
 
 
 def _write_log(folder: Path, records: list[dict]) -> Path:

@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from fd_ref.position import (RelativePositionBias, geometric_positions, num_relative_positions,
-                             relative_position_index, resize_relative_position_bias_table)
-from fd_ref.vit import VisionTransformer
+from fd_ref.method.position import (RelativePositionBias, geometric_positions, num_relative_positions,
+                                    relative_position_index, resize_relative_position_bias_table)
+from fd_ref.models.vit import VisionTransformer
 
 grids = st.tuples(st.integers(1, 6), st.integers(1, 6))
 

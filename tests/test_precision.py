@@ -1,4 +1,4 @@
-"""--precision auto: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs (fd_ref/precision.py).
+"""--precision auto: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs (fd_ref/engine/precision.py).
 
 The capability check is stubbed both ways, so the rule is tested whatever CPU runs the suite."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fd_ref import precision
-from fd_ref.precision import resolve_precision
+from fd_ref.engine import precision
+from fd_ref.engine.precision import resolve_precision
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])

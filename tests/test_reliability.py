@@ -21,9 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import robustness_helpers as rb
-from fd_ref.checkpoint import check_model_config, save_atomic
+from fd_ref.models.from_file import check_model_config
+from fd_ref.checkpoint.io import save_atomic
 from fd_ref.errors import UserError
-from fd_ref.resume import RUN_CONTROL_KEYS, config_differences, describe
+from fd_ref.engine.resume import RUN_CONTROL_KEYS, config_differences, describe
 from robustness_helpers import close_launcher_per_module  # noqa: F401 - the autouse fixture: one launcher per module
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -364,19 +365,19 @@ def test_config_differences_for_keys_one_side_lacks() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 def test_unknown_model_config_keys_are_named(tmp_path: Path) -> None:
-    from fd_ref.checkpoint import load_vit
-    from fd_ref.vit import create_vit
+    from fd_ref.models.from_file import build_model, read_model_file
+    from fd_ref.models.vit import create_vit
 
     model = create_vit("vit_tiny", img_size=32, patch_size=16, depth=1, embed_dim=64, num_heads=2)
     path = tmp_path / "student.pt"
     torch.save({"model": model.state_dict(), "model_config": {**model.config, "swiglu": True, "rope": "2d"}}, path)
     with pytest.raises(UserError) as e:
-        load_vit(path)
+        read_model_file(path)
     message = str(e.value)
     assert "\n" not in message and "rope='2d', swiglu=True" in message and "newer version" in message
     assert check_model_config(model.config, path) == model.config
     torch.save({"model": model.state_dict(), "model_config": model.config}, path)
-    rebuilt, _ = load_vit(path)
+    rebuilt = build_model(read_model_file(path))
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
 
 
@@ -389,6 +390,6 @@ def test_unknown_model_config_keys_are_named(tmp_path: Path) -> None:
     ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
 ])
 def test_peer_failures_are_told_from_local_errors(message, peer) -> None:
-    from fd_ref.distributed import is_peer_failure
+    from fd_ref.engine.distributed import is_peer_failure
     assert is_peer_failure(RuntimeError(message)) is peer
     assert not is_peer_failure(ValueError(message))

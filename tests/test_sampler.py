@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch.utils.data import Dataset
 
-from fd_ref.sampler import SeededDataset, ShardedBatchSampler, make_loader, sample_seed
+from fd_ref.data.sampler import SeededDataset, ShardedBatchSampler, make_loader, sample_seed
 
 
 def batches(n, b, seed, epoch, rank=0, world=1, start=0, drop_last=True):

@@ -1,4 +1,4 @@
-"""Tests for fd_ref.schedule: warm-up + cosine lr, the scheduler object and its resume, lr scaling."""
+"""Tests for fd_ref.optim.schedule: warm-up + cosine lr, the scheduler object and its resume, lr scaling."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fd_ref.errors import UserError
-from fd_ref.schedule import WarmupCosine, lr_at, scale_lr, scale_lrs
+from fd_ref.optim.schedule import WarmupCosine, lr_at, scale_lr, scale_lrs
 
 
 @st.composite

@@ -23,9 +23,9 @@ import torch
 import finetune
 import swinv2_reference as ref
 from fd_ref.cli import run_main
-from fd_ref.model_file import read_model_file
-from fd_ref.swinv2_keys import load_published_swinv2, published_swinv2_to_timm, split_published_swinv2
-from fd_ref.timm_backbone import TimmBackbone
+from fd_ref.models.from_file import read_model_file
+from fd_ref.models.swinv2_keys import load_published_swinv2, published_swinv2_to_timm, split_published_swinv2
+from fd_ref.models.timm_backbone import TimmBackbone
 from test_swinv2_parity import randomise
 
 TOL = 1e-4  # max |fd-ref features - reference features| in fp32 (tokens of order 1), as in test_swinv2_parity
@@ -76,7 +76,7 @@ def args(pretrained: Path, out: Path, shape: dict = SHAPE, model: str = NAME) ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The library mapping (fd_ref/swinv2_keys.py)
+# The library mapping (fd_ref/models/swinv2_keys.py)
 # ---------------------------------------------------------------------------------------------------------
 def test_file_layout_keeps_the_encoder_only(tmp_path):
     """The whole published checkpoint maps to exactly what the bare ``SwinV2ForFD`` state maps to; the
@@ -137,7 +137,7 @@ def test_finetune_loads_the_published_swinv2(tmp_path, monkeypatch, capsys):
     net = reference_net()
     path = save_published(tmp_path / "ckpt_epoch_299.pth", net)
     seen = {}
-    build = finetune.build_model
+    build = finetune.build_finetune_model
 
     def recording(cfg):
         model, summary = build(cfg)
@@ -147,7 +147,7 @@ def test_finetune_loads_the_published_swinv2(tmp_path, monkeypatch, capsys):
         model.train()
         seen["head"] = {k: v.clone() for k, v in model.model.get_classifier().state_dict().items()}
         return model, summary
-    monkeypatch.setattr(finetune, "build_model", recording)
+    monkeypatch.setattr(finetune, "build_finetune_model", recording)
     results = finetune.main(args(path, tmp_path / "ft"))
     with torch.no_grad():
         expected = net(images())
@@ -230,12 +230,12 @@ def test_linear_probe_of_the_published_swinv2(tmp_path, monkeypatch):
     net = reference_net()
     path = save_published(tmp_path / "ckpt_epoch_299.pth", net)
     built = {}
-    build = finetune.build_model
+    build = finetune.build_finetune_model
 
     def recording(cfg):
         built["model"], summary = build(cfg)
         return built["model"], summary
-    monkeypatch.setattr(finetune, "build_model", recording)
+    monkeypatch.setattr(finetune, "build_finetune_model", recording)
     results = finetune.main(args(path, tmp_path / "lp") + ["--linear-probe"])
     assert results["mode"] == "linear_probe" and results["steps"] == 2
     backbone = built["model"].backbone.eval()

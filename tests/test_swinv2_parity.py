@@ -3,7 +3,7 @@
 ``tests/swinv2_reference.py`` is an independent plain-torch reference of the published network
 (``models/swin_transformer_v2.py`` as ``models/feature_distillation.py::build_fd`` builds it). A tiny reference
 with every parameter at a random, non-default value is mapped into the timm model fd-ref builds by the library's
-mapping (``fd_ref.swinv2_keys.published_swinv2_to_timm``, the one finetune.py loads published files with: the
+mapping (``fd_ref.models.swinv2_keys.published_swinv2_to_timm``, the one finetune.py loads published files with: the
 bias MLP ``rpe_mlp`` -> ``cpb_mlp``, the published ``layers.i.downsample`` at the
 end of stage i -> timm's ``layers.(i+1).downsample`` at the start of stage i + 1, the persistent buffers dropped:
 timm recomputes them), and both run on the same images. The student's tokens (``forward_features``: the last
@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 import swinv2_reference as ref
 from swin_windows import mask_windows_column_major
-from fd_ref.swinv2_keys import published_swinv2_to_timm as published_to_timm
-from fd_ref.timm_backbone import TimmBackbone
+from fd_ref.models.swinv2_keys import published_swinv2_to_timm as published_to_timm
+from fd_ref.models.timm_backbone import TimmBackbone
 
 TOL = 1e-4  # max |student - reference| in fp32 on tokens of order 1 (seen on CPU: 0, 5e-7, 3e-6)
 NAME = "timm:swinv2_tiny_window8_256"  # the family of fd-ref's timm:swinv2_base_window8_256; shape from kwargs
@@ -198,10 +198,10 @@ def test_init_matches_the_published_init_parameter_by_parameter():
 
 
 def test_timms_own_init_differs_in_three_places(monkeypatch):
-    """Without fd_ref.swinv2_init the comparison fails exactly where timm's init differs from the published one:
+    """Without fd_ref.models.swinv2_init the comparison fails exactly where timm's init differs from the published one:
     the patch embedding (PyTorch's default), the post-norm weights (0, not 1e-5), the attention output and fc2
     weights (not divided by sqrt(2 b))."""
-    import fd_ref.timm_backbone as tb
+    import fd_ref.models.timm_backbone as tb
 
     monkeypatch.setattr(tb, "is_swinv2", lambda net: False)
     torch.manual_seed(1)
@@ -247,8 +247,8 @@ def test_distillation_optimizer_decays_what_the_published_one_decays():
     """train.py's AdamW groups (``build_optimizer`` on the student and the projection) decay exactly the
     parameters the published pre-training optimizer decays: not the 1-D ones, not ``.bias``, not the names
     ``SwinV2ForFD`` lists (``no_weight_decay_keywords``: rpe_mlp, logit_scale, relative_position_bias_table)."""
-    from fd_ref.optim import build_optimizer
-    from fd_ref.projection import Projection
+    from fd_ref.optim.groups import build_optimizer
+    from fd_ref.method.projection import Projection
 
     student = TimmBackbone(NAME, 64, INIT_SHAPE)
     trainable = torch.nn.ModuleDict({"student": student, "projection": Projection(student.embed_dim, 16)})
@@ -266,7 +266,7 @@ def test_fine_tuning_head_is_drawn_as_published(monkeypatch):
     """A SwinV2's classifier (built with the backbone or by ``reset_classifier``, as finetune.py does) starts as
     the published fine-tuning network's head: weight N(0, 0.02), bias 0. timm's own ``reset_classifier`` leaves
     PyTorch's default (uniform weight, uniform non-zero bias), which the same checks reject."""
-    import fd_ref.timm_backbone as tb
+    import fd_ref.models.timm_backbone as tb
 
     torch.manual_seed(2)
     for student in (TimmBackbone(NAME, 64, INIT_SHAPE, num_classes=1000), TimmBackbone(NAME, 64, INIT_SHAPE)):
@@ -325,7 +325,7 @@ def test_fine_tuning_lr_scales_are_the_published_ones(layer_decay):
     block and each merging with the next stage's first block; this test rejects it."""
     from timm.optim import param_groups_layer_decay
 
-    from fd_ref.timm_backbone import build_timm_optimizer
+    from fd_ref.optim.groups import build_timm_optimizer
 
     model = TimmBackbone(NAME, 64, FT_SHAPE, num_classes=10)
     depths, num_layers = FT_SHAPE["depths"], sum(FT_SHAPE["depths"]) + 2
@@ -366,9 +366,9 @@ def test_weight_decay_follows_the_published_keywords_whatever_timm_lists(monkeyp
     modules, parameters or nothing in ``no_weight_decay()``."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-    from fd_ref.optim import build_optimizer
-    from fd_ref.projection import Projection
-    from fd_ref.timm_backbone import build_timm_optimizer
+    from fd_ref.optim.groups import build_optimizer
+    from fd_ref.method.projection import Projection
+    from fd_ref.optim.groups import build_timm_optimizer
 
     monkeypatch.setattr(SwinTransformerV2, "no_weight_decay", listing)
     student = TimmBackbone(NAME, 64, FT_SHAPE)

@@ -1,4 +1,4 @@
-"""Spec tests of --target-norm (fd_ref.target_norm): whiten standardises each token, none is the identity,
+"""Spec tests of --target-norm (fd_ref.method.target_norm): whiten standardises each token, none is the identity,
 PHI-S gives every channel the same variance with a transform orthogonal up to one scale and invertible,
 Hadamard matrices of every order fd-ref claims, a one-line error for a width without one, and the PHI-S
 statistics estimated once (kept in checkpoint.pt: a resume does not estimate them again)."""
@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import train
-from fd_ref.distill import FeatureDistillation
 from fd_ref.errors import UserError
-from fd_ref.target_norm import NoNorm, PhiS, Whiten, build_target_norm, hadamard
-from fd_ref.teachers import Teacher
-from fd_ref.vit import VisionTransformer
+from fd_ref.method.distill import FeatureDistillation
+from fd_ref.method.target_norm import NoNorm, PhiS, Whiten, build_target_norm, hadamard
+from fd_ref.models.teachers import Teacher
+from fd_ref.models.vit import VisionTransformer
 
 # orders built by Sylvester doubling of 1 or of a Paley matrix (q + 1 for q = 3 mod 4, 2(q + 1) for q = 1 mod 4)
 BUILDABLE = [1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 56, 60, 64, 72, 76, 80, 84, 96, 108, 128, 192]
@@ -157,8 +157,8 @@ def test_phi_s_estimate_is_the_same_on_every_rank_and_leaves_the_random_streams_
     """fit_phi_s draws its sample and augmentations from its own seed: two processes whose random states
     differ (ranks) estimate the same transform, and the caller's random stream is where it was."""
     from fd_ref.data import pretrain_transform
-    from fd_ref.splits import train_val_datasets
-    from fd_ref.target_fit import fit_phi_s
+    from fd_ref.data.splits import train_val_datasets
+    from fd_ref.engine.target_fit import fit_phi_s
     dataset, _ = train_val_datasets("synthetic", pretrain_transform(32), None, need_val=False, synthetic_size=24,
                                     img_size=32)
     estimates, teacher = [], _teacher(12)  # the same teacher on every rank

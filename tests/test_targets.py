@@ -1,8 +1,8 @@
 """The paper's ablation settings of the FD objective, each checked by hand on tiny models:
 
-- ``target``: full feature map (default) | class token | average-pooled patch feature (fd_ref.distill);
+- ``target``: full feature map (default) | class token | average-pooled patch feature (fd_ref.method.distill);
 - ``feat_after_norm``: the teacher's tokens after (published PRED_FEAT_AFTERNORM: True) or before its final
-  norm (fd_ref.teachers), for timm and fd_ref teachers;
+  norm (fd_ref.models.teachers), for timm and fd_ref teachers;
 - the train.py settings and the published configs that select them.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 import train
 from fd_ref.config import resolve_config
-from fd_ref.distill import FeatureDistillation
+from fd_ref.method.distill import FeatureDistillation
 from fd_ref.errors import UserError
-from fd_ref.teachers import Teacher, build_teacher
-from fd_ref.vit import VisionTransformer
+from fd_ref.models.teachers import Teacher, build_teacher
+from fd_ref.models.vit import VisionTransformer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -104,7 +104,7 @@ def test_raw_targets_for_each_target():
        seed=st.integers(0, 2**16))
 def test_projecting_the_mean_equals_averaging_the_projection(b, n, c_s, c_t, seed):
     """The avg target's student side: g(mean_n s_n) = mean_n g(s_n), since g is affine."""
-    from fd_ref.projection import Projection
+    from fd_ref.method.projection import Projection
     torch.manual_seed(seed)
     g, s = Projection(c_s, c_t), torch.randn(b, n, c_s, dtype=torch.float64)
     g = g.double()

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import fd_ref.teachers as teachers
+import fd_ref.models.teachers as teachers
 from fd_ref.errors import UserError
-from fd_ref.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teacher
-from fd_ref.vit import VisionTransformer
+from fd_ref.models.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teacher
+from fd_ref.models.vit import VisionTransformer
 
 TIMM_TAG = "vit_tiny_patch16_224"
 
@@ -203,8 +203,8 @@ def test_bf16_teacher_keeps_norms_and_features_in_float32(build):
     of its own input to float32 precision, where a bf16 result would be off by bf16's rounding, ~4e-3), the
     returned tokens are float32, and the whitened target is closer to the float32 teacher's than with the
     whole teacher cast to bf16 (fd-ref before). ``set_precision(None)`` runs in float32 throughout."""
-    from fd_ref.teachers import MATRIX_LAYERS
-    from fd_ref.whitening import whiten
+    from fd_ref.models.teachers import MATRIX_LAYERS
+    from fd_ref.method.whitening import whiten
 
     size = 64 if build is _small_timm_teacher else 32
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fd_ref.checkpoint import to_timm_beit
-from fd_ref.loss import smooth_l1
-from fd_ref.vit import create_vit
-from fd_ref.whitening import whiten
+from fd_ref.checkpoint.keys import to_timm_beit
+from fd_ref.method.loss import smooth_l1
+from fd_ref.models.vit import create_vit
+from fd_ref.method.whitening import whiten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import throughput  # noqa: E402

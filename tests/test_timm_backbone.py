@@ -1,4 +1,4 @@
-"""Any timm backbone as FD student or teacher (fd_ref.timm_backbone, fd_ref.distill's grid rule, the EsViT
+"""Any timm backbone as FD student or teacher (fd_ref.models.timm_backbone, fd_ref.method.distill's grid rule, the EsViT
 teacher), and the scripts around them: train.py --model timm:<name>, finetune.py on its student.pt (timm's
 head, timm's layer grouping, linear probe), analyze.py skipping what does not apply, bad input -> exit 2.
 All models are tiny timm configurations with random weights at 32-64 px."""
@@ -18,12 +18,13 @@ import analyze
 import finetune
 import train
 from fd_ref.cli import run_main
-from fd_ref.distill import FeatureDistillation, match_token_grid
+from fd_ref.method.distill import FeatureDistillation, match_token_grid
 from fd_ref.errors import UserError
-from fd_ref.model_file import build_vit, read_model_file
-from fd_ref.teachers import ESVIT_ARGS, ESVIT_TIMM, build_teacher
-from fd_ref.timm_backbone import TimmBackbone, build_timm_optimizer, parse_kwargs
-from fd_ref.vit import create_vit
+from fd_ref.models.from_file import build_model, read_model_file
+from fd_ref.models.teachers import ESVIT_ARGS, ESVIT_TIMM, build_teacher
+from fd_ref.models.timm_backbone import TimmBackbone, parse_kwargs
+from fd_ref.optim.groups import build_timm_optimizer
+from fd_ref.models.vit import create_vit
 
 RESNET = ("resnet18", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8))       # 64 px -> 2x2
 SWIN = ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4))
@@ -252,7 +253,7 @@ def resnet_run(tmp_path_factory) -> Path:
 def test_student_file_rebuilds_itself(resnet_run):
     mf = read_model_file(resnet_run / "student.pt")
     assert mf.config["timm"] == RESNET[0] and mf.config["timm_kwargs"]["channels"] == [8, 16, 32, 64]
-    model = build_vit(mf)
+    model = build_model(mf)
     x = torch.randn(1, 3, 64, 64)
     torch.manual_seed(0)
     fresh = timm.create_model(RESNET[0], pretrained=False, num_classes=0, **RESNET[1]).eval()
@@ -267,7 +268,7 @@ def test_finetune_uses_timms_head_and_layer_grouping(resnet_run, tmp_path):
     assert results["mode"] == "finetune"
     mf = read_model_file(out / "best.pt")
     assert mf.num_classes == 10 and mf.config["drop_path_rate"] == 0.1
-    model = build_vit(mf)
+    model = build_model(mf)
     assert isinstance(model.model.fc, torch.nn.Linear) and model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     # layer decay: timm's grouping of ResNet (stem, layer1..4, head), scale 0.8 ** (L - layer)
     opt = build_timm_optimizer(model, lr=1.0, weight_decay=0.05, layer_decay=0.8)
@@ -305,7 +306,7 @@ def test_swin_student_trains_end_to_end(tmp_path):
     train.main(["--model", f"timm:{SWINV2[0]}", "--model-kwargs", kw_text(SWINV2[1]), "--teacher", "vit_tiny",
                 "--teacher-patch-size", "8", "--teacher-depth", "1", "--max-steps", "2", *common(out, 32)])
     mf = read_model_file(out / "student.pt")
-    assert mf.config["timm"] == SWINV2[0] and build_vit(mf).grid == (4, 4)
+    assert mf.config["timm"] == SWINV2[0] and build_model(mf).grid == (4, 4)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -397,7 +398,7 @@ def test_export_writes_a_timm_student_as_itself(resnet_run, tmp_path):
     export.main([str(resnet_run / "student.pt"), str(folder)])
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == RESNET[0] and config["model_args"]["channels"] == [8, 16, 32, 64]
-    backbone = build_vit(read_model_file(resnet_run / "student.pt")).eval()
+    backbone = build_model(read_model_file(resnet_run / "student.pt")).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     torch.save(x, tmp_path / "x.pt")
     code = (f"import sys, torch, timm\nassert 'fd_ref' not in sys.modules\n"

@@ -137,7 +137,7 @@ def test_finetune_transform_settings() -> None:
 
 def test_finetune_transform_seeded_per_sample() -> None:
     """Through SeededDataset, timm's augmentation (python random, numpy, torch) is fixed by (seed, epoch, index)."""
-    from fd_ref.sampler import SeededDataset
+    from fd_ref.data.sampler import SeededDataset
 
     ds = SeededDataset(SyntheticImages(4, image_size=32, transform=finetune_transform(32)), seed=3)
     a = [ds[(0, i)][0] for i in range(4)]

@@ -139,7 +139,7 @@ def test_fewer_classes_than_the_data_has(tmp_path: Path) -> None:
 def test_img_size_that_does_not_match_the_teacher_checkpoint(tmp_path: Path) -> None:
     import torch
 
-    from fd_ref.vit import create_vit
+    from fd_ref.models.vit import create_vit
     teacher = create_vit("vit_tiny", img_size=32, patch_size=16, depth=1)
     torch.save({"model": teacher.state_dict(), "model_config": teacher.config}, tmp_path / "teacher.pt")
     out = tmp_path / "out"

@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.beit import Beit
 
-import fd_ref.vit as vit_module
-from fd_ref.checkpoint import expand_shared_rpb, from_timm_beit, to_timm_beit
+import fd_ref.models.vit as vit_module
+from fd_ref.checkpoint.keys import expand_shared_rpb, from_timm_beit, to_timm_beit
 from fd_ref.errors import UserError
-from fd_ref.vit import Attention, VisionTransformer, create_vit
+from fd_ref.models.vit import Attention, VisionTransformer, create_vit
 
 POS = ["shared_rpb", "rpb", "abs"]
 
