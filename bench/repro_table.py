@@ -9,6 +9,7 @@ Markdown table.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import statistics
 import sys
@@ -59,8 +60,7 @@ def main(out: str) -> None:
         summary["knn"] = knn
 
     def knn_of(kind: str, suffix: str = "") -> list[float]:
-        stages = sorted(root.glob(f"knn_{_knn_stage(kind, suffix)}/results.json"))
-        return [knn[p.parent.name[len("knn_"):]] for p in stages]
+        return [top1 for stage, top1 in knn.items() if fnmatch.fnmatchcase(stage, _knn_stage(kind, suffix))]
     for kind, name in names.items():
         pattern = "scratch_s*/results.json" if kind == "scratch" else f"ft_{kind}_s*/results.json"
         top1 = _top1(root.glob(pattern))

@@ -200,3 +200,13 @@ def test_a_timm_model_trained_by_finetune_is_a_teacher(tmp_path):
     with torch.no_grad():
         expected = net.forward_features(x).flatten(2).transpose(1, 2)
     assert torch.allclose(teacher(x), expected, atol=1e-5)
+
+
+def test_the_same_teacher_and_file_twice_is_refused_but_one_name_with_two_files_is_not():
+    base = dict(teacher_kwargs=None, teacher_weight=1.0)
+    with pytest.raises(UserError, match="listed twice"):
+        teacher_settings(dict(base, teacher=["vit_tiny", "vit_tiny"], teacher_checkpoint=None))
+    with pytest.raises(UserError, match="listed twice"):
+        teacher_settings(dict(base, teacher=["vit_tiny", "vit_tiny"], teacher_checkpoint=["a.pt", "a.pt"]))
+    two = teacher_settings(dict(base, teacher=["vit_tiny", "vit_tiny"], teacher_checkpoint=["a.pt", "b.pt"]))
+    assert [t["teacher_checkpoint"] for t in two] == ["a.pt", "b.pt"]

@@ -31,6 +31,6 @@ def teacher_settings(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise UserError(f"{len(names)} teachers ({', '.join(map(str, names))}) but {len(values)} {flag} "
                             f"values: give one per teacher in the same order (none where a teacher has none)")
         columns[key] = values
-    if len(set(map(str, names))) != len(names) and len({(n, c) for n, c in zip(names, columns["teacher_checkpoint"])}) != len(names):
+    if len(set(zip(names, columns["teacher_checkpoint"]))) != len(names):  # the same name and file twice
         raise UserError(f"the same teacher is listed twice: {', '.join(map(str, names))}")
     return [{key: columns[key][k] for key in TEACHER_KEYS} for k in range(len(names))]
