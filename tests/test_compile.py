@@ -124,6 +124,34 @@ def test_distillation_and_finetuning_forward_trace_as_one_graph(pos_embed, dtype
         out.float().sum().backward()
 
 
+@pytest.mark.parametrize("options,dtype", [({}, None), ({"target_norm": "phi_s", "loss": "cosine"}, torch.bfloat16)],
+                         ids=["whiten-smooth_l1-fp32", "phi_s-cosine-bf16"])
+def test_two_teachers_of_two_families_trace_as_one_graph(tmp_path, options, dtype):
+    """``train.py --teacher A B --compile`` (issue #24): the several-teacher objective - a ViT teacher with a
+    class token and a CNN teacher on another grid (its map resized to the student's), one student, each
+    teacher's loss kept for the log - traces into one graph too, with the settings issue #24 added."""
+    import timm
+    import torch._dynamo
+    from fd_ref.method.multi_teacher import MultiTeacherDistillation
+
+    cnn_kwargs = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0, **cnn_kwargs).state_dict(),
+               tmp_path / "cnn.pt")
+    teachers = [build_teacher("vit_tiny", img_size=32, patch_size=8, depth=1),
+                build_teacher("timm:resnet18", img_size=32, checkpoint=str(tmp_path / "cnn.pt"), timm_kwargs=cnn_kwargs)]
+    assert teachers[1].grid != teachers[0].grid  # the grids differ, so the resize is in the graph
+    torch.manual_seed(0)
+    student = create_vit("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                         drop_path_rate=0.2)
+    model = MultiTeacherDistillation(student, teachers, **options).train()
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = torch.compile(model, backend="eager", fullgraph=True)(torch.randn(4, 3, 32, 32))
+    loss.backward()
+    assert sorted(model.last_losses) == ["loss_0_vit_tiny", "loss_1_timm_resnet18"]
+    torch.testing.assert_close(loss.detach(), sum(model.last_losses.values()))
+
+
 # -- train.py --compile, stopped and resumed ---------------------------------------------------------------
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2",
         "--teacher-patch-size", "8", "--teacher-depth", "1", "--synthetic-size", "32", "--num-workers", "0",
