@@ -23,6 +23,7 @@ import argparse
 import ast
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -107,7 +108,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
                             capture_output=True, text=True).stdout.strip()
     tests = tests_for(module)
-    runner = " ".join(PYTEST + tests)
+    runner = shlex.join(PYTEST + tests)
     cmd = [mutmut, "run", "--paths-to-mutate", module, "--tests-dir", "tests", "--runner", runner,
            "--simple-output", "--no-progress"]
     if functions:
