@@ -49,10 +49,14 @@ TARGETS: list[tuple[str, list[str] | None]] = [
     ("fd_ref/engine/evaluate.py", ["evaluate"]),
     ("fd_ref/engine/trainer.py", ["Trainer._run", "Trainer._optimizer_step"]),
 ]
-# tests that exercise a module without importing it by name
+# tests that exercise a module without importing it by name (run after the importers)
 EXTRA_TESTS = {
     "fd_ref/method/distill.py": ["tests/test_timm_backbone.py"],
-    "fd_ref/engine/evaluate.py": ["tests/test_loop.py", "tests/test_eval_only.py"],
+    "fd_ref/engine/evaluate.py": ["tests/test_eval_only.py"],
+}
+# tests run first (pytest -x stops at the first failure: a quick, targeted file kills most mutants sooner)
+FIRST_TESTS = {
+    "fd_ref/engine/evaluate.py": ["tests/test_loop.py"],
     "fd_ref/engine/trainer.py": ["tests/test_loop.py"],
 }
 NOT_TESTS = {"tests/test_layers.py"}  # reads the import graph, runs nothing
@@ -60,14 +64,15 @@ PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", 
 
 
 def tests_for(module: str) -> list[str]:
-    """The test files that import ``module`` (``fd_ref.a.b`` or ``from fd_ref.a import b``), plus EXTRA_TESTS."""
+    """The test files that import ``module`` (``fd_ref.a.b`` or ``from fd_ref.a import b``), FIRST_TESTS before
+    them and EXTRA_TESTS after."""
     dotted = module[:-3].replace("/", ".")
     package, name = dotted.rsplit(".", 1)
     pattern = re.compile(rf"(\b{re.escape(dotted)}\b|from {re.escape(package)} import [^\n]*\b{name}\b)")
     found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                    if pattern.search(p.read_text()))
-    extra = [t for t in EXTRA_TESTS.get(module, []) if (ROOT / t).exists()]
-    return [t for t in dict.fromkeys(found + extra) if t not in NOT_TESTS]
+    first, extra = ([t for t in table.get(module, []) if (ROOT / t).exists()] for table in (FIRST_TESTS, EXTRA_TESTS))
+    return [t for t in dict.fromkeys(first + found + extra) if t not in NOT_TESTS]
 
 
 def function_lines(path: Path, names: list[str]) -> set[int]:
@@ -110,7 +115,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
     tests = tests_for(module)
     runner = shlex.join(PYTEST + tests)
     cmd = [mutmut, "run", "--paths-to-mutate", module, "--tests-dir", "tests", "--runner", runner,
-           "--simple-output", "--no-progress"]
+           "--simple-output", "--no-progress", "--test-time-multiplier", "3", "--test-time-base", "60"]
     if functions:
         (here / "mutate.patch").write_text(patch_for(module, function_lines(ROOT / module, functions)))
         cmd += ["--use-patch-file", "mutate.patch"]

@@ -52,113 +52,6 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-# -- gradient accumulation ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def batch16(tmp_path_factory) -> Path:
-    """4 steps of batch 16 (the reference for the accumulated runs)."""
-    out = tmp_path_factory.mktemp("batch16")
-    train.main(TINY + ["--batch-size", "16", "--output", str(out)])
-    return out
-
-
-def test_accumulation_equals_the_combined_batch(batch16, tmp_path):
-    """2 micro-batches of 8 per step = batch 16: the same images, the mean of the two halves' losses, one
-    optimiser step; after 4 steps the weights agree to 1e-6 (fp32) and so does every logged loss."""
-    out = tmp_path / "accum"
-    train.main(TINY + ["--batch-size", "8", "--accum-steps", "2", "--output", str(out)])
-    a, b = logged(batch16), logged(out)
-    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
-        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6, rel=1e-6)
-        assert rb["lr"] == ra["lr"]
-    assert max_difference(student(batch16), student(out)) < 1e-6
-
-
-class _SignalInsideAccumulation:
-    """A fault hook: SIGTERM to this process during the first micro-batch of optimiser step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at, self.calls = at, 0
-
-    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if attempt == self.at and self.calls == 2 * (self.at - 1) + 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    def after_step(self, step: int, rank: int) -> None:
-        pass
-
-
-def test_stop_inside_an_accumulation_resumes_to_the_same_weights(batch16, tmp_path):
-    """SIGTERM arrives between the two micro-batches of step 3: the loop finishes that step, saves, exits;
-    the same command then continues to the weights of the uninterrupted run (which equal batch 16's)."""
-    argv = TINY + ["--batch-size", "8", "--accum-steps", "2", "--output", str(tmp_path / "stopped")]
-    hook = _SignalInsideAccumulation(at=3)
-    install_fault_hook(hook)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train.main(argv)
-    finally:
-        install_fault_hook(None)
-    assert stop.value.code == STOP_EXIT_CODE
-    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert (saved["step"], saved["micro"]) == (3, 6)
-    train.main(argv)
-    assert [r["step"] for r in logged(tmp_path / "stopped")] == [1, 2, 3, 4]
-    assert max_difference(student(batch16), student(tmp_path / "stopped")) < 1e-6
-
-
-# -- clipping ----------------------------------------------------------------------------------------------
-def _record_gradients(monkeypatch) -> list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]:
-    """Per optimiser step: (the raw gradient's global norm, the raw gradients, the gradients the optimiser
-    was handed). Raw: right after backward accumulated them (a post-accumulate hook, before the loop clips)."""
-    steps: list[tuple[float, list[torch.Tensor], list[torch.Tensor]]] = []
-    build = train.build_optimizer
-
-    def recording_build(*args, **kwargs):
-        optimizer = build(*args, **kwargs)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        raw: dict[int, torch.Tensor] = {}
-        for i, p in enumerate(params):
-            p.register_post_accumulate_grad_hook(lambda p, i=i: raw.__setitem__(i, p.grad.detach().clone()))
-
-        def before_step(opt, args, kwargs):  # noqa: ARG001
-            grads = [raw[i] for i in range(len(params))]
-            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-            steps.append((norm, grads, [p.grad.detach().clone() for p in params]))
-        optimizer.register_step_pre_hook(before_step)
-        return optimizer
-
-    monkeypatch.setattr(train, "build_optimizer", recording_build)
-    return steps
-
-
-def test_clipping_hands_the_optimiser_the_hand_clipped_gradient(tmp_path, monkeypatch):
-    """With a limit below every step's gradient norm, the optimiser sees g * c / ||g|| (||.||: the global
-    L2 norm over every trained parameter)."""
-    steps = _record_gradients(monkeypatch)
-    limit = 1e-3
-    train.main(TINY + ["--batch-size", "16", "--max-steps", "2", "--clip-grad", str(limit),
-                       "--output", str(tmp_path / "clipped")])
-    assert len(steps) == 2
-    for norm, raw, seen in steps:
-        assert norm > 10 * limit
-        for g, s in zip(raw, seen):
-            torch.testing.assert_close(s, g * (limit / norm), rtol=1e-5, atol=1e-12)
-        assert math.sqrt(sum(float(s.double().pow(2).sum()) for s in seen)) == pytest.approx(limit, rel=1e-5)
-
-
-def test_clip_grad_0_clips_nothing(tmp_path, monkeypatch):
-    steps = _record_gradients(monkeypatch)
-    train.main(TINY + ["--batch-size", "16", "--max-steps", "2", "--clip-grad", "0",
-                       "--output", str(tmp_path / "unclipped")])
-    assert len(steps) == 2
-    for norm, raw, seen in steps:
-        assert norm > 0
-        assert all(torch.equal(g, s) for g, s in zip(raw, seen))
-
-
 # -- evaluate(): a hand count ------------------------------------------------------------------------------
 class _Table(nn.Module):
     """Logits looked up by sample index: ``model(indices) = table[indices]``."""
@@ -279,6 +172,113 @@ def test_two_ranks_evaluate_an_uneven_validation_set_as_one_process(tmp_path):
         assert r["top5"] == pytest.approx(one["top5"], abs=1e-9)
         assert r["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
     assert one["top1"] < one["top5"]
+
+
+# -- clipping ----------------------------------------------------------------------------------------------
+def _record_gradients(monkeypatch) -> list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]:
+    """Per optimiser step: (the raw gradient's global norm, the raw gradients, the gradients the optimiser
+    was handed). Raw: right after backward accumulated them (a post-accumulate hook, before the loop clips)."""
+    steps: list[tuple[float, list[torch.Tensor], list[torch.Tensor]]] = []
+    build = train.build_optimizer
+
+    def recording_build(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        raw: dict[int, torch.Tensor] = {}
+        for i, p in enumerate(params):
+            p.register_post_accumulate_grad_hook(lambda p, i=i: raw.__setitem__(i, p.grad.detach().clone()))
+
+        def before_step(opt, args, kwargs):  # noqa: ARG001
+            grads = [raw[i] for i in range(len(params))]
+            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+            steps.append((norm, grads, [p.grad.detach().clone() for p in params]))
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(train, "build_optimizer", recording_build)
+    return steps
+
+
+def test_clipping_hands_the_optimiser_the_hand_clipped_gradient(tmp_path, monkeypatch):
+    """With a limit below every step's gradient norm, the optimiser sees g * c / ||g|| (||.||: the global
+    L2 norm over every trained parameter)."""
+    steps = _record_gradients(monkeypatch)
+    limit = 1e-3
+    train.main(TINY + ["--batch-size", "16", "--max-steps", "2", "--clip-grad", str(limit),
+                       "--output", str(tmp_path / "clipped")])
+    assert len(steps) == 2
+    for norm, raw, seen in steps:
+        assert norm > 10 * limit
+        for g, s in zip(raw, seen):
+            torch.testing.assert_close(s, g * (limit / norm), rtol=1e-5, atol=1e-12)
+        assert math.sqrt(sum(float(s.double().pow(2).sum()) for s in seen)) == pytest.approx(limit, rel=1e-5)
+
+
+def test_clip_grad_0_clips_nothing(tmp_path, monkeypatch):
+    steps = _record_gradients(monkeypatch)
+    train.main(TINY + ["--batch-size", "16", "--max-steps", "2", "--clip-grad", "0",
+                       "--output", str(tmp_path / "unclipped")])
+    assert len(steps) == 2
+    for norm, raw, seen in steps:
+        assert norm > 0
+        assert all(torch.equal(g, s) for g, s in zip(raw, seen))
+
+
+# -- gradient accumulation ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batch16(tmp_path_factory) -> Path:
+    """4 steps of batch 16 (the reference for the accumulated runs)."""
+    out = tmp_path_factory.mktemp("batch16")
+    train.main(TINY + ["--batch-size", "16", "--output", str(out)])
+    return out
+
+
+def test_accumulation_equals_the_combined_batch(batch16, tmp_path):
+    """2 micro-batches of 8 per step = batch 16: the same images, the mean of the two halves' losses, one
+    optimiser step; after 4 steps the weights agree to 1e-6 (fp32) and so does every logged loss."""
+    out = tmp_path / "accum"
+    train.main(TINY + ["--batch-size", "8", "--accum-steps", "2", "--output", str(out)])
+    a, b = logged(batch16), logged(out)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6, rel=1e-6)
+        assert rb["lr"] == ra["lr"]
+    assert max_difference(student(batch16), student(out)) < 1e-6
+
+
+class _SignalInsideAccumulation:
+    """A fault hook: SIGTERM to this process during the first micro-batch of optimiser step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if attempt == self.at and self.calls == 2 * (self.at - 1) + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    def after_step(self, step: int, rank: int) -> None:
+        pass
+
+
+def test_stop_inside_an_accumulation_resumes_to_the_same_weights(batch16, tmp_path):
+    """SIGTERM arrives between the two micro-batches of step 3: the loop finishes that step, saves, exits;
+    the same command then continues to the weights of the uninterrupted run (which equal batch 16's)."""
+    argv = TINY + ["--batch-size", "8", "--accum-steps", "2", "--output", str(tmp_path / "stopped")]
+    hook = _SignalInsideAccumulation(at=3)
+    install_fault_hook(hook)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.main(argv)
+    finally:
+        install_fault_hook(None)
+    assert stop.value.code == STOP_EXIT_CODE
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (saved["step"], saved["micro"]) == (3, 6)
+    train.main(argv)
+    assert [r["step"] for r in logged(tmp_path / "stopped")] == [1, 2, 3, 4]
+    assert max_difference(student(batch16), student(tmp_path / "stopped")) < 1e-6
 
 
 # -- --train-subset ----------------------------------------------------------------------------------------
