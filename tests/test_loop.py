@@ -214,13 +214,32 @@ def test_clipping_hands_the_optimiser_the_hand_clipped_gradient(tmp_path, monkey
         assert math.sqrt(sum(float(s.double().pow(2).sum()) for s in seen)) == pytest.approx(limit, rel=1e-5)
 
 
+class _ScaleLoss:
+    """A fault hook that multiplies every micro-batch loss (and so the gradient) by ``factor``."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        return loss * self.factor
+
+    def after_step(self, step: int, rank: int) -> None:
+        pass
+
+
 def test_clip_grad_0_clips_nothing(tmp_path, monkeypatch):
+    """--clip-grad 0 with the loss scaled by 1e6 (a gradient norm far above any limit one would set): the
+    optimiser sees the raw gradient, bit for bit."""
     steps = _record_gradients(monkeypatch)
-    train.main(TINY + ["--batch-size", "16", "--max-steps", "2", "--clip-grad", "0",
-                       "--output", str(tmp_path / "unclipped")])
+    install_fault_hook(_ScaleLoss(1e6))
+    try:
+        train.main(TINY + ["--batch-size", "16", "--max-steps", "2", "--clip-grad", "0",
+                           "--output", str(tmp_path / "unclipped")])
+    finally:
+        install_fault_hook(None)
     assert len(steps) == 2
     for norm, raw, seen in steps:
-        assert norm > 0
+        assert norm > 1e3
         assert all(torch.equal(g, s) for g, s in zip(raw, seen))
 
 
