@@ -86,6 +86,15 @@ BUGS: list[tuple[str, str, str, str, str]] = [
     ("crop: scale range's upper end ignored", "fd_ref/data/transforms.py",
      "uniform_(*self.scale)", "uniform_(self.scale[0], 1.0)",
      "tests/test_transforms.py::test_single_draw_crop_box tests/test_transforms.py::test_single_draw_crop_box_distribution"),
+    ("grid: resized with corners aligned", "fd_ref/method/distill.py",
+     'mode="bilinear", align_corners=False)', 'mode="bilinear", align_corners=True)',
+     "tests/test_timm_backbone.py::test_match_token_grid_rule"),
+    ("probe: avg pool over the class token too", "fd_ref/models/probe.py",
+     "pooled = tokens[:, self.backbone.num_prefix_tokens:].mean(1)", "pooled = tokens.mean(1)",
+     "tests/test_finetune.py::test_linear_probe_features_are_the_published_models"),
+    ("images: a file that cannot be opened is not counted", "fd_ref/data/images.py",
+     "                self._bad_flags[index] = 1\n", "                pass\n",
+     "tests/test_broken_images.py::test_a_file_without_read_permission_is_skipped_even_under_root"),
 ]
 
 
