@@ -53,15 +53,13 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 # -- evaluate(): a hand count ------------------------------------------------------------------------------
-class _Table(nn.Module):
-    """Logits looked up by sample index: ``model(indices) = table[indices]``."""
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("table", table)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table[x]
+def _lookup(table: torch.Tensor) -> nn.Module:
+    """Logits looked up by sample index, as a linear layer over one-hot inputs: ``model(one_hot(i)) = table[i]``
+    (a matrix product, so a bf16 autocast would round the logits)."""
+    model = nn.Linear(table.shape[0], table.shape[1], bias=False)
+    with torch.no_grad():
+        model.weight.copy_(table.T)
+    return model
 
 
 def _hand_counts(logits: list[list[float]], labels: list[int]) -> tuple[int, int, float]:
@@ -85,22 +83,25 @@ def _unambiguous(row: list[float], label: int) -> bool:
 
 
 def test_evaluate_matches_a_hand_count_on_logits_with_ties():
-    """Integer logits over 9 classes (many ties); rows with a tie at the label's own boundary are dropped,
-    the other ties (among other classes, across a boundary) stay. Batches of uneven size."""
+    """Logits from 4 values over 9 classes (many ties); rows with a tie at the label's own boundary are
+    dropped, the other ties (among other classes, across a boundary) stay. Batches of uneven size. Called
+    inside a bf16 autocast, as a bf16 run's evaluation is: evaluate() computes in float32 regardless (0.3 and
+    1.7 are not bf16 numbers, so rounded logits would move the loss)."""
     rng = np.random.default_rng(0)
     rows, labels = [], []
     while len(rows) < 60:
-        row, label = rng.integers(0, 4, size=9).astype(float).tolist(), int(rng.integers(0, 9))
+        row, label = rng.choice([0.0, 0.3, 1.7, 2.9], size=9).tolist(), int(rng.integers(0, 9))
         if _unambiguous(row, label):
             rows.append(row)
             labels.append(label)
     top1, top5, loss = _hand_counts(rows, labels)
     assert 0 < top1 < top5 < len(rows)  # the data tells top-1 from top-5
     assert any(sorted(r, reverse=True)[4] == sorted(r, reverse=True)[5] for r in rows)  # ties at the boundary
-    model = _Table(torch.tensor(rows, dtype=torch.float32))
-    index, target = torch.arange(len(rows)), torch.tensor(labels)
-    loader = [(index[a:b], target[a:b]) for a, b in [(0, 7), (7, 32), (32, 33), (33, 60)]]
-    metrics = evaluate(model, loader, torch.device("cpu"))
+    model = _lookup(torch.tensor(rows, dtype=torch.float32))
+    inputs, target = torch.eye(len(rows)), torch.tensor(labels)
+    loader = [(inputs[a:b], target[a:b]) for a, b in [(0, 7), (7, 32), (32, 33), (33, 60)]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        metrics = evaluate(model, loader, torch.device("cpu"))
     assert set(metrics) == {"top1", "top5", "val_loss"}
     assert metrics["top1"] == pytest.approx(100 * top1 / len(rows), abs=1e-9)
     assert metrics["top5"] == pytest.approx(100 * top5 / len(rows), abs=1e-9)
