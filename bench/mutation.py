@@ -9,25 +9,28 @@ docs/testing.md keeps the figure and one line per survivor.
     nohup nice -n 15 python bench/mutation.py > /work/cache/mutation.log 2>&1 &   # long: hours on 2 cores
     python bench/mutation.py --report                    # the table and every survivor's diff, from the caches
 
-Each target runs in its own copy of the committed tree (``git archive HEAD``) under ``--work``, with its own
-mutmut cache: rerunning the same command continues where it stopped (killed mutants stay killed; survivors
-are tested again once the tests change). The copy is refreshed from HEAD whenever a target starts, so its
-tests are the committed ones. ``--only`` picks targets by substring. The loop's step and ``evaluate()`` are
-mutated on their own lines only (a patch file naming them, mutmut's ``--use-patch-file``). Tests marked
-``slow`` (torch.compile) or ``cuda`` are deselected: minutes each on a CPU, and compile adds no check of
-its own that the eager tests lack. Not part of CI.
+Each target runs in its own copy of the committed tree (``git archive HEAD``) under ``--work``. mutmut makes
+the mutants (its cache lists them; ``mutmut apply`` writes one into the copy); this script runs the target's
+tests on each, restores the file and records the outcome in ``results.json`` after every mutant, so rerunning
+the same command continues where it stopped (killed mutants stay killed; survivors are tried again at a new
+commit). ``--only`` picks targets by substring. The loop's step and ``evaluate()`` are mutated on their own
+lines only. Tests marked ``slow`` (torch.compile) or ``cuda`` are deselected: minutes each on a CPU, and
+compile adds no check of its own that the eager tests lack. A mutant whose tests run past 3x the unmutated
+time (2 minutes at least) counts as killed (a timeout). Not part of CI. To stop a background run, end its
+process group (``kill -- -PGID``).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import re
-import shlex
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,65 +104,109 @@ def work_dir(work: Path, module: str) -> Path:
     return work / module[:-3].replace("/", "_")
 
 
-def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str) -> None:
-    here = work_dir(work, module)
+def _fresh_copy(here: Path) -> str:
+    """``here`` becomes a copy of HEAD (mutmut's cache and our results kept); returns HEAD's short hash."""
     here.mkdir(parents=True, exist_ok=True)
-    for entry in here.iterdir():  # a fresh copy of HEAD; only mutmut's cache is kept
-        if entry.name != ".mutmut-cache":
+    for entry in here.iterdir():
+        if entry.name not in (".mutmut-cache", "results.json"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(here), "--exclude=bench/results"], input=archive, check=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    tests = tests_for(module)
-    runner = shlex.join(PYTEST + tests)
-    cmd = [mutmut, "run", "--paths-to-mutate", module, "--tests-dir", "tests", "--runner", runner,
-           "--simple-output", "--no-progress", "--test-time-multiplier", "3", "--test-time-base", "60"]
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _mutants(here: Path, module: str, functions: list[str] | None, mutmut: str) -> list[tuple[int, str]]:
+    """mutmut's mutants of ``module`` (``functions`` only, if given): [(mutmut id, key)], key = "line:index:text".
+    mutmut lists them in its cache through a run whose test command always passes (seconds)."""
+    cmd = [mutmut, "run", "--paths-to-mutate", module, "--tests-dir", "tests", "--runner", "true",
+           "--simple-output", "--no-progress"]
     if functions:
-        (here / "mutate.patch").write_text(patch_for(module, function_lines(ROOT / module, functions)))
+        (here / "mutate.patch").write_text(patch_for(module, function_lines(here / module, functions)))
         cmd += ["--use-patch-file", "mutate.patch"]
+    subprocess.run(cmd, cwd=here, capture_output=True)
+    with sqlite3.connect(here / ".mutmut-cache") as db:
+        rows = db.execute('select m.id, l.line_number, m."index", l.line from Mutant m join Line l on m.line = l.id '
+                          'order by l.line_number, m."index"').fetchall()
+    wanted = function_lines(here / module, functions) if functions else None
+    return [(i, f"{n + 1}:{k}:{text.strip()}") for i, n, k, text in rows if wanted is None or n + 1 in wanted]
+
+
+def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str) -> None:
+    """Apply each mutant in turn (``mutmut apply``), run the module's tests, restore the file; results in
+    ``results.json`` (written after every mutant: a rerun continues; survivors are tried again at a new commit)."""
+    here = work_dir(work, module)
+    commit = _fresh_copy(here)
+    tests = tests_for(module)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     print(f"== {module} {'(' + ', '.join(functions) + ')' if functions else ''} at {commit}\n"
           f"   tests: {' '.join(tests)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    subprocess.run(cmd, cwd=here, env=env)
-    (here / "COMMIT").write_text(commit + "\n")
+    t = time.perf_counter()
+    if subprocess.run(PYTEST + tests, cwd=here, env=env, capture_output=True).returncode != 0:
+        print("   the tests fail without a mutant: skipped", flush=True)
+        return
+    timeout = max(120.0, 3 * (time.perf_counter() - t))
+    results_path = here / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    pristine = (here / module).read_text()
+    mutants = _mutants(here, module, functions, mutmut)
+    print(f"   {len(mutants)} mutants, timeout {timeout:.0f} s", flush=True)
+    for mutant_id, key in mutants:
+        done = results.get(key)
+        if done and (done["status"] == "killed" or done["commit"] == commit):
+            continue
+        subprocess.run([mutmut, "apply", str(mutant_id)], cwd=here, check=True, capture_output=True)
+        diff = subprocess.run(["diff", "-u", "-", module], cwd=here, input=pristine, capture_output=True,
+                              text=True).stdout
+        t = time.perf_counter()
+        try:
+            rc = subprocess.run(PYTEST + tests, cwd=here, env=env, capture_output=True, timeout=timeout).returncode
+            status = "survived" if rc == 0 else "killed"
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+        finally:
+            (here / module).write_text(pristine)
+        results[key] = {"status": status, "commit": commit, "seconds": round(time.perf_counter() - t, 1),
+                        "diff": [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in
+                                 ("+++", "---")]}
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(results_path)
+        print(f"   {status:<8} {key[:100]}", flush=True)
 
 
-def counts(here: Path) -> dict[str, int]:
-    cache = here / ".mutmut-cache"
-    if not cache.exists():
-        return {}
-    with sqlite3.connect(cache) as db:
-        return dict(db.execute("select status, count(*) from Mutant group by status").fetchall())
-
-
-def report(work: Path, mutmut: str) -> None:
-    """One row per target and the diff of every survivor (and timeout/suspicious), from the mutmut caches."""
+def report(work: Path) -> None:
+    """One row per target, then every survivor (and timeout) with its diff, from the results files."""
     total_k = total_s = 0
-    print("| module | commit | killed | survived | timeout | suspicious | untested |")
+    print("| module | commit(s) | mutants | killed | survived | timeout | not yet run |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    survivors = []
     for module, functions in TARGETS:
         here = work_dir(work, module)
-        c = counts(here)
-        if not c:
+        if not (here / "results.json").exists():
             continue
-        commit = (here / "COMMIT").read_text().strip() if (here / "COMMIT").exists() else "?"
-        name = module + (f" ({', '.join(functions)})" if functions else "")
-        print(f"| {name} | {commit} | {c.get('ok_killed', 0)} | {c.get('bad_survived', 0)} | "
-              f"{c.get('bad_timeout', 0)} | {c.get('ok_suspicious', 0)} | {c.get('untested', 0)} |")
-        total_k, total_s = total_k + c.get("ok_killed", 0), total_s + c.get("bad_survived", 0)
-    if total_k + total_s:
-        print(f"\nkilled {total_k} of {total_k + total_s} tested ({100 * total_k / (total_k + total_s):.1f}%)")
-    for module, _ in TARGETS:
-        here = work_dir(work, module)
-        if not counts(here):
-            continue
+        results = json.loads((here / "results.json").read_text())
         with sqlite3.connect(here / ".mutmut-cache") as db:
-            ids = [r[0] for r in db.execute("select id from Mutant where status in "
-                                            "('bad_survived', 'bad_timeout', 'ok_suspicious') order by id")]
-        for i in ids:
-            diff = subprocess.run([mutmut, "show", str(i)], cwd=here, capture_output=True, text=True).stdout
-            print(f"\n### {module} #{i}\n{diff.strip()}")
+            listed = len(_listed_keys(db, here / module, functions))
+        c = {s: sum(r["status"] == s for r in results.values()) for s in ("killed", "survived", "timeout")}
+        commits = ", ".join(sorted({r["commit"] for r in results.values()}))
+        name = module + (f" ({', '.join(functions)})" if functions else "")
+        print(f"| {name} | {commits} | {listed} | {c['killed']} | {c['survived']} | {c['timeout']} | "
+              f"{max(listed - len(results), 0)} |")
+        total_k, total_s = total_k + c["killed"] + c["timeout"], total_s + c["survived"]
+        survivors += [(module, key, r) for key, r in results.items() if r["status"] != "killed"]
+    if total_k + total_s:
+        print(f"\nkilled (timeouts included) {total_k} of {total_k + total_s} run "
+              f"({100 * total_k / (total_k + total_s):.1f}%)")
+    for module, key, r in survivors:
+        print(f"\n{r['status']}: {module} line {key.split(':')[0]} (at {r['commit']})")
+        print("\n".join("    " + line for line in r["diff"]))
+
+
+def _listed_keys(db, path: Path, functions: list[str] | None) -> list[str]:
+    rows = db.execute('select l.line_number, m."index" from Mutant m join Line l on m.line = l.id').fetchall()
+    wanted = function_lines(path, functions) if functions else None
+    return [f"{n + 1}:{k}" for n, k in rows if wanted is None or n + 1 in wanted]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             print(module, " ".join(tests_for(module)))
         return
     if args.report:
-        report(work, args.mutmut)
+        report(work)
         return
     for module, functions in targets:
         run_target(work, module, functions, args.mutmut)
