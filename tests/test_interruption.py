@@ -128,7 +128,12 @@ def test_a_shielded_worker_obeys_only_its_parent() -> None:
             shield_loader_worker(0)
             os.write(pong_w, b"r")  # ready
             while os.read(ping_r, 1):
-                os.write(pong_w, b"p")
+                # answer once the shield has taken any SIGTERM: a second SIGTERM sent while one is still
+                # pending would merge into it (standard signals do not queue) and keep its sender
+                deadline = time.monotonic() + 60
+                while signal.SIGTERM in signal.sigpending() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                os.write(pong_w, b"s" if signal.SIGTERM in signal.sigpending() else b"p")
         finally:
             os._exit(3)  # only if its input closes: the shield let it run
     os.close(ping_r)
@@ -140,7 +145,7 @@ def test_a_shielded_worker_obeys_only_its_parent() -> None:
             # a signal that ends the worker ends it in its blocking read: it would never answer (EOF)
             os.write(ping_w, b"?")
             assert os.read(pong_r, 1) == b"p", f"SIG{name} from another process ended the worker"
-        os.kill(child, signal.SIGTERM)  # from the parent
+        os.kill(child, signal.SIGTERM)  # from the parent (the other process's SIGTERM is taken: see above)
         deadline = time.monotonic() + 60  # a guard against a hang only: the exit itself is waited for
         while (status := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
