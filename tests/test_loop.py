@@ -108,6 +108,17 @@ def test_evaluate_matches_a_hand_count_on_logits_with_ties():
     assert metrics["val_loss"] == pytest.approx(loss / len(rows), rel=1e-6)
 
 
+def test_evaluate_on_one_image_and_on_none():
+    """One image: its own top-1 (100 or 0) and loss, not a share of some larger count; no image at all (an
+    empty shard): zeros, no division by zero."""
+    model = _lookup(torch.tensor([[2.0, 0.5, 0.1]]))
+    hit = evaluate(model, [(torch.eye(1), torch.tensor([0]))], torch.device("cpu"))
+    miss = evaluate(model, [(torch.eye(1), torch.tensor([2]))], torch.device("cpu"))
+    assert (hit["top1"], miss["top1"], miss["top5"]) == (100.0, 0.0, 100.0)
+    assert miss["val_loss"] == pytest.approx(math.log(math.exp(2.0) + math.exp(0.5) + math.exp(0.1)) - 0.1, rel=1e-6)
+    assert evaluate(model, [], torch.device("cpu")) == {"top1": 0.0, "top5": 0.0, "val_loss": 0.0}
+
+
 # -- evaluate() on two gloo ranks --------------------------------------------------------------------------
 NUM_CLASSES, IMAGES_PER_CLASS, BAD_FILES = 7, 2, ("c1/bad_a.png", "c4/bad_b.png", "c6/bad_c.png")
 
