@@ -108,7 +108,7 @@ def _fresh_copy(here: Path) -> str:
     """``here`` becomes a copy of HEAD (mutmut's cache and our results kept); returns HEAD's short hash."""
     here.mkdir(parents=True, exist_ok=True)
     for entry in here.iterdir():
-        if entry.name not in (".mutmut-cache", "results.json"):
+        if entry.name not in (".mutmut-cache", "results.json", "mutants.txt"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(here), "--exclude=bench/results"], input=archive, check=True)
@@ -150,6 +150,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     pristine = (here / module).read_text()
     mutants = _mutants(here, module, functions, mutmut)
+    (here / "mutants.txt").write_text(f"{len(mutants)}\n")
     print(f"   {len(mutants)} mutants, timeout {timeout:.0f} s", flush=True)
     for mutant_id, key in mutants:
         done = results.get(key)
@@ -186,8 +187,7 @@ def report(work: Path) -> None:
         if not (here / "results.json").exists():
             continue
         results = json.loads((here / "results.json").read_text())
-        with sqlite3.connect(here / ".mutmut-cache") as db:
-            listed = len(_listed_keys(db, here / module, functions))
+        listed = int((here / "mutants.txt").read_text()) if (here / "mutants.txt").exists() else len(results)
         c = {s: sum(r["status"] == s for r in results.values()) for s in ("killed", "survived", "timeout")}
         commits = ", ".join(sorted({r["commit"] for r in results.values()}))
         name = module + (f" ({', '.join(functions)})" if functions else "")
@@ -201,12 +201,6 @@ def report(work: Path) -> None:
     for module, key, r in survivors:
         print(f"\n{r['status']}: {module} line {key.split(':')[0]} (at {r['commit']})")
         print("\n".join("    " + line for line in r["diff"]))
-
-
-def _listed_keys(db, path: Path, functions: list[str] | None) -> list[str]:
-    rows = db.execute('select l.line_number, m."index" from Mutant m join Line l on m.line = l.id').fetchall()
-    wanted = function_lines(path, functions) if functions else None
-    return [f"{n + 1}:{k}" for n, k in rows if wanted is None or n + 1 in wanted]
 
 
 def main(argv: list[str] | None = None) -> None:
