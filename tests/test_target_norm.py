@@ -78,8 +78,9 @@ def test_phi_s_output_has_equal_channel_variances_zero_mean(c, seed):
     assert torch.allclose(y.mean(0), torch.zeros(c, dtype=torch.float64), atol=2e-3)
     # the raw distribution is far from isotropic (principal variances over orders of magnitude); after
     # PHI-S every channel's variance is the same
+    # (compared as a product: the smallest eigenvalue of a nearly singular draw can round to <= 0)
     eig = torch.linalg.eigvalsh(torch.cov(x.T))
-    assert eig.max() / eig.min() > 10
+    assert eig.max() > 10 * eig.min()
 
 
 @given(c=st.sampled_from([4, 8, 12, 16, 20, 24, 32]), seed=st.integers(0, 2**31 - 1))
