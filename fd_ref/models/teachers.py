@@ -57,6 +57,7 @@ import torch.nn as nn
 import re
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.layers import RmsNorm, RmsNorm2d
 
 from fd_ref.checkpoint.io import load_file, load_weights, model_state
 from fd_ref.errors import UserError
@@ -77,7 +78,8 @@ PAPER_TEACHERS = {
 
 
 MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# every norm a teacher may hold: torch's, and timm's RMS norms (plain modules, not LayerNorm subclasses)
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, RmsNorm, RmsNorm2d)
 
 
 def _inputs_to_float32(module: nn.Module, args: tuple) -> tuple:
