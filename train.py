@@ -65,7 +65,6 @@ DEFAULTS = dict(
     drop_path=0.1,               # student's maximum drop-path rate (the teacher never drops)
     layer_scale=0.1,
     # objective
-    whiten=True,                 # whiten the teacher's features (LayerNorm without affine); --no-whiten = --target-norm none
     target_norm="whiten",        # target normalisation: whiten (published) | none | phi_s (PHI-S, fd-ref's own)
     phi_s_images=2048,           # training images the PHI-S mean and covariance are estimated on, once
     loss="smooth_l1",            # smooth_l1 (published, --beta) | mse | cosine (fd-ref's own)
@@ -98,6 +97,10 @@ DEFAULTS = dict(
     tensorboard=False,           # also write loss, lr, grad norm, img/s, MFU to OUTPUT/tensorboard (rank 0)
 )
 # ----------------------------------------------------------------------------------------------------------
+# Old switches that are now a value of one setting (config files and commands that use them keep working).
+ALIASES = dict(
+    whiten=("target_norm", "none"),  # --no-whiten (whiten: false) is --target-norm none; --whiten changes nothing
+)
 
 
 def build_student(cfg: dict) -> nn.Module:
@@ -117,7 +120,7 @@ def build_student(cfg: dict) -> nn.Module:
 
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
-                         help_text=help_from_source(__file__), multi=TEACHER_KEYS)
+                         help_text=help_from_source(__file__), multi=TEACHER_KEYS, aliases=ALIASES)
     run = setup.start(cfg, DEFAULTS)
     info = run.info
     if cfg["nan_policy"] not in ("stop", "skip"):
@@ -138,18 +141,20 @@ def main(argv=None) -> None:
                               timm_kwargs=parse_kwargs(t["teacher_kwargs"], "--teacher-kwargs") or None,
                               patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"]) for t in settings]
     student = build_student(cfg)
-    options = dict(beta=cfg["beta"], whiten_target=cfg["whiten"], target=cfg["target"],
-                   target_norm=None if cfg["target_norm"] == "whiten" else cfg["target_norm"], loss=cfg["loss"])
-    if len(teachers) == 1 and settings[0]["teacher_weight"] == 1.0:  # the paper's FD
-        model = FeatureDistillation(student, teachers[0], **options)
-        branches = [model]
-        trainable = nn.ModuleDict({"student": student, "projection": model.projection,
-                                   "target_norm": model.target_norm})  # (whiten, none: no state)
-    else:  # several teachers (fd_ref.method.multi_teacher): one projection and one target normalisation each
-        model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
-        branches = list(model.branches)
-        trainable = nn.ModuleDict({"student": student, "projections": model.projections,
-                                   "target_norms": model.target_norms})
+    options = dict(beta=cfg["beta"], target=cfg["target"], target_norm=cfg["target_norm"], loss=cfg["loss"])
+    try:
+        if len(teachers) == 1 and settings[0]["teacher_weight"] == 1.0:  # the paper's FD
+            model = FeatureDistillation(student, teachers[0], **options)
+            branches = [model]
+            trainable = nn.ModuleDict({"student": student, "projection": model.projection,
+                                       "target_norm": model.target_norm})  # (whiten, none: no state)
+        else:  # several teachers (fd_ref.method.multi_teacher): one projection and one target normalisation each
+            model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
+            branches = list(model.branches)
+            trainable = nn.ModuleDict({"student": student, "projections": model.projections,
+                                       "target_norms": model.target_norms})
+    except ValueError as e:  # the objective's settings: --target, --target-norm, --loss, --teacher-weight
+        raise UserError(f"{e} (--target, --target-norm, --loss, --teacher-weight)") from None
     model.to(info.device)
     if run.precision == "bf16":
         for teacher in teachers:  # bf16 matrix products; norms and the returned features in fp32

@@ -214,7 +214,7 @@ def test_convnext_teacher_applies_its_head_norm_per_position(tmp_path):
 
 def test_cls_target_needs_a_class_token():
     teacher = build_teacher("vit_tiny", img_size=32, patch_size=8, depth=1)
-    with pytest.raises(UserError, match="class token"):
+    with pytest.raises(ValueError, match="class token"):
         FeatureDistillation(TimmBackbone(f"timm:{SWIN[0]}", 32, SWIN[1]), teacher, target="cls")
 
 
