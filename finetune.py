@@ -24,9 +24,9 @@ from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_transform, probe_transform
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
-from fd_ref.engine.evaluate import evaluate
+from fd_ref.eval.evaluate import evaluate
 from fd_ref.engine.job import Job
-from fd_ref.engine.knn_eval import knn_evaluate
+from fd_ref.eval.knn_eval import knn_evaluate
 from fd_ref.errors import UserError
 from fd_ref.files import write_text_atomic
 from fd_ref.models.finetune_model import build_finetune_model
@@ -55,7 +55,7 @@ DEFAULTS = dict(
     from_scratch=False,          # ignore --pretrained: random initialisation
     linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head (LARS, plain CE)
     probe_pool="avg",            # linear probe features: avg (mean patch token + LayerNorm) | cls (normed class token)
-    knn=False,                   # no training: weighted k-NN accuracy of the frozen backbone's probe features (fd_ref.engine.knn_eval)
+    knn=False,                   # no training: weighted k-NN accuracy of the frozen backbone's probe features (fd_ref.eval.knn_eval)
     knn_k=20,                    # neighbours of the k-NN (DINO: 20)
     knn_temperature=0.07,        # vote weight exp(similarity / T) (DINO: 0.07)
     model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch); timm:<name> too

@@ -23,7 +23,7 @@ from fd_ref.data import pretrain_transform
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.job import Job
-from fd_ref.engine.target_fit import fit_phi_s
+from fd_ref.eval.target_fit import fit_phi_s
 from fd_ref.errors import UserError
 from fd_ref.method.distill import FeatureDistillation
 from fd_ref.method.multi_teacher import MultiTeacherDistillation

@@ -24,7 +24,8 @@ RANKS = {
     "models": 3, "data": 3,                    # networks; datasets, transforms, batching
     "optim": 4,                                # parameter groups, layer decay, schedule, LARS
     "engine": 5,                               # the loop and what keeps a run alive
-    "analysis": 6, "export": 6,                # diagnostics; timm / Hugging Face export
+    "eval": 6,                                 # evaluation, k-NN, PHI-S statistics: outside the loop
+    "analysis": 6, "timm_export": 6,           # diagnostics; timm / Hugging Face export
     "cli": 7,                                  # what the scripts' main runs in
 }
 ONLY = {"method": {"method", "errors"}}        # layers restricted further than their rank

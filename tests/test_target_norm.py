@@ -184,7 +184,7 @@ def test_phi_s_estimate_is_the_same_on_every_rank_and_leaves_the_random_streams_
     differ (ranks) estimate the same transform, and the caller's random stream is where it was."""
     from fd_ref.data import pretrain_transform
     from fd_ref.data.splits import train_val_datasets
-    from fd_ref.engine.target_fit import fit_phi_s
+    from fd_ref.eval.target_fit import fit_phi_s
     dataset, _ = train_val_datasets("synthetic", pretrain_transform(32), None, need_val=False, synthetic_size=24,
                                     img_size=32)
     estimates, teacher = [], _teacher(12)  # the same teacher on every rank
