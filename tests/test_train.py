@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-import fd_ref.engine.setup
+from fd_ref.engine.trainer import Trainer
 import finetune
 import train
 from fd_ref.config import resolve_config
@@ -119,13 +119,13 @@ def _rank_worker(rank: int, port: int, argv: list[str], save_to: str) -> None:
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
 
-    class RecordingTrainer(fd_ref.engine.setup.Trainer):
+    class RecordingTrainer(Trainer):
         def fit(self):
             history = super().fit()
-            torch.save({k: v.clone() for k, v in self.state_module.state_dict().items()}, save_to)
+            torch.save({k: v.clone() for k, v in self.job.model.state_dict().items()}, save_to)
             return history
 
-    fd_ref.engine.setup.Trainer = RecordingTrainer  # the Trainer train.main builds (through fd_ref.engine.setup.begin)
+    train.Trainer = RecordingTrainer  # the Trainer train.main builds
     try:
         train.main(argv)
     finally:

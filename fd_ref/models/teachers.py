@@ -139,8 +139,11 @@ class Teacher(nn.Module):
         return self
 
     def _precision(self, device: torch.device):
+        """Autocast to ``compute_dtype`` (none on a device without autocast, e.g. meta for a FLOP count)."""
         dtype = self.compute_dtype
-        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+        if dtype is None or not torch.amp.is_autocast_available(device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens [B, T, C] in float32 (the features the whitening reads)."""
