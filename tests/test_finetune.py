@@ -258,7 +258,7 @@ def test_linear_probe_training(student, tmp_path, monkeypatch):
         lambda *_: modes.append((model.backbone.training, any(m.training for m in model.backbone.modules()))))
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     images, labels = _fixed_batch()
-    loss = trainer.step_fn((images, labels))
+    loss = trainer.job.step_fn((images, labels))
     hook.remove()
     assert modes == [(False, False)] and model.bn.training
     logits = model.head(torch.nn.functional.batch_norm(model.features(images), None, None, training=True,

@@ -85,3 +85,19 @@ def test_train_runs_step_fn_once_per_micro_batch_before_the_first_step(tmp_path,
     assert calls.count("cpu") == 2 and set(calls) <= {"cpu", "meta"}
     log = (tmp_path / "run" / "log.jsonl").read_text()
     assert '"mfu"' in log
+
+
+def test_a_student_shared_by_several_teachers_stays_real():
+    """The two-teacher objective holds its student twice (``student`` and each branch's): after the count,
+    every tensor of the network is still the real one, on the CPU."""
+    from fd_ref.method.multi_teacher import MultiTeacherDistillation
+    torch.manual_seed(0)
+    student = create_vit("vit_tiny", img_size=32, patch_size=8, depth=1, num_classes=0)
+    teachers = [_fd(student, 32).teacher, _fd(student, 32).teacher]
+    multi = MultiTeacherDistillation(student, teachers)
+    before = {k: v.clone() for k, v in multi.state_dict().items()}
+    images = torch.randn(2, 3, 32, 32)
+    assert step_flops_per_image(multi, images) > 0
+    assert all(t.device.type == "cpu" for t in [*multi.parameters(), *multi.buffers()])
+    assert all(torch.equal(v, before[k]) for k, v in multi.state_dict().items())
+    assert torch.isfinite(multi(images))

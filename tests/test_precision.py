@@ -30,11 +30,16 @@ def test_unknown_precision_is_refused():
 
 
 def test_capability_check_asks_onednn(monkeypatch):
-    """The check is oneDNN's answer, and a torch without it means no native bf16."""
-    assert precision._ask_onednn() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """The check is oneDNN's answer, and a torch without it means no native bf16 (a fresh copy of the
+    module: the suite's conftest stubs the module's own check)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("unstubbed_precision", precision.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     class NoOneDNN:
         def __getattr__(self, name):
             raise AttributeError(name)
     monkeypatch.setattr(torch.ops, "mkldnn", NoOneDNN())
-    assert precision._ask_onednn() is False
+    assert fresh.cpu_has_native_bf16() is False

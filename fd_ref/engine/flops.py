@@ -3,19 +3,20 @@
     MFU = (FLOPs of one training step per image * images per second) / peak FLOP/s of the device
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward and backward of the
-network the step runs (teacher included), on the meta device: the parameters, buffers and images are
-replaced by meta tensors of the same shapes, so the count holds for any teacher or student and costs no
-real computation (no step is run for it). The peak is a table entry for known GPUs, or measured here with a
+network the step runs (teacher included), on a copy of it on the meta device: parameters, buffers and
+images are meta tensors of the same shapes, so the count holds for any teacher or student and costs no real
+computation (no step is run for it). The peak is a table entry for known GPUs, or measured here with a
 large matmul in the training precision (a CPU has no table).
 """
 from __future__ import annotations
 
 import time
 import warnings
+from copy import deepcopy
 from typing import Callable, Optional
 
 import torch
-from torch.func import functional_call
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense peak FLOP/s (no sparsity) of common accelerators, by name fragment and dtype.
@@ -73,25 +74,28 @@ def peak_flops(dtype: torch.dtype, device: torch.device) -> float:
 
 def step_flops_per_image(network: Optional[torch.nn.Module], images: torch.Tensor) -> float:
     """FLOPs per image of one training step's forward and backward through ``network`` (a loss, or outputs
-    whose sum stands in for one) on a batch shaped like ``images``, counted on the meta device (module
-    docstring): the network's own tensors are neither read nor changed. 0 where there is no network or the
-    count fails (MFU is best effort)."""
+    whose sum stands in for one) on a batch shaped like ``images``, counted on a copy of the network on the
+    meta device (module docstring): the network itself is neither run nor changed. 0 where there is no
+    network or the count fails (MFU is best effort)."""
     if network is None or len(images) == 0:
         return 0.0
+
     def on_meta(t: torch.Tensor) -> torch.Tensor:  # float32 throughout: the count does not depend on dtypes
-        dtype = torch.float32 if t.is_floating_point() else t.dtype
-        return torch.empty(t.shape, dtype=dtype, device="meta").requires_grad_(t.requires_grad)
+        return torch.empty(t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype, device="meta")
 
-    meta = {name: on_meta(t) for name, t in [*network.named_parameters(), *network.named_buffers()]}
-    x = on_meta(images)
-
-    def step() -> None:
-        out = functional_call(network, meta, (x,))
-        trained = [t for t in meta.values() if t.requires_grad]
-        if trained and out.requires_grad:
-            torch.autograd.grad(out.float().sum(), trained, allow_unused=True)
-
+    # the copy shares the structure (shared and tied modules stay shared), its tensors are all on meta
+    memo = {id(p): nn.Parameter(on_meta(p), requires_grad=p.requires_grad) for p in network.parameters()}
+    memo.update({id(b): on_meta(b) for b in network.buffers()})
     try:
+        copy = deepcopy(network, memo)
+        trained = [p for p in copy.parameters() if p.requires_grad]
+        x = on_meta(images)
+
+        def step() -> None:
+            out = copy(x)
+            if trained and out.requires_grad:
+                torch.autograd.grad(out.float().sum(), trained, allow_unused=True)
+
         return count_flops(step) / len(images)
     except Exception:  # noqa: BLE001 - a network the meta device cannot run: no MFU, training goes on
         return 0.0

@@ -21,10 +21,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN runs bf16 matrix products natively on this CPU (AVX512-BF16 / AMX)."""
-    return _ask_onednn()
-
-
-def _ask_onednn() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN

@@ -148,8 +148,7 @@ class Trainer:
                 with contextlib.nullcontext() if (last_micro or ddp is None) else ddp.no_sync():
                     with autocast(run.precision, self.device):
                         loss = self.job.step_fn(batch) / accum
-                    if self.faults is not None:
-                        loss = self.faults.corrupt_loss(self.step + self.skipped + 1, loss)
+                    loss = self.faults.corrupt_loss(self.step + self.skipped + 1, loss)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 loss_sum += loss.detach()
                 self.batch_in_epoch += 1
@@ -174,8 +173,7 @@ class Trainer:
                     t_pause = time.perf_counter()
                     self.save()
                     paused += time.perf_counter() - t_pause
-                if self.faults is not None:
-                    self.faults.after_step(self.step, run.info.rank)
+                self.faults.after_step(self.step, run.info.rank)
                 if self.step < self.total_steps:  # (a signal after the last step: the run ends normally)
                     self._check_stop()
                 if self.step >= self.total_steps:

@@ -61,6 +61,7 @@ from timm.layers import RmsNorm, RmsNorm2d
 
 from fd_ref.checkpoint.io import load_file, load_weights, model_state
 from fd_ref.errors import UserError
+from fd_ref.files import strip_prefixes
 from fd_ref.method.position import Grid
 from fd_ref.models import hub
 from fd_ref.models.from_file import build_model, read_model_file
@@ -272,12 +273,7 @@ def esvit_to_timm(blob, num_stages: int = 4) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in ("module.", "backbone."):
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+        key = strip_prefixes(key, ("module.", "backbone."))
         if key.endswith(("relative_position_index", "attn_mask")) or not key.startswith(
                 ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")):
             continue
