@@ -197,3 +197,17 @@ def test_phi_s_estimate_is_the_same_on_every_rank_and_leaves_the_random_streams_
         assert fit_phi_s([fd], dataset, 16, 8, seed=0, device=torch.device("cpu")) == 0  # estimated already
         estimates.append(fd.target_norm.state_dict())
     assert all(torch.equal(estimates[0][k], estimates[1][k]) for k in estimates[0])
+
+
+def test_a_checkpoint_of_an_old_no_whiten_run_resumes(tmp_path, capsys):
+    """A checkpoint written when ``--no-whiten`` was its own setting records ``whiten: false`` beside
+    ``target_norm: whiten``; the same command resumes it (it is ``target_norm: none`` now)."""
+    out = tmp_path / "run"
+    flags = TINY + ["--no-whiten", "--epochs", "2", "--output", str(out)]
+    train.main(flags + ["--max-steps", "1"])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["target_norm"] == "none" and "whiten" not in ckpt["config"]
+    ckpt["config"].update(whiten=False, target_norm="whiten")  # as the older version recorded it
+    torch.save(ckpt, out / "checkpoint.pt")
+    train.main(flags + ["--max-steps", "2"])
+    assert "resumed from" in capsys.readouterr().out
