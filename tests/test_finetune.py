@@ -196,23 +196,30 @@ def test_linear_probe_modules():
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 def test_linear_probe_features_are_the_published_models(pool):
     """avg: the published mean-pooling model's features, fc_norm(mean of the last block's patch tokens) with
-    a fresh (1/0) LayerNorm and no final norm -- here our ViT built with global_pool="avg", loaded with the
-    same weights. cls: the class token after the final norm."""
+    a fresh (1/0) LayerNorm and no final norm; cls: the class token after the final norm. The reference is
+    timm's ``Beit`` (the published fine-tuning model's family) built with that pooling and given the same
+    weights."""
+    from timm.models.beit import Beit
+
+    from fd_ref.checkpoint.keys import to_timm_beit
     torch.manual_seed(1)
     source = VisionTransformer(**TINY_VIT, global_pool="cls")
     for p in source.parameters():  # non-trivial norms, so a forgotten or extra norm shows
         p.data.add_(0.3 * torch.randn_like(p))
     state = {k: v.clone() for k, v in source.state_dict().items()}
     probe = LinearProbe(source, 5, pool=pool).train()
-    reference = VisionTransformer(**TINY_VIT, global_pool=pool).eval()
-    missing, unexpected = reference.load_state_dict(state, strict=False)
+    reference = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, qkv_bias=True,
+                     init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                     global_pool="token" if pool == "cls" else pool, num_classes=0).eval()
+    missing, unexpected = reference.load_state_dict(to_timm_beit(state), strict=False)
     if pool == "avg":
         assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight"] and sorted(unexpected) == ["norm.bias", "norm.weight"]
+        assert torch.equal(reference.fc_norm.weight, torch.ones(32)) and not reference.fc_norm.bias.any()
     else:
         assert not missing and not unexpected
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
-        expected = reference.forward_head(reference.forward_features(x))  # num_classes 0: head is Identity
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
     torch.testing.assert_close(probe.features(x), expected, rtol=1e-5, atol=1e-5)
 
 
