@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS: list[tuple[str, list[str] | None]] = [
     ("fd_ref/method/whitening.py", None),
     ("fd_ref/method/loss.py", None),
-    ("fd_ref/method/losses.py", None),
+    ("fd_ref/method/loss_options.py", None),
     ("fd_ref/method/projection.py", None),
     ("fd_ref/method/drop_path.py", None),
     ("fd_ref/method/target_norm.py", None),
@@ -49,7 +49,7 @@ TARGETS: list[tuple[str, list[str] | None]] = [
     ("fd_ref/optim/schedule.py", None),
     ("fd_ref/optim/lars.py", None),
     ("fd_ref/optim/groups.py", None),
-    ("fd_ref/engine/evaluate.py", ["evaluate"]),
+    ("fd_ref/eval/evaluate.py", ["evaluate"]),
     ("fd_ref/engine/trainer.py", ["Trainer._run", "Trainer._optimizer_step"]),
 ]
 # tests that exercise a module without importing it by name (run after the importers)
@@ -58,7 +58,7 @@ EXTRA_TESTS = {
 }
 # tests run first (pytest -x stops at the first failure: a quick, targeted file kills most mutants sooner)
 FIRST_TESTS = {
-    "fd_ref/engine/evaluate.py": ["tests/test_loop.py"],
+    "fd_ref/eval/evaluate.py": ["tests/test_loop.py"],
     "fd_ref/engine/trainer.py": ["tests/test_loop.py"],
 }
 NOT_TESTS = {"tests/test_layers.py"}  # reads the import graph, runs nothing

@@ -18,25 +18,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINER, EVALUATE = "fd_ref/engine/trainer.py", "fd_ref/engine/evaluate.py"
+TRAINER, EVALUATE = "fd_ref/engine/trainer.py", "fd_ref/eval/evaluate.py"
 LOOP = "tests/test_loop.py"
 
 # name, file, original, replacement, tests that must fail
 BUGS: list[tuple[str, str, str, str, str]] = [
     ("accum: micro-batch loss not divided by accum_steps", TRAINER,
-     "loss = self.step_fn(batch) / accum", "loss = self.step_fn(batch)",
+     "loss = self.job.step_fn(batch) / accum", "loss = self.job.step_fn(batch)",
      f"{LOOP}::test_accumulation_equals_the_combined_batch"),
     ("accum: an optimiser step after every micro-batch", TRAINER,
-     "last_micro = (self.micro + 1) % accum == 0", "last_micro = True",
+     "last_micro = (self.batch_in_epoch + 1) % accum == 0", "last_micro = True",
      f"{LOOP}::test_accumulation_equals_the_combined_batch"),
-    ("accum: resume starts at micro-batch `step`, not `micro`", TRAINER,
-     "self.sampler.set_epoch(self.epoch, start=self.micro)", "self.sampler.set_epoch(self.epoch, start=self.step)",
+    ("accum: resume starts at micro-batch `step`, not `batch_in_epoch`", TRAINER,
+     "self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch)", "self.sampler.set_epoch(self.epoch, start=self.step)",
      f"{LOOP}::test_stop_inside_an_accumulation_resumes_to_the_same_weights"),
     ("clip: max norm infinite", TRAINER,
-     'max_norm = s.clip_grad if s.clip_grad > 0 else float("inf")', 'max_norm = float("inf")',
+     'max_norm = run.clip_grad if run.clip_grad > 0 else float("inf")', 'max_norm = float("inf")',
      f"{LOOP}::test_clipping_hands_the_optimiser_the_hand_clipped_gradient"),
     ("clip: --clip-grad 0 clips at 1", TRAINER,
-     'max_norm = s.clip_grad if s.clip_grad > 0 else float("inf")', "max_norm = s.clip_grad if s.clip_grad > 0 else 1.0",
+     'max_norm = run.clip_grad if run.clip_grad > 0 else float("inf")', "max_norm = run.clip_grad if run.clip_grad > 0 else 1.0",
      f"{LOOP}::test_clip_grad_0_clips_nothing"),
     ("eval: top-5 computed as top-1", EVALUATE,
      "totals[1] += (top5 == labels[:, None]).any(1).sum()", "totals[1] += (top5[:, 0] == labels).sum()",

@@ -28,7 +28,7 @@ import finetune
 import train
 from fd_ref.data.images import RobustImageFolder
 from fd_ref.data.sampler import make_loader
-from fd_ref.engine.evaluate import evaluate
+from fd_ref.eval.evaluate import evaluate
 from fd_ref.engine.faults import install_fault_hook
 from fd_ref.engine.stop import STOP_EXIT_CODE
 

@@ -235,7 +235,7 @@ def test_convnext_teacher_applies_its_head_norm_per_position(tmp_path):
 
 def test_cls_target_needs_a_class_token():
     teacher = build_teacher("vit_tiny", img_size=32, patch_size=8, depth=1)
-    with pytest.raises(UserError, match="class token"):
+    with pytest.raises(ValueError, match="class token"):
         FeatureDistillation(TimmBackbone(f"timm:{SWIN[0]}", 32, SWIN[1]), teacher, target="cls")
 
 
@@ -367,7 +367,7 @@ def test_esvit_distillation_config():
             cfg["warmup_lr"]) == ("esvit_swin_base", 300, 0.3, 2e-4, 10, 1e-5, 1e-6)
     assert (cfg["img_size"], cfg["weight_decay"], cfg["clip_grad"], cfg["batch_size"], cfg["beta"]) == (
         224, 0.05, 3.0, 128, 2.0)
-    assert cfg["whiten"] is True and cfg["teacher_feat_after_norm"] is True and cfg["target"] == "full"
+    assert cfg["target_norm"] == "whiten" and cfg["teacher_feat_after_norm"] is True and cfg["target"] == "full"
     assert (cfg["crop_min_scale"], cfg["crop_interpolation"]) == (0.08, "bilinear")
     assert cfg["output"] == "out/fd_esvit_swin_base"
     # the student it names is SwinV2-B with window 14: width 1024 on 7 x 7 at 224 px, the teacher's map

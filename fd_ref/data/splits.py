@@ -56,3 +56,9 @@ def train_val_datasets(data: str, train_transform, val_transform, *, val_split: 
 def _subset(dataset: Dataset, indices: list[int]) -> Subset:
     """A folder's split replaces a bad file from within the split (:class:`FolderSubset`)."""
     return FolderSubset(dataset, indices) if isinstance(dataset, RobustImageFolder) else Subset(dataset, indices)
+
+
+def class_count(dataset: Dataset) -> int:
+    """The number of classes a (possibly subset) dataset names; 0 when it names none."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return len(getattr(base, "classes", None) or [])
