@@ -145,10 +145,10 @@ def _open_tar(url: str, cache_dir: str):
     members = tar.reader.by_index
     if members:
         _, offset, size = members[-1]
-        if offset + 512 + size > len(tar.reader.mmapped_file):
+        end, length = offset + 512 + size, len(tar.reader.mmapped_file)
+        if end > length:
             tar.close()
-            raise OSError(f"truncated: its last member ends at byte {offset + 512 + size}, the file has "
-                          f"{len(tar.reader.mmapped_file)}")
+            raise OSError(f"truncated: its last member ends at byte {end}, the file has {length}")
     return tar
 
 
