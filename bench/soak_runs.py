@@ -127,19 +127,20 @@ def _target(proc: subprocess.Popen, ranks: int, rank: int) -> Optional[int]:
 
 
 def _in_save(out: Path) -> bool:
-    return any(name.endswith(".tmp") and name.startswith((".checkpoint.pt.", ".student.pt."))
+    return any(name.endswith(".tmp") and name.startswith((".checkpoint.pt.", ".student.pt.", ".best.pt."))
                for name in os.listdir(out)) if out.is_dir() else False
 
 
-def command(args: list[str], ranks: int) -> list[str]:
+def command(args: list[str], ranks: int, script: str = "train.py") -> list[str]:
     if ranks == 1:
-        return [sys.executable, FAULT_ENTRY, "train.py", *args]
+        return [sys.executable, FAULT_ENTRY, script, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port()), FAULT_ENTRY, "train.py", *args]
+            "127.0.0.1", "--master-port", str(free_port()), FAULT_ENTRY, script, *args]
 
 
-def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path) -> Attempt:
-    """Run one attempt to its end, applying ``plan`` (``None``: no fault)."""
+def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path,
+                script: str = "train.py") -> Attempt:
+    """Run one attempt of ``script`` to its end, applying ``plan`` (``None``: no fault)."""
     env = {**os.environ, **ENV, **(plan.env if plan else {})}
     fsize = plan.fsize if plan else 0
 
@@ -155,7 +156,7 @@ def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], lo
     if whole:
         Path(plan.shard).write_bytes(whole[:plan.cut])
     try:
-        attempt = _watch(args, out, ranks, plan, logs / str(n), env, limit)
+        attempt = _watch(command(args, ranks, script), out, ranks, plan, logs / str(n), env, limit)
     finally:
         if whole:
             Path(plan.shard).write_bytes(whole)
@@ -167,10 +168,10 @@ def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], lo
     return attempt
 
 
-def _watch(args: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path, env: dict, limit) -> Attempt:
+def _watch(cmd: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path, env: dict, limit) -> Attempt:
     t0 = time.monotonic()
     with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:
-        proc = subprocess.Popen(command(args, ranks), cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
                                 stdin=subprocess.DEVNULL, preexec_fn=limit, start_new_session=True)
     moment, fired, last_log, last_change, last_read = "", False, log_steps(out), None, 0.0
     worker_seen: Optional[float] = None
@@ -263,6 +264,9 @@ def draw(kind: str, rng: random.Random, ranks: int, total_steps: int, ref_second
         return Plan(kind, env={"FD_TEST_HANG_AT_STEP": str(step), **die}, rank=rank)
     if kind == "disk_full":
         return Plan(kind, fsize=int(ckpt_bytes * rng.uniform(0.2, 0.95)))
+    if kind == "kill_eval":  # finetune.py: in the k-th evaluation (one per epoch), at its start or its end
+        at = f"{rng.randint(1, max(1, total_steps // 4))}:{rng.choice(['start', 'end'])}"
+        return Plan(kind, env={"FD_TEST_KILL_IN_EVAL": at, **die}, rank=rank)
     if kind == "kill_worker":
         return Plan(kind, kill="worker", after=rng.randint(0, total_steps - 1), rank=rank)
     if kind == "truncate_shard":
@@ -274,4 +278,5 @@ def draw(kind: str, rng: random.Random, ranks: int, total_steps: int, ref_second
 KINDS = ("kill_save", "kill_loader", "kill_random", "sigterm", "sigusr1", "rank_dies", "rank_hangs", "disk_full")
 # drawn only when asked for (--kinds, --shards), so that the figures of a seed drawn from KINDS stay as they were
 WORKER_KINDS = ("kill_worker",)
+FINETUNE_KINDS = ("kill_eval",)
 SHARD_KINDS = ("truncate_shard",)
