@@ -28,8 +28,6 @@ What is checked, and when (docs/data_at_scale.md):
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import json
 import logging
 import os
@@ -84,8 +82,7 @@ def read_index(source: str) -> tuple[list[Shard], list[str]]:
     resolved against the description's own folder."""
     from wids.wids_specs import load_dsdesc_and_resolve, urldir
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            desc = load_dsdesc_and_resolve(source, base=urldir(source))
+        desc = load_dsdesc_and_resolve(source, base=urldir(source))
     except (OSError, AssertionError, ValueError, KeyError) as err:
         raise UserError(f"cannot read the shard index {source} ({type(err).__name__}: {err}); check the "
                         "path, or pass the shards' folder or a brace pattern instead") from err
@@ -138,8 +135,7 @@ def _open_tar(url: str, cache_dir: str):
     from wids.wids import IndexedTarSamples
     path = _local_copy(url, cache_dir)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            tar = IndexedTarSamples(path=path)
+        tar = IndexedTarSamples(path=path)
     except (ValueError, AssertionError, UnicodeDecodeError, struct.error) as err:
         raise OSError(f"unreadable tar headers ({type(err).__name__}: {err})") from err
     members = tar.reader.by_index
