@@ -260,3 +260,15 @@ def test_eval_only_and_knn_give_the_folder_numbers(folder, shards, tmp_path, cap
                           "32", "--batch-size", "8", "--output", str(tmp_path / f"knn{i}")])["knn"]
            for i, d in enumerate((folder, shards))]
     assert knn[0] == knn[1] and knn[0]["train_images"] == 24 and knn[0]["val_images"] == 9
+
+
+def test_shards_named_by_url_are_downloaded_once_into_the_cache(folder, shards, tmp_path, monkeypatch):
+    """wids fetches a URL into FD_REF_SHARD_CACHE; a ``pipe:`` URL (a command writing ``{local}``) stands in
+    for a remote store here. A download that fails is one line naming the shard."""
+    monkeypatch.setenv("FD_REF_SHARD_CACHE", str(tmp_path / "cache"))
+    remote = build_dataset(f"pipe:cp {shards}/train-00000{{0..4}}.tar {{local}}", True, None)
+    local = build_dataset(str(shards), True, None)
+    assert len(remote) == len(local) == 24 and len(list((tmp_path / "cache").iterdir())) == 5
+    assert all(fingerprint(remote[i][0]) == fingerprint(local[i][0]) for i in range(24))
+    with pytest.raises(UserError, match=r"cannot read shard pipe:false .*could not download it"):
+        build_dataset("pipe:false {local} train-000000.tar", True, None)

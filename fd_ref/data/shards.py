@@ -124,8 +124,11 @@ def _local_copy(url: str, cache_dir: str) -> str:
     from wids.wids_dl import download_and_open
     os.makedirs(cache_dir, exist_ok=True)
     local = os.path.join(cache_dir, quote(url, safe="+-"))
-    with download_and_open(url, local):
-        pass
+    try:
+        with download_and_open(url, local):
+            pass
+    except (AssertionError, ValueError, OSError) as err:  # wids asserts that its download command succeeded
+        raise OSError(f"could not download it ({type(err).__name__}: {err})") from err
     return local
 
 
@@ -229,10 +232,8 @@ class ShardDataset(Dataset):
             self._open.popitem(last=False)[1].close()
         return tar
 
-    def read(self, index: int) -> tuple[Any, int]:
-        """Image (RGB) and label of sample ``index``; raises on a bad sample or shard."""
-        shard, inner = self.locate(index)
-        sample = self._tar(shard)[inner]
+    def decode(self, sample: dict) -> tuple[Any, int]:
+        """Image (RGB) and label of one sample of a shard (its members by extension); raises if it is bad."""
         images = [k for k in sample if k.lower() in IMAGE_EXTENSIONS]
         if not images or ".cls" not in sample:
             raise ValueError(f"sample {sample['__key__']} lacks an image or a .cls member "
@@ -242,23 +243,23 @@ class ShardDataset(Dataset):
         return image, label
 
     def _try_read(self, index: int) -> Optional[tuple[Any, int]]:
+        """Sample ``index``, or ``None`` (logged, counted) when it or its shard cannot be read."""
         if self._bad_flags[index]:
             return None
-        shard, _ = self.locate(index)
+        shard, inner = self.locate(index)
         if shard not in self._dead:
             try:
-                return self.read(index)
-            except OSError as err:
-                if shard not in self._open:  # the shard itself cannot be opened: one line for all its samples
-                    self._dead.add(shard)
-                    log.warning("skipping unreadable shard %s (%s); its %d images count as unreadable",
-                                self.shards[shard].url, err, self.shards[shard].nsamples)
-                else:
+                tar = self._tar(shard)
+            except Exception as err:  # noqa: BLE001 -- a shard that cannot be opened: one line for all its samples
+                self._dead.add(shard)
+                log.warning("skipping unreadable shard %s (%s: %s); its %d images count as unreadable",
+                            self.shards[shard].url, type(err).__name__, err, self.shards[shard].nsamples)
+            else:
+                try:
+                    return self.decode(tar[inner])
+                except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this sample"
                     log.warning("skipping unreadable image %d of shard %s (%s: %s)", index,
                                 self.shards[shard].url, type(err).__name__, err)
-            except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this sample"
-                log.warning("skipping unreadable image %d of shard %s (%s: %s)", index, self.shards[shard].url,
-                            type(err).__name__, err)
         self._bad_flags[index] = 1
         return None
 
