@@ -264,11 +264,12 @@ def batch16(tmp_path_factory) -> Path:
     return out
 
 
-def test_accumulation_equals_the_combined_batch(batch16, tmp_path):
-    """2 micro-batches of 8 per step = batch 16: the same images, the mean of the two halves' losses, one
+@pytest.mark.parametrize("batch,accum", [(8, 2), (4, 4)])
+def test_accumulation_equals_the_combined_batch(batch16, tmp_path, batch, accum):
+    """k micro-batches of 16/k per step = batch 16: the same images, the mean of the micro-batches' losses, one
     optimiser step; after 4 steps the weights agree to 1e-6 (fp32) and so does every logged loss."""
     out = tmp_path / "accum"
-    train.main(TINY + ["--batch-size", "8", "--accum-steps", "2", "--output", str(out)])
+    train.main(TINY + ["--batch-size", str(batch), "--accum-steps", str(accum), "--output", str(out)])
     a, b = logged(batch16), logged(out)
     assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
