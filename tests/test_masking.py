@@ -64,12 +64,16 @@ def test_block_masks_are_rectangles_within_the_limits_then_random_positions(grid
 
 def test_block_masks_are_mostly_blocks():
     """At the study's 8x8 grid and 40% (and at ViT-B/16's 14x14), rectangles cover most of the count: the
-    top-up is a remainder, not the mask."""
+    top-up is a remainder, not the mask; over many draws every rectangle keeps the limits (rounding h and w
+    alone would give e.g. 2 x 8, aspect 0.25)."""
     g = torch.Generator().manual_seed(0)
-    for grid, ratio in (((8, 8), 0.4), ((14, 14), 0.4)):
+    for grid, ratio in (((8, 8), 0.4), ((14, 14), 0.4), ((16, 16), 0.1)):
         count = mask_count(ratio, grid[0] * grid[1])
-        covered = [int(block_rectangles(grid, count, g)[0].sum()) for _ in range(200)]
-        assert sum(covered) / len(covered) > 0.8 * count
+        draws = [block_rectangles(grid, count, g) for _ in range(300)]
+        assert sum(int(m.sum()) for m, _ in draws) / len(draws) > 0.8 * count
+        shapes = {(h, w) for _, rects in draws for _, _, h, w in rects}
+        assert all(h * w >= MIN_BLOCK and MIN_ASPECT <= h / w <= 1 / MIN_ASPECT for h, w in shapes), shapes
+        assert len(shapes) > 3  # several shapes, not one
         random = random_mask(200, grid, count, g).view(200, *grid)
         # blocks are compact: far more masked neighbours (right or below) than uniform positions have
         blocks = block_mask(200, grid, count, g).view(200, *grid)
@@ -205,10 +209,33 @@ RUN = TINY + ["--depth", "2", "--batch-size", "16", "--epochs", "2", "--drop-pat
 MASKED = ["--mask-ratio", "0.5", "--mask-style", "block"]
 
 
-def test_ratio_zero_is_fd_step_for_step(tmp_path):
-    """With --mask-ratio 0 the other mask flags change nothing: no mask token, no draw from the run's
-    stream (drop path draws the same), the same losses, gradient norms and weights as plain FD."""
+@pytest.mark.parametrize("loss", LOSSES)
+def test_an_empty_mask_is_fd_bit_for_bit(loss):
+    """The masked objective's path (mask token in the student's forward, loss over every token) with no
+    patch masked gives FD's loss and gradients exactly: the mask path adds nothing but the masking."""
+    x = torch.randn(3, 3, 32, 32)
+    teacher = _vit_teacher(1, 16)
+    fd = FeatureDistillation(_student(), teacher, loss=loss)
+    masked = FeatureDistillation(_student(), teacher, loss=loss, masking=PatchMasking(_student(), 0.5, over="all"))
+    masked.projection.load_state_dict(fd.projection.state_dict())
+    a, b = fd(x), masked(x, torch.zeros(3, 16, dtype=torch.bool))
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b)
+    ga, gb = dict(fd.named_parameters()), dict(masked.named_parameters())
+    assert all(torch.equal(ga[k].grad, gb[k].grad) for k in ga if ga[k].grad is not None)
+    assert torch.all(masked.masking.mask_token.grad == 0)
+
+
+def test_ratio_zero_is_fd_step_for_step(tmp_path, monkeypatch):
+    """With --mask-ratio 0 the other mask flags change nothing: no mask token built, nothing drawn (drop path
+    draws the same), the same losses, gradient norms and weights as plain FD."""
     train.main(RUN + ["--max-steps", "4", "--output", str(tmp_path / "fd")])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("masking built or drawn at --mask-ratio 0")
+    monkeypatch.setattr(PatchMasking, "__init__", refuse)
+    monkeypatch.setattr(PatchMasking, "draw", refuse)
     train.main(RUN + ["--max-steps", "4", "--mask-ratio", "0", "--mask-style", "random", "--mask-loss", "all",
                       "--output", str(tmp_path / "r0")])
     a, b = read_log(tmp_path / "fd"), read_log(tmp_path / "r0")
