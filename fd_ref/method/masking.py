@@ -1,8 +1,9 @@
 """Masked feature distillation: FD with the student's input partly masked (``--mask-ratio``, fd-ref's own).
 
 FD (paper Sec. 3.1) is the mask ratio 0 point of one objective. MaskDistill (Peng et al. 2022, "A Unified
-View of Masked Image Modeling", Sec. 3) and EVA (Fang et al. 2022) let the student see a *masked* image and
-regress the teacher's normalised features of the unmasked one. With a ratio r > 0, for each image:
+View of Masked Image Modeling", arXiv 2210.10615, Eq. 1) and EVA (Fang et al. 2022) let the student see a
+*masked* image and regress the teacher's normalised features of the unmasked one. With a ratio r > 0, for
+each image:
 
     count   = round(r * N)                                  N = H * W patch positions
     mask    = draw(H, W, count)                             [B, N] bool, exactly ``count`` True per image
@@ -19,7 +20,7 @@ backbone that fine-tuning, export, analysis and k-NN read has the same weights a
 Masks (``style``):
 
     random  ``count`` positions drawn uniformly without replacement
-    block   BEiT's block-wise masking (Bao et al. 2021, Sec. 2.5 and Algorithm 1), parameters as BEiT's
+    block   BEiT's block-wise masking (Bao et al. 2021, arXiv 2106.08254, Algorithm 1), parameters as BEiT's
             pre-training: rectangles are added until ``count`` is reached; each rectangle's area is drawn
             uniformly in [min_block, max(min_block, count - masked)], its aspect ratio h / w log-uniformly in
             [min_aspect, 1 / min_aspect], h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)),
