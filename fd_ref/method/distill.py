@@ -106,7 +106,7 @@ class FeatureDistillation(nn.Module):
     ``target`` chooses the full feature map (default), the class token or the average-pooled feature
     (module docstring). The teacher is a registered submodule (so ``.to(device)`` moves it) but stays
     frozen and in eval mode; checkpoints keep only ``student`` and ``projection`` (and ``target_norm``, whose
-    only state is PHI-S's statistics).
+    only state is PHI-S's statistics, and ``masking``'s mask token when there is one).
     """
 
     def __init__(self, student: nn.Module, teacher: TeacherLike, beta: float = 2.0,

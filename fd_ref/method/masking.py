@@ -60,7 +60,8 @@ MASK_TOKEN_STD = 0.02   # BEiT's mask token initialisation, truncated normal
 
 
 def mask_count(ratio: float, num_patches: int) -> int:
-    """``round(ratio * num_patches)``: how many patches every image has masked."""
+    """``round(ratio * num_patches)`` (Python's round: a half goes to the even neighbour): how many patches
+    every image has masked."""
     return round(ratio * num_patches)
 
 
