@@ -29,6 +29,7 @@ from fd_ref.engine.trainer import Trainer
 from fd_ref.errors import UserError
 from fd_ref.eval.target_fit import fit_phi_s
 from fd_ref.method.distill import FeatureDistillation
+from fd_ref.method.masking import MASK_LOSSES, MASK_STYLES, PatchMasking
 from fd_ref.method.multi_teacher import MultiTeacherDistillation
 from fd_ref.models.teacher_list import TEACHER_KEYS, teacher_settings
 from fd_ref.models.teachers import build_teacher
@@ -74,6 +75,9 @@ DEFAULTS = dict(
     target="full",               # distillation target: full (every token) | cls (class token) | avg (mean patch token)
     teacher_feat_after_norm=True,  # the teacher's tokens after its final norm (published configs) or before
     beta=2.0,                    # smooth-L1 threshold
+    mask_ratio=0.0,              # fraction of the student's patches replaced by a learnable mask token (0: FD; >0: masked FD, fd-ref's own)
+    mask_style="block",          # block (BEiT's block-wise masking) | random (uniform positions)
+    mask_loss="masked",          # with --mask-ratio > 0: masked (loss on the masked patches only, MaskDistill) | all (every token)
     # optimisation
     epochs=4,
     batch_size=64,               # per process, per micro-batch
@@ -128,6 +132,9 @@ def main(argv=None) -> None:
     info = run.info
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
+    if cfg["mask_style"] not in MASK_STYLES or cfg["mask_loss"] not in MASK_LOSSES:
+        raise UserError(f"--mask-style must be one of {', '.join(MASK_STYLES)} and --mask-loss one of "
+                        f"{', '.join(MASK_LOSSES)}, got {cfg['mask_style']!r} and {cfg['mask_loss']!r}")
 
     transform = pretrain_transform(cfg["img_size"], min_scale=cfg["crop_min_scale"],
                                    interpolation=cfg["crop_interpolation"])
@@ -146,18 +153,24 @@ def main(argv=None) -> None:
     student = build_student(cfg)
     options = dict(beta=cfg["beta"], target=cfg["target"], target_norm=cfg["target_norm"], loss=cfg["loss"])
     try:
+        masking = (PatchMasking(student, cfg["mask_ratio"], cfg["mask_style"], cfg["mask_loss"])
+                   if cfg["mask_ratio"] != 0 else None)  # r = 0: FD itself, nothing built or drawn
         if len(teachers) == 1 and settings[0]["teacher_weight"] == 1.0:  # the paper's FD
-            model = FeatureDistillation(student, teachers[0], **options)
+            model = FeatureDistillation(student, teachers[0], masking=masking, **options)
             branches = [model]
             trainable = nn.ModuleDict({"student": student, "projection": model.projection,
                                        "target_norm": model.target_norm})  # (whiten, none: no state)
         else:  # several teachers (fd_ref.method.multi_teacher): one projection and one target normalisation each
-            model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
+            model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings],
+                                             masking=masking, **options)
             branches = list(model.branches)
             trainable = nn.ModuleDict({"student": student, "projections": model.projections,
                                        "target_norms": model.target_norms})
-    except ValueError as e:  # the objective's settings: --target, --target-norm, --loss, --teacher-weight
-        raise UserError(f"{e} (--target, --target-norm, --loss, --teacher-weight)") from None
+    except ValueError as e:  # the objective's settings
+        raise UserError(f"{e} (--target, --target-norm, --loss, --teacher-weight, --mask-ratio, --mask-style, "
+                        f"--mask-loss)") from None
+    if masking is not None:  # the mask token: trained and checkpointed, never part of student.pt
+        trainable["masking"] = masking
     model.to(info.device)
     if run.precision == "bf16":
         for teacher in teachers:  # bf16 matrix products; norms and the returned features in fp32
@@ -171,7 +184,9 @@ def main(argv=None) -> None:
 
     def step_fn(batch) -> torch.Tensor:
         images = batch[0].to(info.device, non_blocking=True)
-        return forward(images)
+        if masking is None:
+            return forward(images)
+        return forward(images, masking.draw(images.shape[0]).to(info.device, non_blocking=True))
 
     def export(folder: Path) -> None:
         save_atomic({"model": student.state_dict(), "model_config": student.config,
@@ -195,6 +210,10 @@ def main(argv=None) -> None:
         print(f"distilling {described} into {cfg['model']} "
               f"({n_student / 1e6:.1f}M params, grid {student.grid}) on {len(dataset)} images, "
               f"{info.world_size} process(es), {run.precision}, batch {run.total_batch}, lr {lr:.2e}", flush=True)
+        if masking is not None:
+            print(f"masked FD: {masking.count} of {masking.grid[0] * masking.grid[1]} patches masked per image "
+                  f"({masking.style}), loss over {'the masked patches' if masking.over == 'masked' else 'every token'}",
+                  flush=True)
         random = [t["teacher"] for t in settings if t["teacher"] in PRESETS and not t["teacher_checkpoint"]]
         random_teacher = bool(random)
         if random_teacher:

@@ -18,6 +18,8 @@
 #      two_teachers FD from both teachers at once (the ViT teacher and the CNN teacher, weights 1 and 1)
 #      phi_s        --target-norm phi_s (PHI-S instead of whitening)
 #      cosine       --loss cosine (instead of smooth-L1)
+#      masked       (issue #34) masked FD: 40% of the student's patches masked block-wise (BEiT), the loss on
+#                   the masked positions only (MaskDistill), from the ViT teacher
 #   8. (issue #24) KNN=yes: weighted k-NN top-1 (finetune.py --knn) on the hold-out of every model before
 #      fine-tuning: both teachers, every distilled student, every control run
 # Validation: a fixed 5,000-image hold-out of the CIFAR-10 *training* split (--val-split 5000 --split-seed 0),
@@ -59,7 +61,7 @@ SEEDS=${SEEDS:-"0 1 2"}         # fine-tuning seeds of the teacher and the FD st
 ABL_SEEDS=${ABL_SEEDS:-"0 1"}   # fine-tuning seeds of each ablation
 FD_SEEDS=${FD_SEEDS:-0}         # distillation seeds of the FD student and of each ablation (train.py --seed)
 ABLATIONS=${ABLATIONS-"target_cls abs_pos no_whiten sym_drop target_avg"}
-VARIANTS=${VARIANTS-"cnn_teacher two_teachers phi_s cosine"}  # fd-ref's own settings (issue #24), SEEDS seeds each
+VARIANTS=${VARIANTS-"cnn_teacher two_teachers phi_s cosine masked"}  # fd-ref's own settings (#24, #34), SEEDS seeds each
 KNN=${KNN:-yes}                 # yes: k-NN top-1 of every model before fine-tuning (stages knn_*)
 KNN_CONTROL_SEEDS=${KNN_CONTROL_SEEDS-$SEEDS}  # control runs given a k-NN stage (they need scratch_sS/best.pt)
 CNN=${CNN:-timm:resnet18}       # the second teacher's family (output stride 8: a 4x4 map at 32 px)
@@ -211,6 +213,7 @@ for v in $VARIANTS; do
     two_teachers) distil_from "teacher teacher_cnn" "$TEACHERS_TWO" "fd_$v" "$FIRST_FD_SEED" ;;
     phi_s)        distil "fd_$v" "$FIRST_FD_SEED" --target-norm phi_s ;;
     cosine)       distil "fd_$v" "$FIRST_FD_SEED" --loss cosine ;;
+    masked)       distil "fd_$v" "$FIRST_FD_SEED" --mask-ratio 0.4 --mask-style block --mask-loss masked ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
   for seed in $SEEDS; do finetune "ft_$v" "fd_$v" "$OUT/fd_$v/student.pt" "$seed"; done

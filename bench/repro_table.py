@@ -53,7 +53,8 @@ def main(out: str) -> None:
              "cnn_teacher": "FD from the CNN teacher alone, fine-tuned",
              "two_teachers": "FD from the ViT and the CNN teacher at once, fine-tuned",
              "phi_s": "FD with PHI-S targets instead of whitening, fine-tuned",
-             "cosine": "FD with the cosine loss instead of smooth-L1, fine-tuned"}
+             "cosine": "FD with the cosine loss instead of smooth-L1, fine-tuned",
+             "masked": "masked FD (40% block masking, loss on the masked patches), fine-tuned"}
     knn = {p.parent.name[len("knn_"):]: json.loads(p.read_text())["knn"]["top1"]
            for p in sorted(root.glob("knn_*/results.json"))}
     if knn:

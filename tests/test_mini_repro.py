@@ -62,7 +62,7 @@ def test_every_stage_command_resolves(tmp_path, preset):
                                                 for s in range(3)}
     for ab in ("target_cls", "abs_pos", "no_whiten", "sym_drop", "target_avg"):
         expected |= {f"fd_{ab}", f"ft_{ab}_s0", f"ft_{ab}_s1", f"knn_fd_{ab}"}
-    variants = ("cnn_teacher", "two_teachers", "phi_s", "cosine")
+    variants = ("cnn_teacher", "two_teachers", "phi_s", "cosine", "masked")
     for v in variants:  # issue #24: three fine-tuning seeds each, a k-NN of each student
         expected |= {f"fd_{v}", f"knn_fd_{v}"} | {f"ft_{v}_s{s}" for s in range(3)}
     expected |= {"teacher_cnn", "knn_teacher_cnn", "knn_teacher", "knn_fd"} | {f"knn_scratch_s{s}" for s in range(3)}
@@ -84,6 +84,9 @@ def test_every_stage_command_resolves(tmp_path, preset):
     assert cfg["fd_no_whiten"]["target_norm"] == "none"  # --no-whiten, the alias
     assert cfg["fd_phi_s"]["target_norm"] == "phi_s" and cfg["fd_cosine"]["loss"] == "cosine"
     assert cfg["fd"]["target_norm"] == "whiten" and cfg["fd"]["loss"] == "smooth_l1"
+    assert cfg["fd"]["mask_ratio"] == 0 and cfg["fd"]["teacher"] == cfg["fd_masked"]["teacher"] == "vit_tiny"
+    assert (cfg["fd_masked"]["mask_ratio"], cfg["fd_masked"]["mask_style"], cfg["fd_masked"]["mask_loss"]) == (
+        0.4, "block", "masked")
     cnn = cfg["teacher_cnn"]
     assert cnn["from_scratch"] and cnn["model"] == "timm:resnet18" and "output_stride=8" in cnn["model_kwargs"]
     assert cnn["epochs"] == cfg["teacher"]["epochs"] == t and cnn["val_split"] == 5000

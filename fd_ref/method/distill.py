@@ -42,6 +42,10 @@ above are fd-ref's (the pooled vector is whitened like a token of the full map: 
 over its channels).
 Whether the teacher's tokens are taken after or before its final norm is the teacher's setting
 (``Teacher.feat_after_norm``).
+
+With ``masking`` (fd_ref.method.masking, ``--mask-ratio r > 0``, fd-ref's own) the student sees the image
+with a [B, N] ``mask`` of its patches replaced by a learnable mask token, and the loss covers the masked
+positions only (or every token); without it, or with no ``mask`` given, the objective is FD's above.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from fd_ref.method.loss_options import LOSSES, distill_loss
+from fd_ref.method.masking import PatchMasking, masked_distill_loss
 from fd_ref.method.projection import Projection
 from fd_ref.method.target_norm import TARGET_NORMS, build_target_norm
 
@@ -100,12 +105,14 @@ class FeatureDistillation(nn.Module):
     whitening and smooth-L1, the paper's); ``target`` chooses the full feature map (default), the class token
     or the average-pooled feature (module docstring). The teacher is a registered submodule (so
     ``.to(device)`` moves it) but stays frozen and in eval mode; checkpoints keep only ``student`` and
-    ``projection`` (and ``target_norm``, whose only state is PHI-S's statistics). A setting out of range is a
-    ``ValueError`` in plain words (the scripts name their flags).
+    ``projection`` (and ``target_norm``, whose only state is PHI-S's statistics, and ``masking``'s mask token
+    when there is one). A setting out of range is a ``ValueError`` in plain words (the scripts name their
+    flags).
     """
 
     def __init__(self, student: nn.Module, teacher: TeacherLike, beta: float = 2.0, target: Target = "full",
-                 target_norm: str = "whiten", loss: str = "smooth_l1") -> None:
+                 target_norm: str = "whiten", loss: str = "smooth_l1",
+                 masking: PatchMasking | None = None) -> None:
         super().__init__()
         if target_norm not in TARGET_NORMS:
             raise ValueError(f"the target normalisation must be one of {', '.join(TARGET_NORMS)}, got {target_norm!r}")
@@ -116,7 +123,10 @@ class FeatureDistillation(nn.Module):
         if target == "cls" and getattr(student, "num_prefix_tokens", 1) == 0:
             raise ValueError("the distillation target cls needs a student with a class token; this student "
                              "(a CNN or Swin) has none: distil the full map or the average instead")
-        self.student, self.teacher = student, teacher
+        if masking is not None and target != "full":
+            raise ValueError(f"masking needs the full feature map as the target (the masked positions' tokens), "
+                             f"got the target {target!r}")
+        self.student, self.teacher, self.masking = student, teacher, masking
         self.projection = Projection(student.embed_dim, teacher.embed_dim)
         self.beta, self.target, self.loss = beta, target, loss
         self.set_target_norm(target_norm)
@@ -152,19 +162,28 @@ class FeatureDistillation(nn.Module):
                 t = t[:, :1]
         return t
 
-    def student_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The student's side of the target: all tokens, the class token, or the mean patch token."""
-        s = self.student.forward_features(images)
+    def student_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's side of the target: all tokens, the class token, or the mean patch token; with a
+        ``mask`` [B, N], of the image whose masked patches are the mask token (``masking``)."""
+        if mask is None:
+            s = self.student.forward_features(images)
+        else:
+            s = self.student.forward_features(images, mask=mask, mask_token=self.masking.mask_token)
         if self.target == "cls":
             return s[:, :1]
         if self.target == "avg":
             return s[:, self.student.num_prefix_tokens:].mean(dim=1, keepdim=True)
         return s
 
-    def loss_of(self, student_tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss of this teacher's target given the student's side (:meth:`student_tokens`)."""
-        return distill_loss(self.loss, self.projection(student_tokens), target, self.beta)
+    def loss_of(self, student_tokens: torch.Tensor, target: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of this teacher's target given the student's side (:meth:`student_tokens`); with a
+        ``mask``, over the positions ``masking`` chooses."""
+        if mask is None:
+            return distill_loss(self.loss, self.projection(student_tokens), target, self.beta)
+        return masked_distill_loss(self.loss, self.projection(student_tokens), target, mask, self.masking.over,
+                                   self.beta)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         target = self.targets(images)
-        return self.loss_of(self.student_tokens(images), target)
+        return self.loss_of(self.student_tokens(images, mask), target, mask)

@@ -57,9 +57,9 @@ class MultiTeacherDistillation(nn.Module):
     def target_norms(self) -> nn.ModuleList:
         return nn.ModuleList(b.target_norm for b in self.branches)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         targets = [b.targets(images) for b in self.branches]
-        s = self.branches[0].student_tokens(images)  # the student once, whatever the number of teachers
-        losses = [b.loss_of(s, t) for b, t in zip(self.branches, targets)]
+        s = self.branches[0].student_tokens(images, mask)  # the student once, whatever the number of teachers
+        losses = [b.loss_of(s, t, mask) for b, t in zip(self.branches, targets)]
         self.last_losses = {key: loss.detach() for key, loss in zip(self.keys, losses)}
         return sum(w * loss for w, loss in zip(self.weights, losses))

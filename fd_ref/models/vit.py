@@ -303,16 +303,21 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enabled
 
     # -- forward -------------------------------------------------------------------------------------
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.patch_embed(x)
+        if mask is not None:  # masked patches [B, N] -> the mask token (fd_ref.method.masking), as BEiT
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return self.norm_pre(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> every token after the final norm, [B, 1 + N, C] (class token first)."""
-        x = self._tokens(x)
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                         mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images [B, 3, H, W] -> every token after the final norm, [B, 1 + N, C] (class token first). With a
+        ``mask`` [B, N] (bool), the masked patches enter the blocks as ``mask_token`` [C] instead."""
+        x = self._tokens(x, mask, mask_token)
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # built once per pass
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
