@@ -90,6 +90,7 @@ DEFAULTS = dict(
     precision="auto",            # training: auto (bf16 on GPU and CPUs with native bf16, else fp32) | fp32 | bf16 | fp16; evaluation: fp32
     grad_checkpointing=False,
     compile=False,
+    attention="auto",            # attention kernel: auto (FlexAttention on a CUDA GPU; SDPA, or the explicit formula where faster, on the CPU) | flex | sdpa | explicit
     nan_policy="stop",
     # run
     output="out/quickstart_ft",

@@ -85,6 +85,7 @@ DEFAULTS = dict(
     precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     grad_checkpointing=False,
     compile=False,
+    attention="auto",            # attention kernel: auto (FlexAttention on a CUDA GPU; SDPA, or the explicit formula where faster, on the CPU) | flex | sdpa | explicit
     nan_policy="stop",           # stop | skip
     # run
     output="out/quickstart",
