@@ -327,6 +327,7 @@ class VisionTransformer(nn.Module):
         With True, the CPU still uses the explicit formula for training with a trainable position bias and
         for bf16 attention, where it measured faster (``Attention.explicit_on_cpu_training``,
         ``Attention.explicit_on_cpu_bf16``)."""
+        self.attn_kernel = "auto" if enabled else "explicit"
         for block in self.blocks:
             block.attn.fused = enabled
 
