@@ -19,7 +19,7 @@ import torch.nn as nn
 from fd_ref.checkpoint.io import save_atomic
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
-from fd_ref.data import pretrain_transform
+from fd_ref.data import DeviceNormalize, pretrain_transform
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.job import Job
@@ -124,8 +124,10 @@ def main(argv=None) -> None:
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
 
+    # the loader yields uint8 images; DeviceNormalize converts and normalises them on the device in the step
     transform = pretrain_transform(cfg["img_size"], min_scale=cfg["crop_min_scale"],
-                                   interpolation=cfg["crop_interpolation"])
+                                   interpolation=cfg["crop_interpolation"], uint8=True)
+    normalize = DeviceNormalize()
     dataset, _ = train_val_datasets(cfg["data"], transform, None,
                                     val_split=cfg["val_split"], split_seed=cfg["split_seed"],
                                     train_subset=cfg["train_subset"], need_val=False,
@@ -165,7 +167,7 @@ def main(argv=None) -> None:
     scheduler = setup.warmup_cosine(optimizer, run, sampler)
 
     def step_fn(batch) -> torch.Tensor:
-        images = batch[0].to(info.device, non_blocking=True)
+        images = normalize(batch[0].to(info.device, non_blocking=True))
         return forward(images)
 
     def export(folder: Path) -> None:
@@ -182,7 +184,7 @@ def main(argv=None) -> None:
     if trainer is None:
         return  # that run already finished
     fitted = fit_phi_s(branches, dataset, cfg["phi_s_images"], cfg["batch_size"], cfg["seed"], info.device,
-                       run.precision)  # nothing on a resume: the statistics are in checkpoint.pt
+                       run.precision, normalize)  # nothing on a resume: the statistics are in checkpoint.pt
     if info.is_main and fitted:
         print(f"PHI-S: teacher mean and covariance estimated on {fitted} training images", flush=True)
     if info.is_main:
