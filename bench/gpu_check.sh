@@ -105,7 +105,8 @@ HAS_CUDA=0
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >> "$LOG" 2>&1; then HAS_CUDA=1; fi
 
 # The sizes: the real check on a GPU; the dry run goes through the same steps on the CPU at toy size (the
-# CPU has no FlexAttention backward, so its throughput step times the sdpa and explicit kernels only).
+# CPU has no FlexAttention backward, so its throughput step times the sdpa and explicit kernels only, and
+# compiles the FD step only: fd_ref's with sdpa and timm's).
 THROUGHPUT_LIMIT=185
 PROFILE_LIMIT=50
 if [ "$HAS_CUDA" = 1 ] && [ "$DRY" != 1 ]; then
@@ -117,10 +118,10 @@ if [ "$HAS_CUDA" = 1 ] && [ "$DRY" != 1 ]; then
            --teacher-depth 12 --batch-size 128 --num-workers 12 --max-steps 60 --log-every 10)
 elif [ "$DRY" = 1 ]; then
     DEV=cpu
-    THROUGHPUT_LIMIT=900  # inductor's C++ compilation of four steps takes minutes on a 2-core CPU
-    PROFILE_LIMIT=150     # a shared 2-core CPU
+    THROUGHPUT_LIMIT=1800  # inductor's C++ compilation of two steps takes minutes on a shared 2-core CPU
+    PROFILE_LIMIT=300      # a shared 2-core CPU
     TP=(--student vit_small --teacher vit_small --img-size 32 --batch 2 --steps 2 --warmup 1 --threads 1)
-    KERNELS=(--kernels sdpa explicit --compile-kernels sdpa)
+    KERNELS=(--kernels sdpa explicit --compile-kernels sdpa --compile-tasks fd)
     JPEGS=48
     TRAIN=(--img-size 32 --model vit_small --patch-size 16 --depth 2 --teacher vit_small --teacher-patch-size 16
            --teacher-depth 2 --batch-size 4 --num-workers 2 --max-steps 8 --log-every 2)

@@ -40,7 +40,8 @@ target, smooth-L1 and optimiser; every row's ``vs timm`` is timm's step time / i
 ``--compile-kernels``, default all), and ``--finetune`` adds the fine-tuning step (the student preset as a
 1000-class classifier with one position bias table per block, cross-entropy, AdamW; rows ``finetune
 <kernel>``, ``finetune compiled <kernel>``, with ``--timm`` beside timm's Beit as the same classifier, ``timm
-finetune``); with ``--timm --compile`` timm's steps are compiled too (``timm compiled``), and every row's
+finetune``); with ``--timm --compile`` timm's steps are compiled too (``timm compiled``; ``--compile-tasks``
+picks the steps that get compiled rows), and every row's
 ``vs timm`` compares it with timm's step of the same task, eager with eager and compiled with compiled.
 ``--levers`` adds one configuration per single lever applied to the baseline. ``--precision fp32 bf16``
 runs every configuration in each precision, in one run; each row's ``% peak`` is against the matmul rate of
@@ -110,6 +111,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                    help="one optimised row per attention kernel instead of the default (auto) one")
     p.add_argument("--compile-kernels", nargs="*", default=None,
                    help="with --compile and --kernels: the kernels compiled rows are added for (default: all)")
+    p.add_argument("--compile-tasks", nargs="*", default=["fd", "finetune"], choices=["fd", "finetune"],
+                   help="with --compile and --kernels: the steps compiled rows are added for (fd_ref's and timm's)")
     p.add_argument("--finetune", action="store_true",
                    help="add the fine-tuning step (per-block bias tables, 1000 classes) beside the FD step")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the optimised config")
@@ -171,12 +174,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 knobs = replace(optimised, attention=kernel, task=task,
                                 student_fused_attn=optimised.student_fused_attn and kernel != "explicit")
                 configs_wanted.append((eager + name + suffix(prec), knobs))
-                if args.compile and kernel in compiled:
+                if args.compile and kernel in compiled and (not args.kernels or task in args.compile_tasks):
                     configs_wanted.append((comp + name + suffix(prec), replace(knobs, compile=True)))
             if args.timm:
                 timm_name = "timm" + (" finetune" if task == "finetune" else "")
                 configs_wanted.append((timm_name + suffix(prec), replace(timm_knobs(prec), task=task)))
-                if args.compile and args.kernels:
+                if args.compile and args.kernels and task in args.compile_tasks:
                     configs_wanted.append((timm_name + " compiled" + suffix(prec),
                                            replace(timm_knobs(prec), task=task, compile=True)))
         if args.levers:
