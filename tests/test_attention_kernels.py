@@ -113,3 +113,13 @@ def test_forced_flex_refuses_cpu_training():
     model.set_attention_kernel("flex")
     with pytest.raises(UserError, match="no backward on the CPU"):
         model.forward_features(torch.randn(1, 3, 16, 16))
+
+
+def test_train_py_refuses_flex_training_on_the_cpu_in_one_line(tmp_path):
+    import train
+    with pytest.raises(UserError, match="no backward on the CPU"):
+        train.main(["--attention", "flex", "--synthetic-size", "16", "--num-workers", "0", "--output",
+                    str(tmp_path / "out")])
+    with pytest.raises(UserError, match="attention kernel must be one of"):
+        train.main(["--attention", "fast", "--synthetic-size", "16", "--num-workers", "0", "--output",
+                    str(tmp_path / "out")])
