@@ -307,7 +307,7 @@ def test_train_builds_its_crop_from_the_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "pretrain_transform", recording)
     train.main(TINY + ["--max-steps", "1", "--batch-size", "8", "--crop-min-scale", "0.67",
                        "--crop-interpolation", "bicubic", "--output", str(tmp_path)])
-    assert seen == [(32, {"min_scale": 0.67, "interpolation": "bicubic"})]
+    assert seen == [(32, {"min_scale": 0.67, "interpolation": "bicubic", "uint8": True})]  # normalised on the device
     assert (train.DEFAULTS["crop_min_scale"], train.DEFAULTS["crop_interpolation"]) == (0.08, "bilinear")
 
 
