@@ -8,7 +8,7 @@
 
 Takes student.pt (train.py), best.pt or checkpoint.pt (train.py / finetune.py). Writes config.json,
 model.safetensors and README.md (a model card); the model becomes timm's Beit, checked on a random input to
-give fd-ref's outputs before anything is written. See fd_ref/export.py.
+give fd-ref's outputs before anything is written. See fd_ref/timm_export.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import argparse
 
 from fd_ref.cli import run_main
 from fd_ref.errors import UserError
-from fd_ref.export import export_model, push_to_hub
+from fd_ref.timm_export import export_model, push_to_hub
 
 
 class _Parser(argparse.ArgumentParser):

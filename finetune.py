@@ -23,12 +23,14 @@ from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
 from fd_ref.data import (EVAL_NORMS, DeviceNormalize, build_criterion, build_mixup, eval_transform,
                          finetune_transform, probe_transform)
-from fd_ref.data.splits import train_val_datasets
+from fd_ref.data.splits import class_count, train_val_datasets
 from fd_ref.engine import setup
-from fd_ref.engine.evaluate import evaluate
-from fd_ref.engine.job import Job
-from fd_ref.engine.knn_eval import knn_evaluate
+from fd_ref.engine.job import Job, Run
+from fd_ref.engine.resume import resume_or_start
+from fd_ref.engine.trainer import Trainer
 from fd_ref.errors import UserError
+from fd_ref.eval.evaluate import eval_loader, evaluate
+from fd_ref.eval.knn_eval import knn_evaluate
 from fd_ref.files import write_text_atomic
 from fd_ref.models.finetune_model import build_finetune_model
 from fd_ref.models.from_file import build_model, read_model_file
@@ -56,7 +58,7 @@ DEFAULTS = dict(
     from_scratch=False,          # ignore --pretrained: random initialisation
     linear_probe=False,          # freeze the backbone, train BatchNorm(affine=False) + linear head (LARS, plain CE)
     probe_pool="avg",            # linear probe features: avg (mean patch token + LayerNorm) | cls (normed class token)
-    knn=False,                   # no training: weighted k-NN accuracy of the frozen backbone's probe features (fd_ref.engine.knn_eval)
+    knn=False,                   # no training: weighted k-NN accuracy of the frozen backbone's probe features (fd_ref.eval.knn_eval)
     knn_k=20,                    # neighbours of the k-NN (DINO: 20)
     knn_temperature=0.07,        # vote weight exp(similarity / T) (DINO: 0.07)
     model="vit_tiny",            # architecture when the checkpoint does not record one (or from scratch); timm:<name> too
@@ -109,30 +111,29 @@ DEFAULTS = dict(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def evaluate_only(cfg: dict, run: setup.Run) -> dict[str, float]:
+def evaluate_only(cfg: dict, run: Run) -> dict[str, float]:
     """--eval-only: the model in --pretrained (or --resume) exactly as the file records it (architecture,
     head, fc_norm), on the validation split of --data; no training flag is needed, nothing is written."""
     path = cfg["resume"] or cfg["pretrained"]
-    mf = read_model_file(path)
-    if mf.num_classes == 0:
+    model_file = read_model_file(path)
+    if model_file.num_classes == 0:
         raise UserError(f"{path} has no classification head (a distilled student?); --eval-only evaluates a "
                         f"fine-tuned model: pass --pretrained OUT/best.pt or OUT/checkpoint.pt of finetune.py")
-    model = build_model(mf)  # a linear probe too: backbone, BatchNorm and head as recorded
-    img_size = int(mf.config.get("img_size", cfg["img_size"]))
+    model = build_model(model_file)  # a linear probe too: backbone, BatchNorm and head as recorded
+    img_size = int(model_file.config.get("img_size", cfg["img_size"]))
     transform = eval_transform(img_size, cfg["crop_pct"], norm=cfg["eval_norm"], uint8=True)
     _, val_set = train_val_datasets(cfg["data"], transform, transform, val_split=cfg["val_split"],
                                     split_seed=cfg["split_seed"], synthetic_size=cfg["synthetic_size"],
                                     img_size=img_size, seed=cfg["seed"])
-    base = val_set.dataset if isinstance(val_set, torch.utils.data.Subset) else val_set
-    data_classes = len(getattr(base, "classes", None) or [])
-    if data_classes and data_classes != mf.num_classes:
-        raise UserError(f"{path} classifies {mf.num_classes} classes but {cfg['data']} has {data_classes}; "
-                        f"evaluate it on the data it was fine-tuned for")
-    loader, _ = setup.eval_loader(val_set, run)
+    data_classes = class_count(val_set)
+    if data_classes and data_classes != model_file.num_classes:
+        raise UserError(f"{path} classifies {model_file.num_classes} classes but {cfg['data']} has "
+                        f"{data_classes}; evaluate it on the data it was fine-tuned for")
+    loader, _ = eval_loader(val_set, run)
     info = run.info
     metrics = evaluate(model.to(info.device), loader, info.device, DeviceNormalize(*EVAL_NORMS[cfg["eval_norm"]]))
     if info.is_main:
-        print(f"evaluated {path} ({mf.num_classes} classes, {img_size} px) on {len(val_set)} images of "
+        print(f"evaluated {path} ({model_file.num_classes} classes, {img_size} px) on {len(val_set)} images of "
               f"{cfg['data']}", flush=True)
         print(json.dumps(metrics), flush=True)
     return metrics
@@ -141,7 +142,7 @@ def evaluate_only(cfg: dict, run: setup.Run) -> dict[str, float]:
 def main(argv=None) -> dict:
     cfg = resolve_config(DEFAULTS, argv, prog="finetune.py", description=__doc__.splitlines()[0],
                          help_text=help_from_source(__file__))
-    run = setup.start(cfg, DEFAULTS, tensorboard=cfg["tensorboard"] and not cfg["eval_only"])
+    run = setup.start_run(cfg, DEFAULTS, tensorboard=cfg["tensorboard"] and not cfg["eval_only"])
     if cfg["eval_only"]:
         return evaluate_only(cfg, run)
     info = run.info
@@ -168,8 +169,7 @@ def main(argv=None) -> dict:
         cfg["data"], train_tf, val_tf, val_split=cfg["val_split"],
         split_seed=cfg["split_seed"], train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"],
         img_size=cfg["img_size"], seed=cfg["seed"], in_memory=cfg["data_in_memory"])
-    base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
-    data_classes = len(getattr(base, "classes", None) or [])
+    data_classes = class_count(train_set)
     if data_classes > cfg["num_classes"]:
         raise UserError(f"the data has {data_classes} classes but --num-classes is {cfg['num_classes']}; "
                         f"pass --num-classes {data_classes}")
@@ -183,18 +183,15 @@ def main(argv=None) -> dict:
     ddp, forward = setup.wrap_model(model, run)
 
     lr = run.lrs["base_lr"]
+    layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
     if cfg["linear_probe"]:  # published main_linear.py: LARS over the head (momentum 0.9, trust 0.001)
         optimizer = Lars(model.head.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
     elif isinstance(model, TimmBackbone):  # timm's own grouping of the family's layers
-        layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
         optimizer = build_timm_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay)
     else:
-        layer_decay = cfg["layer_decay"] if cfg["layer_decay"] < 1.0 else None
         optimizer = build_optimizer(model, lr=lr, weight_decay=cfg["weight_decay"], layer_decay=layer_decay,
                                     num_layers=model.depth)
-    loader, sampler = setup.train_loader(train_set, run)
-    val_loader, _ = setup.eval_loader(val_set, run)
-    scheduler = setup.warmup_cosine(optimizer, run, sampler)
+    val_loader, _ = eval_loader(val_set, run)
     # published main_finetune.py: timm Mixup + SoftTargetCrossEntropy (or label-smoothed / plain CE without
     # mixing); published main_linear.py: no mixing, plain cross-entropy
     mix = None if cfg["linear_probe"] else build_mixup(cfg["num_classes"], cfg["mixup"], cfg["cutmix"],
@@ -215,16 +212,15 @@ def main(argv=None) -> dict:
         return evaluate(model, val_loader, info.device, val_normalize)
 
     results_path = Path(cfg["output"]) / "results.json"
-    trainer = setup.begin(run, Job(step_fn, model, optimizer, scheduler, loader, sampler, deliverable=results_path,
-                                   model_config=model.config, ddp=ddp, on_epoch_end=on_epoch_end,
-                                   best_metric="top1"))
-    if trainer is None:
+    trainer = Trainer(run, Job(step_fn, model, optimizer, train_set, deliverable=results_path, network=model,
+                               model_config=model.config, ddp=ddp, on_epoch_end=on_epoch_end, best_metric="top1"))
+    if not resume_or_start(trainer):
         return json.loads(results_path.read_text())  # that run already finished: its results
     if info.is_main:
         mode = "linear probe" if cfg["linear_probe"] else "from scratch" if cfg["from_scratch"] else "fine-tune"
         print(f"{mode}: {len(train_set)} train / {len(val_set)} val images, {info.world_size} process(es), "
               f"{run.precision}, batch {run.total_batch}, lr {lr:.2e}", flush=True)
-    history = setup.fit(trainer)
+    history = trainer.fit()
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
         model, val_loader, info.device, val_normalize)

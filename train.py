@@ -8,6 +8,7 @@ whitened feature map.
 Settings: DEFAULTS below <- --config YAML <- flags (``python train.py --help`` lists them all). Outputs in
 --output: checkpoint.pt (resume state), student.pt (what finetune.py loads), config.yaml, log.jsonl.
 Rerunning the same command resumes from checkpoint.pt (fd_ref.engine.resume checks that it is the same run).
+The loop is fd_ref.engine.trainer.Trainer, the same one finetune.py runs.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from fd_ref.data import DeviceNormalize, pretrain_transform
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.job import Job
-from fd_ref.engine.target_fit import fit_phi_s
+from fd_ref.engine.resume import resume_or_start
+from fd_ref.engine.trainer import Trainer
 from fd_ref.errors import UserError
+from fd_ref.eval.target_fit import fit_phi_s
 from fd_ref.method.distill import FeatureDistillation
 from fd_ref.method.multi_teacher import MultiTeacherDistillation
 from fd_ref.models.teacher_list import TEACHER_KEYS, teacher_settings
@@ -65,7 +68,6 @@ DEFAULTS = dict(
     drop_path=0.1,               # student's maximum drop-path rate (the teacher never drops)
     layer_scale=0.1,
     # objective
-    whiten=True,                 # whiten the teacher's features (LayerNorm without affine); --no-whiten = --target-norm none
     target_norm="whiten",        # target normalisation: whiten (published) | none | phi_s (PHI-S, fd-ref's own)
     phi_s_images=2048,           # training images the PHI-S mean and covariance are estimated on, once
     loss="smooth_l1",            # smooth_l1 (published, --beta) | mse | cosine (fd-ref's own)
@@ -99,6 +101,10 @@ DEFAULTS = dict(
     tensorboard=False,           # also write loss, lr, grad norm, img/s, MFU to OUTPUT/tensorboard (rank 0)
 )
 # ----------------------------------------------------------------------------------------------------------
+# Old switches that are now a value of one setting (config files and commands that use them keep working).
+ALIASES = dict(
+    whiten=("target_norm", "none"),  # --no-whiten (whiten: false) is --target-norm none; --whiten changes nothing
+)
 
 
 def build_student(cfg: dict) -> nn.Module:
@@ -118,8 +124,8 @@ def build_student(cfg: dict) -> nn.Module:
 
 def main(argv=None) -> None:
     cfg = resolve_config(DEFAULTS, argv, prog="train.py", description=__doc__.splitlines()[0],
-                         help_text=help_from_source(__file__), multi=TEACHER_KEYS)
-    run = setup.start(cfg, DEFAULTS)
+                         help_text=help_from_source(__file__), multi=TEACHER_KEYS, aliases=ALIASES)
+    run = setup.start_run(cfg, DEFAULTS)
     info = run.info
     if cfg["nan_policy"] not in ("stop", "skip"):
         raise UserError(f"--nan-policy must be stop or skip, got {cfg['nan_policy']!r}")
@@ -141,18 +147,20 @@ def main(argv=None) -> None:
                               timm_kwargs=parse_kwargs(t["teacher_kwargs"], "--teacher-kwargs") or None,
                               patch_size=cfg["teacher_patch_size"], depth=cfg["teacher_depth"]) for t in settings]
     student = build_student(cfg)
-    options = dict(beta=cfg["beta"], whiten_target=cfg["whiten"], target=cfg["target"],
-                   target_norm=None if cfg["target_norm"] == "whiten" else cfg["target_norm"], loss=cfg["loss"])
-    if len(teachers) == 1 and settings[0]["teacher_weight"] == 1.0:  # the paper's FD
-        model = FeatureDistillation(student, teachers[0], **options)
-        branches = [model]
-        trainable = nn.ModuleDict({"student": student, "projection": model.projection,
-                                   "target_norm": model.target_norm})  # (whiten, none: no state)
-    else:  # several teachers (fd_ref.method.multi_teacher): one projection and one target normalisation each
-        model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
-        branches = list(model.branches)
-        trainable = nn.ModuleDict({"student": student, "projections": model.projections,
-                                   "target_norms": model.target_norms})
+    options = dict(beta=cfg["beta"], target=cfg["target"], target_norm=cfg["target_norm"], loss=cfg["loss"])
+    try:
+        if len(teachers) == 1 and settings[0]["teacher_weight"] == 1.0:  # the paper's FD
+            model = FeatureDistillation(student, teachers[0], **options)
+            branches = [model]
+            trainable = nn.ModuleDict({"student": student, "projection": model.projection,
+                                       "target_norm": model.target_norm})  # (whiten, none: no state)
+        else:  # several teachers (fd_ref.method.multi_teacher): one projection and one target normalisation each
+            model = MultiTeacherDistillation(student, teachers, [t["teacher_weight"] for t in settings], **options)
+            branches = list(model.branches)
+            trainable = nn.ModuleDict({"student": student, "projections": model.projections,
+                                       "target_norms": model.target_norms})
+    except ValueError as e:  # the objective's settings: --target, --target-norm, --loss, --teacher-weight
+        raise UserError(f"{e} (--target, --target-norm, --loss, --teacher-weight)") from None
     model.to(info.device)
     if run.precision == "bf16":
         for teacher in teachers:  # bf16 matrix products; norms and the returned features in fp32
@@ -163,8 +171,6 @@ def main(argv=None) -> None:
 
     lr = run.lrs["base_lr"]
     optimizer = build_optimizer(trainable, lr=lr, weight_decay=cfg["weight_decay"])
-    loader, sampler = setup.train_loader(dataset, run)
-    scheduler = setup.warmup_cosine(optimizer, run, sampler)
 
     def step_fn(batch) -> torch.Tensor:
         images = normalize(batch[0].to(info.device, non_blocking=True))
@@ -177,11 +183,10 @@ def main(argv=None) -> None:
     def teacher_losses() -> dict:  # several teachers: each one's loss beside the total in log.jsonl
         return {k: float(v) for k, v in model.last_losses.items()}
 
-    trainer = setup.begin(run, Job(step_fn, trainable, optimizer, scheduler, loader, sampler,
-                                   deliverable=Path(cfg["output"]) / "student.pt", model_config=student.config,
-                                   ddp=ddp, export=export,
-                                   log_extra=teacher_losses if isinstance(model, MultiTeacherDistillation) else None))
-    if trainer is None:
+    trainer = Trainer(run, Job(step_fn, trainable, optimizer, dataset, deliverable=Path(cfg["output"]) / "student.pt",
+                               network=model, model_config=student.config, ddp=ddp, export=export,
+                               log_extra=teacher_losses if isinstance(model, MultiTeacherDistillation) else None))
+    if not resume_or_start(trainer):
         return  # that run already finished
     fitted = fit_phi_s(branches, dataset, cfg["phi_s_images"], cfg["batch_size"], cfg["seed"], info.device,
                        run.precision, normalize)  # nothing on a resume: the statistics are in checkpoint.pt
@@ -202,7 +207,7 @@ def main(argv=None) -> None:
             print(f"warning: distilling a random teacher on {cfg['data']}; for a real run pass --config "
                   f"configs/fd_*.yaml or --teacher dino_vit_base|deit_vit_base|clip_vit_base|clip_vit_large",
                   flush=True)
-    setup.fit(trainer)
+    trainer.fit()
     if info.is_main:
         print(f"done: {Path(cfg['output']) / 'student.pt'}", flush=True)
 

@@ -33,7 +33,9 @@ ATTEMPT_S = 240.0  # hard limit of one attempt
 class Plan:
     """One fault. ``kill``: "save" (SIGKILL while a checkpoint temporary exists, after step ``after``),
     "loader" (SIGKILL ``delay`` s after a DataLoader worker of the target appeared), "time" (``sig`` at
-    ``delay`` s after the start); ``env``: FD_TEST_* hook variables; ``fsize``: a file-size limit."""
+    ``delay`` s after the start), "worker" (SIGKILL of the target's DataLoader worker alone, after step
+    ``after``); ``env``: FD_TEST_* hook variables; ``fsize``: a file-size limit; ``shard``: a shard file
+    cut to ``cut`` bytes for the attempt (and restored after it)."""
     kind: str
     kill: str = ""
     sig: int = signal.SIGKILL
@@ -42,6 +44,8 @@ class Plan:
     rank: int = 0
     env: dict = field(default_factory=dict)
     fsize: int = 0
+    shard: str = ""
+    cut: int = 0
 
 
 @dataclass
@@ -123,19 +127,20 @@ def _target(proc: subprocess.Popen, ranks: int, rank: int) -> Optional[int]:
 
 
 def _in_save(out: Path) -> bool:
-    return any(name.endswith(".tmp") and name.startswith((".checkpoint.pt.", ".student.pt."))
+    return any(name.endswith(".tmp") and name.startswith((".checkpoint.pt.", ".student.pt.", ".best.pt."))
                for name in os.listdir(out)) if out.is_dir() else False
 
 
-def command(args: list[str], ranks: int) -> list[str]:
+def command(args: list[str], ranks: int, script: str = "train.py") -> list[str]:
     if ranks == 1:
-        return [sys.executable, FAULT_ENTRY, "train.py", *args]
+        return [sys.executable, FAULT_ENTRY, script, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port()), FAULT_ENTRY, "train.py", *args]
+            "127.0.0.1", "--master-port", str(free_port()), FAULT_ENTRY, script, *args]
 
 
-def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path) -> Attempt:
-    """Run one attempt to its end, applying ``plan`` (``None``: no fault)."""
+def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path,
+                script: str = "train.py") -> Attempt:
+    """Run one attempt of ``script`` to its end, applying ``plan`` (``None``: no fault)."""
     env = {**os.environ, **ENV, **(plan.env if plan else {})}
     fsize = plan.fsize if plan else 0
 
@@ -146,9 +151,27 @@ def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], lo
 
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.out")))
+    whole = Path(plan.shard).read_bytes() if plan is not None and plan.shard else b""
+    before = max(log_steps(out), default=0)
+    if whole:
+        Path(plan.shard).write_bytes(whole[:plan.cut])
+    try:
+        attempt = _watch(command(args, ranks, script), out, ranks, plan, logs / str(n), env, limit)
+    finally:
+        if whole:
+            Path(plan.shard).write_bytes(whole)
+    if whole:  # the truncated shard must stop the attempt at start (one line from a single process)
+        err = (logs / f"{n}.err").read_text()
+        refused = attempt.reached == before and attempt.rc not in (0, None) and "truncated" in err and (
+            ranks > 1 or (attempt.rc == 2 and err.count("\n") == 1))
+        attempt.note = "refused" if refused else f"NOT refused: rc {attempt.rc}, {err[-300:]}"
+    return attempt
+
+
+def _watch(cmd: list[str], out: Path, ranks: int, plan: Optional[Plan], logs: Path, env: dict, limit) -> Attempt:
     t0 = time.monotonic()
-    with open(logs / f"{n}.out", "w") as stdout, open(logs / f"{n}.err", "w") as stderr:
-        proc = subprocess.Popen(command(args, ranks), cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
+    with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
                                 stdin=subprocess.DEVNULL, preexec_fn=limit, start_new_session=True)
     moment, fired, last_log, last_change, last_read = "", False, log_steps(out), None, 0.0
     worker_seen: Optional[float] = None
@@ -173,6 +196,8 @@ def run_attempt(args: list[str], out: Path, ranks: int, plan: Optional[Plan], lo
                 if worker_seen is not None and now - worker_seen >= plan.delay:
                     fired = _send(target, plan.sig)
                     moment = "loader" if last_change == reached_then else "step"
+            elif plan.kill == "worker" and reached >= plan.after and _children(target):
+                fired, moment = _send(_children(target)[-1], signal.SIGKILL), "worker"
             elif plan.kill == "time" and now - t0 >= plan.delay:
                 in_save = _in_save(out)
                 fired = _send(target, plan.sig)
@@ -217,8 +242,8 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 def draw(kind: str, rng: random.Random, ranks: int, total_steps: int, ref_seconds: float,
-         ckpt_bytes: int) -> Plan:
-    """The fault of ``kind`` with its moment drawn from ``rng``."""
+         ckpt_bytes: int, shards: tuple[Path, ...] = ()) -> Plan:
+    """The fault of ``kind`` with its moment drawn from ``rng`` (``shards``: the run's shard files)."""
     rank = rng.randrange(ranks)
     step = rng.randint(1, total_steps - 1)
     die = {"FD_TEST_DIE_RANK": str(rank)}
@@ -239,7 +264,19 @@ def draw(kind: str, rng: random.Random, ranks: int, total_steps: int, ref_second
         return Plan(kind, env={"FD_TEST_HANG_AT_STEP": str(step), **die}, rank=rank)
     if kind == "disk_full":
         return Plan(kind, fsize=int(ckpt_bytes * rng.uniform(0.2, 0.95)))
+    if kind == "kill_eval":  # finetune.py: in the k-th evaluation (one per epoch), at its start or its end
+        at = f"{rng.randint(1, max(1, total_steps // 4))}:{rng.choice(['start', 'end'])}"
+        return Plan(kind, env={"FD_TEST_KILL_IN_EVAL": at, **die}, rank=rank)
+    if kind == "kill_worker":
+        return Plan(kind, kill="worker", after=rng.randint(0, total_steps - 1), rank=rank)
+    if kind == "truncate_shard":
+        shard = rng.choice(shards)
+        return Plan(kind, shard=str(shard), cut=rng.randrange(1, shard.stat().st_size))
     raise ValueError(kind)
 
 
 KINDS = ("kill_save", "kill_loader", "kill_random", "sigterm", "sigusr1", "rank_dies", "rank_hangs", "disk_full")
+# drawn only when asked for (--kinds, --shards), so that the figures of a seed drawn from KINDS stay as they were
+WORKER_KINDS = ("kill_worker",)
+FINETUNE_KINDS = ("kill_eval",)
+SHARD_KINDS = ("truncate_shard",)

@@ -161,6 +161,6 @@ def datasheet_peak(dtype: torch.dtype, device: torch.device) -> Optional[float]:
     """A known GPU's dense datasheet FLOP/s in ``dtype`` (fd_ref.engine.flops' table), else None."""
     if device.type != "cuda":
         return None
-    from fd_ref.engine.flops import _GPU_PEAK
+    from fd_ref.engine.flops import GPU_PEAK
     name = torch.cuda.get_device_name(device)
-    return next((v for (fragment, dt), v in _GPU_PEAK.items() if fragment in name and dt == dtype), None)
+    return next((v for (fragment, dt), v in GPU_PEAK.items() if fragment in name and dt == dtype), None)

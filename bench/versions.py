@@ -19,7 +19,7 @@ import sys
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "einops": "einops",
             "safetensors": "safetensors", "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib",
             "tensorboard": "tensorboard", "hypothesis": "hypothesis", "pytest": "pytest", "numpy": "numpy",
-            "PIL": "pillow", "filelock": "filelock"}
+            "PIL": "pillow", "filelock": "filelock", "wids": "wids", "braceexpand": "braceexpand"}
 
 
 def collect() -> dict:

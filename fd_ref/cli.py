@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from fd_ref.engine.distributed import cleanup
 from fd_ref.engine.runlock import release_all
 from fd_ref.errors import RunStopped, UserError
 
@@ -14,21 +15,13 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except (UserError, RunStopped) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _shutdown_distributed()
+        cleanup()
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr, flush=True)
-        _shutdown_distributed()
+        cleanup()
         raise SystemExit(130) from None
     finally:
         release_all()
 
-
-def _shutdown_distributed() -> None:
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        pass

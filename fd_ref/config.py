@@ -6,13 +6,18 @@ command-line flags (``--lr 1e-3``, ``--grad-checkpointing`` / ``--no-grad-checkp
 Every key of the defaults becomes a flag (underscores as dashes); its type is the default's type. A
 YAML key or flag that names no setting is an error with one line, exit code 2. A key in ``multi`` takes
 one or more values (``--teacher A B``, a YAML list); a single value stays a plain value, as before.
+
+An alias keeps an old switch working after its choice became a value of another setting:
+``aliases={"whiten": ("target_norm", "none")}`` makes ``--no-whiten`` (or ``whiten: false`` in a YAML file)
+mean ``--target-norm none``, ``--whiten`` change nothing, and ``--no-whiten`` beside another
+``--target-norm`` an error. The resolved settings hold the setting only, never the alias.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -47,9 +52,13 @@ def _parse_untyped(text: str):
 
 
 def build_parser(defaults: dict[str, Any], help_text: dict[str, str], prog: str, description: str,
-                 multi: Sequence[str] = ()) -> _Parser:
+                 multi: Sequence[str] = (), aliases: Mapping[str, tuple[str, Any]] | None = None) -> _Parser:
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--config", type=str, default=None, help="YAML file of settings (flags win)")
+    for alias, (key, value) in (aliases or {}).items():
+        parser.add_argument("--" + alias.replace("_", "-"), dest=alias, action=argparse.BooleanOptionalAction,
+                            default=None, help=help_text.get(alias) or f"--no-{alias.replace('_', '-')} is "
+                            f"--{key.replace('_', '-')} {value}")
     for key, value in defaults.items():
         flag = "--" + key.replace("_", "-")
         helptext = help_text.get(key, "")
@@ -121,15 +130,21 @@ def _one_or_many(values: list) -> Any:
 
 def resolve_config(defaults: dict[str, Any], argv: Sequence[str] | None = None, *,
                    help_text: dict[str, str] | None = None, prog: str = "", description: str = "",
-                   multi: Sequence[str] = ()) -> dict:
+                   multi: Sequence[str] = (), aliases: Mapping[str, tuple[str, Any]] | None = None) -> dict:
     """defaults <- YAML (``--config``) <- explicit flags; returns the resolved dict. ``multi``: keys that
-    take one or more values (a list when there are several)."""
-    parser = build_parser(defaults, help_text or {}, prog or Path(sys.argv[0]).name, description, multi)
+    take one or more values (a list when there are several); ``aliases``: old boolean switches, each the
+    value of another setting when switched off (module docstring)."""
+    aliases = aliases or {}
+    parser = build_parser(defaults, help_text or {}, prog or Path(sys.argv[0]).name, description, multi, aliases)
     args = parser.parse_args(list(argv) if argv is not None else None)
     config = dict(defaults)
+    switched: dict[str, Any] = {}  # alias -> its value (YAML, then the flag)
     if args.config:
         for key, value in load_yaml(args.config).items():
             key = key.replace("-", "_")
+            if key in aliases:
+                switched[key] = _coerce(key, value, True, args.config)
+                continue
             if key not in defaults:
                 raise UserError(f"config file {args.config}: unknown setting {key!r}")
             if key in multi and isinstance(value, (list, tuple)) and value:
@@ -137,8 +152,19 @@ def resolve_config(defaults: dict[str, Any], argv: Sequence[str] | None = None, 
             else:
                 config[key] = _coerce(key, value, defaults[key], args.config)
     for key, value in vars(args).items():
-        if key != "config" and value is not None:
+        if key in aliases:
+            if value is not None:
+                switched[key] = value
+        elif key != "config" and value is not None:
             config[key] = _one_or_many(value) if key in multi else value
+    for alias, on in switched.items():
+        key, value = aliases[alias]
+        if on:
+            continue
+        if config[key] not in (defaults[key], value):
+            raise UserError(f"--no-{alias.replace('_', '-')} means --{key.replace('_', '-')} {value}; it "
+                            f"contradicts --{key.replace('_', '-')} {config[key]}")
+        config[key] = value
     config["config"] = args.config
     return config
 

@@ -320,3 +320,54 @@ def test_landscape_rejects_bad_arguments(kwargs: dict) -> None:
     args = {"radius": 1.0, "steps": 3, **kwargs}
     with pytest.raises(ValueError):
         loss_landscape(tiny_model(), cross_entropy, tiny_batches(), **args)
+
+
+def _hand_direction(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Li et al.'s filter normalisation written out filter by filter: for each parameter of 2+ dims (in
+    ``named_parameters`` order) one standard-normal draw of its shape, each slice along dim 0 rescaled to the
+    parameter's slice norm; 1-dim parameters get 0."""
+    direction = {}
+    for name, theta in model.named_parameters():
+        if theta.ndim < 2:
+            direction[name] = torch.zeros_like(theta)
+            continue
+        g = torch.randn(theta.shape, generator=generator)
+        direction[name] = torch.stack([g[i] * (theta[i].detach().pow(2).sum().sqrt() / g[i].pow(2).sum().sqrt())
+                                       for i in range(theta.shape[0])])
+    return direction
+
+
+def _hand_loss_at(model: nn.Module, shift: dict[str, torch.Tensor]) -> float:
+    """Mean loss over tiny_batches() of a copy of ``model`` (eval mode) with ``theta + shift``."""
+    import copy
+    moved = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            p.add_(shift[name])
+        losses = [float(cross_entropy(moved, b)) for b in tiny_batches()]
+    return sum(losses) / len(losses)
+
+
+def test_2d_landscape_off_centre_equals_a_hand_computation() -> None:
+    """loss[k][l] at alpha_k, beta_l != 0 equals the loss of theta + alpha_k d1 + beta_l d2 with d1, d2 the
+    first and second hand-drawn filter-normalised directions (the second is a fresh draw, not d1)."""
+    model = tiny_model().eval()
+    result = loss_landscape(model, cross_entropy, tiny_batches(), radius=0.6, steps=3, directions=2, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    d1, d2 = _hand_direction(model, generator), _hand_direction(model, generator)
+    assert any(not torch.allclose(d1[n], d2[n]) for n in d1)
+    for k, alpha in enumerate(result["alphas"]):
+        for m, beta in enumerate(result["betas"]):
+            shift = {n: alpha * d1[n] + beta * d2[n] for n in d1}
+            assert result["loss"][k][m] == pytest.approx(_hand_loss_at(model, shift), rel=1e-5, abs=1e-6), (k, m)
+    # the grid is not symmetric in the two directions: swapping them would be caught above too
+    assert result["loss"][0][1] != pytest.approx(result["loss"][1][0], rel=1e-3)
+
+
+def test_1d_landscape_off_centre_equals_a_hand_computation() -> None:
+    model = tiny_model().eval()
+    result = loss_landscape(model, cross_entropy, tiny_batches(), radius=0.8, steps=5, seed=2)
+    d1 = _hand_direction(model, torch.Generator().manual_seed(2))
+    assert result["alphas"] == pytest.approx([-0.8, -0.4, 0.0, 0.4, 0.8], abs=1e-12)
+    for alpha, loss in zip(result["alphas"], result["loss"]):
+        assert loss == pytest.approx(_hand_loss_at(model, {n: alpha * d1[n] for n in d1}), rel=1e-5, abs=1e-6)

@@ -132,3 +132,51 @@ def test_a_split_replaces_a_bad_file_from_within_itself(tmp_path: Path) -> None:
             own = {10 * int(n[:2]) + 5 for n in names[side] if "x" not in n}
             assert levels[side] <= own, (split_seed, side)  # only its own files' pixels
         assert train.dataset.num_skipped + val.dataset.num_skipped == 4
+
+
+def _read_as(uid: int | None, root: str, out: str) -> None:
+    """In a forked child: become ``uid`` (when given), read every sample of ``root``, write what was seen."""
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    import json
+    folder = RobustImageFolder(root)
+    names = [os.path.basename(folder.samples[i][0]) for i in range(len(folder))]
+    images = [folder[i][0].getpixel((0, 0)) for i in range(len(folder))]
+    Path(out).write_text(json.dumps({"skipped": folder.num_skipped, "names": names, "first_pixels": images}))
+
+
+def test_a_file_without_read_permission_is_skipped_even_under_root(tmp_path: Path) -> None:
+    """Mode 000: the open fails with EACCES for an ordinary user; the file is skipped, counted once and replaced
+    by the next readable image. Run as root (as CI is), the reading happens in a child that has given up root
+    (uid/gid 65534), so the case is real there too, not silently readable."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+    uid = 65534 if os.geteuid() == 0 else None
+    with tempfile.TemporaryDirectory() as where:  # the system's temporary folder: traversable by every user
+        root = Path(where) / "images"
+        (root / "c").mkdir(parents=True)
+        for folder in (Path(where), root, root / "c"):
+            folder.chmod(0o755)
+        for name, value in (("0.png", 10), ("1_locked.png", 20), ("2.png", 30)):
+            Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(root / "c" / name)
+        (root / "c" / "1_locked.png").chmod(0)
+        if uid is not None and any(p.stat().st_mode & 0o001 == 0 for p in Path(where).parents):
+            pytest.skip(f"{where} is not reachable by other users")
+        seen = _read_in_child(uid, root, Path(where) / "seen.json")
+    assert seen["skipped"] == 1
+    assert seen["first_pixels"] == [[10, 10, 10], [30, 30, 30], [30, 30, 30]]  # the locked one: the next image
+
+
+def _read_in_child(uid: int | None, root: Path, out: Path) -> dict:
+    import json
+    import multiprocessing
+    out.parent.chmod(0o777)  # the child, as another user, writes its answer there
+    child = multiprocessing.get_context("fork").Process(target=_read_as, args=(uid, str(root), str(out)))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    return json.loads(out.read_text())

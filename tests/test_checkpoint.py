@@ -43,8 +43,12 @@ def test_save_atomic_load_round_trip(tmp_path):
 def test_save_atomic_failure_keeps_previous_file(tmp_path):
     path = tmp_path / "ckpt.pth"
     save_atomic({"w": torch.ones(2)}, path)
-    with pytest.raises(Exception):
-        save_atomic({"w": torch.zeros(2), "bad": lambda: 0}, path)  # a lambda cannot be pickled
+    class Unpicklable:
+        def __reduce__(self):
+            raise TypeError("this object cannot be pickled")
+
+    with pytest.raises(TypeError, match="this object cannot be pickled"):  # the serialiser's own error
+        save_atomic({"w": torch.zeros(2), "bad": Unpicklable()}, path)
     assert torch.equal(load_file(path)["w"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
 

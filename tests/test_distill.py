@@ -91,14 +91,14 @@ def test_loss_equals_hand_computation_eval_and_train():
 
 
 def test_raw_targets_without_whitening():
-    fd = FeatureDistillation(_student(), _teacher(), whiten_target=False).eval()
+    fd = FeatureDistillation(_student(), _teacher(), target_norm="none").eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = fd.teacher.model.forward_features(x)
     assert torch.equal(fd.targets(x), tokens.float())
     pred = _hand_projection(fd, fd.student.forward_features(x))
     assert fd(x).item() == pytest.approx(_hand_smooth_l1(pred, tokens, 2.0).item(), rel=1e-5)
-    whitened = FeatureDistillation(_student(), _teacher(), whiten_target=True).eval()
+    whitened = FeatureDistillation(_student(), _teacher(), target_norm="whiten").eval()
     assert torch.allclose(whitened.targets(x), _hand_whiten(tokens), atol=1e-5)
 
 
@@ -137,7 +137,7 @@ def test_grid_resize_is_bilinear_by_hand():
     cls = torch.randn(1, 1, c, generator=gen)
     patches = torch.randn(1, 4, c, generator=gen)
     teacher = Teacher(_FixedTokens(torch.cat([cls, patches], 1)), c, (2, 2), 1)
-    fd = FeatureDistillation(_student(patch=8, dim=16), teacher, whiten_target=False)
+    fd = FeatureDistillation(_student(patch=8, dim=16), teacher, target_norm="none")
     # student patch 8 on 32 px is a 4x4 grid
     target = fd.targets(torch.zeros(1, 3, 32, 32))
     a = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])
@@ -146,7 +146,7 @@ def test_grid_resize_is_bilinear_by_hand():
     assert torch.allclose(target[0, 0], cls[0, 0])
     assert torch.allclose(target[0, 1:], expected, atol=1e-6)
     # whitening happens after the resize, on the resized tokens
-    fd.whiten_target = True
+    fd.set_target_norm("whiten")
     assert torch.allclose(fd.targets(torch.zeros(1, 3, 32, 32))[0, 1:], _hand_whiten(expected), atol=1e-5)
 
 

@@ -39,18 +39,16 @@ def _worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None
     _set_env(rank, world, ports[0])
     info = fdd.init_distributed(timeout_s=30, backend="gloo")
     try:
-        x = torch.tensor([float(rank), 10.0 * (rank + 1)])
-        mean = fdd.all_reduce_mean(x)
-        count = fdd.all_reduce_mean(torch.tensor(rank + 1))  # integer input
+        total = fdd.all_reduce_sum(torch.tensor([float(rank), 10.0 * (rank + 1)]))
+        ints = fdd.all_reduce_ints([rank + 1, 2 * rank], op="min")
         fdd.barrier()
         result = {"info": [info.rank, info.world_size, info.local_rank, str(info.device), info.is_main],
-                  "rank": fdd.rank(), "world_size": fdd.world_size(), "is_main": fdd.is_main(),
-                  "mean": mean.tolist(), "input_unchanged": x.tolist() == [float(rank), 10.0 * (rank + 1)],
-                  "count": count.item(), "count_dtype": str(count.dtype),
+                  "rank": torch.distributed.get_rank(), "world_size": torch.distributed.get_world_size(),
+                  "is_main": info.is_main, "sum": total.tolist(), "ints": ints,
                   "again": fdd.init_distributed(backend="gloo").rank}
     finally:
         fdd.cleanup()
-    result["after_cleanup"] = [fdd.rank(), fdd.world_size()]
+    result["after_cleanup"] = torch.distributed.is_initialized()
     if rank == 0:
         _set_env(0, 2, ports[1])
         start = time.monotonic()
@@ -80,11 +78,10 @@ def test_two_gloo_processes_and_timeout(tmp_path: Path) -> None:
     for r, res in enumerate(results):
         assert res["info"] == [r, 2, r, "cpu", r == 0]
         assert (res["rank"], res["world_size"], res["is_main"]) == (r, 2, r == 0)
-        assert res["mean"] == [0.5, 15.0]
-        assert res["input_unchanged"]
-        assert res["count"] == 1.5 and res["count_dtype"] == "torch.float64"
+        assert res["sum"] == [1.0, 30.0]
+        assert res["ints"] == [1, 0]
         assert res["again"] == r
-        assert res["after_cleanup"] == [0, 1]
+        assert res["after_cleanup"] is False
     assert results[0]["lonely"] != "joined" and results[0]["lonely_s"] < 20, results[0]
     assert sum(res["is_main"] for res in results) == 1
 
@@ -99,11 +96,8 @@ def test_single_process_mode(no_dist_env: None) -> None:
     info = fdd.init_distributed()
     assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True)
     assert info.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert (fdd.rank(), fdd.world_size(), fdd.is_main()) == (0, 1, True)
-    fdd.barrier()
-    x = torch.tensor([1.0, 2.0], requires_grad=True)
-    y = fdd.all_reduce_mean(x)
-    assert torch.equal(y, x.detach()) and y is not x and not y.requires_grad
+    assert not torch.distributed.is_initialized()
+    fdd.barrier()  # no-ops without a process group
     fdd.cleanup()
 
 

@@ -21,7 +21,7 @@ import finetune
 import train
 from fd_ref.checkpoint.io import save_atomic
 from fd_ref.errors import UserError
-from fd_ref.export import beit_model_args
+from fd_ref.timm_export import beit_model_args
 from fd_ref.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent

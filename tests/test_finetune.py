@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fd_ref.engine.setup
+from fd_ref.engine.trainer import Trainer
 import finetune
 import train
 from fd_ref.config import resolve_config
@@ -121,10 +121,10 @@ def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
     finetune.main(FT + ["--pretrained", str(student), "--layer-decay", str(decay), "--weight-decay", str(wd),
                         "--max-steps", "1", "--warmup-epochs", "1", "--output", str(tmp_path)])
     (trainer,) = trainers
-    model = trainer.state_module
+    model = trainer.job.model
     params = dict(model.named_parameters())
     seen = []
-    for group in trainer.optimizer.param_groups:
+    for group in trainer.job.optimizer.param_groups:
         for name, p in zip(group["param_names"], group["params"]):
             assert p is params[name]
             seen.append(name)
@@ -142,8 +142,8 @@ def test_layer_decay_and_weight_decay_groups(student, tmp_path, monkeypatch):
         assert group["lr"] == pytest.approx(expected, rel=1e-12)
     assert sorted(seen) == sorted(params)  # every parameter exactly once
     # spot checks of the recipe: patch embedding = layer 0, head = layer L+1, per-block tables without decay
-    scale = {n: g["lr_scale"] for g in trainer.optimizer.param_groups for n in g["param_names"]}
-    wdec = {n: g["weight_decay"] for g in trainer.optimizer.param_groups for n in g["param_names"]}
+    scale = {n: g["lr_scale"] for g in trainer.job.optimizer.param_groups for n in g["param_names"]}
+    wdec = {n: g["weight_decay"] for g in trainer.job.optimizer.param_groups for n in g["param_names"]}
     assert scale["patch_embed.proj.weight"] == pytest.approx(decay ** (DEPTH + 1))
     assert scale["blocks.0.attn.rel_pos_bias.table"] == pytest.approx(decay ** DEPTH)
     assert scale[f"blocks.{DEPTH - 1}.mlp.fc1.weight"] == pytest.approx(decay)
@@ -196,35 +196,42 @@ def test_linear_probe_modules():
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 def test_linear_probe_features_are_the_published_models(pool):
     """avg: the published mean-pooling model's features, fc_norm(mean of the last block's patch tokens) with
-    a fresh (1/0) LayerNorm and no final norm -- here our ViT built with global_pool="avg", loaded with the
-    same weights. cls: the class token after the final norm."""
+    a fresh (1/0) LayerNorm and no final norm; cls: the class token after the final norm. The reference is
+    timm's ``Beit`` (the published fine-tuning model's family) built with that pooling and given the same
+    weights."""
+    from timm.models.beit import Beit
+
+    from fd_ref.checkpoint.keys import to_timm_beit
     torch.manual_seed(1)
     source = VisionTransformer(**TINY_VIT, global_pool="cls")
     for p in source.parameters():  # non-trivial norms, so a forgotten or extra norm shows
         p.data.add_(0.3 * torch.randn_like(p))
     state = {k: v.clone() for k, v in source.state_dict().items()}
     probe = LinearProbe(source, 5, pool=pool).train()
-    reference = VisionTransformer(**TINY_VIT, global_pool=pool).eval()
-    missing, unexpected = reference.load_state_dict(state, strict=False)
+    reference = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, qkv_bias=True,
+                     init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                     global_pool="token" if pool == "cls" else pool, num_classes=0).eval()
+    missing, unexpected = reference.load_state_dict(to_timm_beit(state), strict=False)
     if pool == "avg":
         assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight"] and sorted(unexpected) == ["norm.bias", "norm.weight"]
+        assert torch.equal(reference.fc_norm.weight, torch.ones(32)) and not reference.fc_norm.bias.any()
     else:
         assert not missing and not unexpected
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
-        expected = reference.forward_head(reference.forward_features(x))  # num_classes 0: head is Identity
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
     torch.testing.assert_close(probe.features(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def _recording_trainer(monkeypatch):
     trainers = []
 
-    class Recording(fd_ref.engine.setup.Trainer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
+    class Recording(Trainer):
+        def __init__(self, run, job):
+            super().__init__(run, job)
             trainers.append(self)
 
-    monkeypatch.setattr(fd_ref.engine.setup, "Trainer", Recording)  # the Trainer finetune.main builds
+    monkeypatch.setattr(finetune, "Trainer", Recording)  # the Trainer finetune.main builds
     return trainers
 
 
@@ -244,13 +251,13 @@ def test_linear_probe_training(student, tmp_path, monkeypatch):
     finetune.main(FT + ["--pretrained", str(student), "--linear-probe", "--max-steps", "2", "--weight-decay",
                         "0.03", "--label-smoothing", "0.1", "--mixup", "0.8", "--output", str(tmp_path)])
     (trainer,) = trainers
-    model = trainer.state_module
+    model = trainer.job.model
     assert isinstance(model, LinearProbe)
-    (group,) = trainer.optimizer.param_groups
-    assert isinstance(trainer.optimizer, Lars)
+    (group,) = trainer.job.optimizer.param_groups
+    assert isinstance(trainer.job.optimizer, Lars)
     assert [p is q for p, q in zip(group["params"], [model.head.weight, model.head.bias])] == [True, True]
     assert (group["momentum"], group["trust_coefficient"], group["weight_decay"]) == (0.9, 0.001, 0.03)
-    assert trainer.s.clip_grad == 5.0
+    assert trainer.run.clip_grad == 5.0
     base = trainer.loader.dataset.dataset
     transform = getattr(base, "dataset", base).transform
     assert isinstance(transform.transforms[0], SingleDrawResizedCrop)
@@ -261,7 +268,7 @@ def test_linear_probe_training(student, tmp_path, monkeypatch):
         lambda *_: modes.append((model.backbone.training, any(m.training for m in model.backbone.modules()))))
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     images, normalised, labels = _fixed_batch()
-    loss = trainer.step_fn((images, labels))
+    loss = trainer.job.step_fn((images, labels))
     hook.remove()
     assert modes == [(False, False)] and model.bn.training
     logits = model.head(torch.nn.functional.batch_norm(model.features(normalised.float()), None, None, training=True,
@@ -269,7 +276,7 @@ def test_linear_probe_training(student, tmp_path, monkeypatch):
     log_p = logits.double().log_softmax(1)
     assert loss.item() == pytest.approx(-log_p[torch.arange(8), labels].mean().item(), rel=1e-5)
     loss.backward()
-    trainer.optimizer.step()
+    trainer.job.optimizer.step()
     after = model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical backbone
 
@@ -292,23 +299,23 @@ def test_finetune_loss_and_augmentation_wiring(student, tmp_path, monkeypatch):
     base = mixed.loader.dataset.dataset
     steps = getattr(base, "dataset", base).transform.transforms
     assert any(isinstance(s, RandAugment) for s in steps)
-    assert mixed.s.clip_grad == 5.0
+    assert mixed.run.clip_grad == 5.0
 
     images, normalised, labels = _fixed_batch()
     for trainer in trainers:
-        trainer.state_module.eval()
+        trainer.job.model.eval()
     np.random.seed(7)
-    loss = mixed.step_fn((images, labels))
+    loss = mixed.job.step_fn((images, labels))
     np.random.seed(7)
     mixed_images, targets = build_mixup(10, 0.8, 1.0, 0.5, 0.1)(normalised.float(), labels)
     with torch.no_grad():
-        log_p = mixed.state_module(mixed_images).double().log_softmax(1)
+        log_p = mixed.job.model(mixed_images).double().log_softmax(1)
     assert loss.item() == pytest.approx(-(targets.double() * log_p).sum(1).mean().item(), rel=1e-5)
     assert not torch.equal(mixed_images, normalised.float())
 
-    loss = smooth.step_fn((images, labels))
+    loss = smooth.job.step_fn((images, labels))
     with torch.no_grad():
-        log_p = smooth.state_module(normalised.float()).double().log_softmax(1)
+        log_p = smooth.job.model(normalised.float()).double().log_softmax(1)
     hand = 0.8 * -log_p[torch.arange(8), labels] + 0.2 * -log_p.mean(1)
     assert loss.item() == pytest.approx(hand.mean().item(), rel=1e-5)
 
@@ -434,15 +441,13 @@ def test_bf16_fine_tuning_evaluates_in_float32(student, tmp_path, monkeypatch):
             hook.remove()
 
     monkeypatch.setattr(finetune, "evaluate", spy)
-    real_step = fd_ref.engine.setup.begin
-
-    def begin(run, job):
+    def trainer(run, job):
         def step(batch):
             seen["train"].append(torch.is_autocast_enabled("cpu"))
             return job.step_fn(batch)
-        return real_step(run, dataclasses.replace(job, step_fn=step))
+        return Trainer(run, dataclasses.replace(job, step_fn=step))
 
-    monkeypatch.setattr(fd_ref.engine.setup, "begin", begin)
+    monkeypatch.setattr(finetune, "Trainer", trainer)
     finetune.main(FT + ["--pretrained", str(student), "--precision", "bf16", "--epochs", "1",
                         "--output", str(tmp_path)])
     assert seen["train"] and all(seen["train"])

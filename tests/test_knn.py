@@ -1,4 +1,4 @@
-"""Spec tests of the weighted k-NN (fd_ref.engine.knn, DINO's: k 20, T 0.07, cosine similarity, votes exp(sim/T))
+"""Spec tests of the weighted k-NN (fd_ref.eval.knn, DINO's: k 20, T 0.07, cosine similarity, votes exp(sim/T))
 against a k-NN written out with loops, on random features and on a small separable set; and of
 ``finetune.py --knn`` on every kind of model file fd-ref loads (FD ViT student, timm student, fine-tuned)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import finetune
 import train
-from fd_ref.engine.knn import knn_accuracy, knn_scores
+from fd_ref.eval.knn import knn_accuracy, knn_scores
 from fd_ref.models.finetune_model import build_finetune_model
 
 

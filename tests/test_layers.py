@@ -3,8 +3,11 @@
 Every module's imports are read from its source (function-local ones and ``TYPE_CHECKING`` ones included) and
 checked against the layer table below: a module may import its own layer and the layers below it, the
 method only itself and ``fd_ref.errors``. There is no import cycle between modules, and no module imports a
-private name (``_x``) from another module. The checker is also fed small invented packages, so that each
-rule is seen to fail when it is broken.
+private name (``_x``) from another module, nor reaches into one through an object (``trainer._log(...)``
+where ``_log`` is defined in another module: only ``self`` / ``cls`` or the defining module may touch it).
+``fd_ref/engine/`` holds the training loop and what keeps a run alive, nothing else (evaluation helpers
+live in ``fd_ref/eval/``). The checker is also fed small invented packages, so that each rule is seen to
+fail when it is broken.
 """
 from __future__ import annotations
 
@@ -24,10 +27,16 @@ RANKS = {
     "models": 3, "data": 3,                    # networks; datasets, transforms, batching
     "optim": 4,                                # parameter groups, layer decay, schedule, LARS
     "engine": 5,                               # the loop and what keeps a run alive
-    "analysis": 6, "export": 6,                # diagnostics; timm / Hugging Face export
+    "eval": 6,                                 # evaluation, k-NN, PHI-S statistics: outside the loop
+    "analysis": 6, "timm_export": 6,           # diagnostics; timm / Hugging Face export
     "cli": 7,                                  # what the scripts' main runs in
 }
 ONLY = {"method": {"method", "errors"}}        # layers restricted further than their rank
+
+# the loop and what keeps a run alive: its settings, start-up, resume, lock, stop signals, processes, precision,
+# random state, fault hook, MFU count and TensorBoard log (evaluation lives in fd_ref/eval/)
+ENGINE = {"__init__", "trainer", "job", "setup", "resume", "runlock", "stop", "distributed", "precision", "rng",
+          "faults", "flops", "tensorboard"}
 
 
 def layer(module: str) -> str:
@@ -54,9 +63,40 @@ def imports(module: str, source: str, is_package: bool) -> list[tuple[str, list[
     return out
 
 
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_definitions(source: str) -> set[str]:
+    """The private names a module defines: functions, classes, module or class variables, ``self._x``."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+              and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            names.add(node.attr)
+    return {n for n in names if is_private(n)}
+
+
+def private_reaches(source: str) -> list[tuple[str, int]]:
+    """``(name, line)`` of every ``obj._name`` whose ``obj`` is not ``self`` or ``cls``."""
+    return [(node.attr, node.lineno) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and is_private(node.attr)
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+
+
 def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
     """Every broken rule in ``sources`` (module name -> (source, is_package)), one line each."""
     found, edges = [], {}
+    defined = {module: private_definitions(source) for module, (source, _) in sources.items()}
+    for module, (source, _) in sources.items():
+        for name, line in private_reaches(source):
+            owners = [m for m, names in defined.items() if m != module and name in names]
+            if owners and name not in defined[module]:
+                found.append(f"{module}:{line} reaches into private {name} of {', '.join(sorted(owners))}")
     for module, (source, is_package) in sources.items():
         here = layer(module)
         for target, names, line in imports(module, source, is_package):
@@ -108,6 +148,15 @@ def test_fd_ref_imports_one_way_without_cycles_or_private_names():
     assert violations(package_sources()) == []
 
 
+def test_the_engine_holds_the_loop_and_what_keeps_a_run_alive():
+    """No evaluation, k-NN or statistics module in fd_ref/engine/: those serve a script, not the loop."""
+    engine = {module.split(".")[-1] if module != "fd_ref.engine" else "__init__"
+              for module in package_sources() if layer(module) == "engine"}
+    assert engine <= ENGINE, sorted(engine - ENGINE)
+    evaluation = {module for module in package_sources() if layer(module) == "eval"}
+    assert {"fd_ref.eval.evaluate", "fd_ref.eval.knn", "fd_ref.eval.knn_eval", "fd_ref.eval.target_fit"} <= evaluation
+
+
 def test_the_method_imports_nothing_but_itself_and_errors():
     sources = package_sources()
     for module, (source, is_package) in sources.items():
@@ -133,6 +182,31 @@ CASES = [  # (importer, its code, the module it imports, a fragment of the line 
 def test_the_checker_finds_each_broken_rule(importer, code, imported, expected):
     found = violations(invented(importer, code, imported))
     assert any(expected in line for line in found), found
+
+
+PRIVATE_CASES = [  # (the module reaching in, its code, the module owning the name, a fragment of the line)
+    ("fd_ref.engine.resume", "def f(trainer):\n    trainer._log({})\n", "class Trainer:\n    def _log(self, r): ...\n",
+     "fd_ref.engine.resume:2 reaches into private _log of fd_ref.engine.trainer"),
+    ("fd_ref.engine.resume", "def f(trainer):\n    trainer._step = 3\n", "class T:\n    def __init__(self):\n        self._step = 0\n",
+     "reaches into private _step"),
+    ("fd_ref.eval.knn_eval", "from fd_ref.engine import trainer\nx = trainer._HELPER\n", "_HELPER = 1\n",
+     "reaches into private _HELPER"),
+]
+
+
+@pytest.mark.parametrize("module, code, owner_code, expected", PRIVATE_CASES)
+def test_the_checker_finds_a_reach_into_another_modules_private_member(module, code, owner_code, expected):
+    sources = {module: (code, False), "fd_ref.engine.trainer": (owner_code, False)}
+    assert any(expected in line for line in violations(sources)), violations(sources)
+
+
+def test_private_members_through_self_cls_or_the_own_module_or_another_library_are_allowed():
+    owner = "class Trainer:\n    def _log(self, r): ...\n    def log(self, r):\n        self._log(r)\n"
+    same_name = "class Other:\n    def _log(self, r): ...\n    @classmethod\n    def f(cls, o):\n        o._log(1)\n        cls._log(o, 2)\n"
+    library = "import torch\nx = torch._C\ny = torch.nn.modules.batchnorm._BatchNorm\n"
+    sources = {"fd_ref.engine.trainer": (owner, False), "fd_ref.engine.other": (same_name, False),
+               "fd_ref.engine.lib": (library, False)}
+    assert violations(sources) == []
 
 
 def test_the_checker_finds_a_cycle_through_a_function_local_import():

@@ -19,11 +19,9 @@ from torch.utils.data import TensorDataset
 import finetune
 import train
 from fd_ref.engine import trainer as engine
-from fd_ref.engine.distributed import DistInfo
-from fd_ref.engine.job import Job, LoopSettings
+from fd_ref.engine.job import Job, Run
 from fd_ref.engine.trainer import Trainer
 from fd_ref.errors import UserError
-from fd_ref.data.sampler import make_loader
 from fd_ref.optim.schedule import WarmupCosine
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "1", "--embed-dim", "16", "--num-heads", "2",
@@ -99,7 +97,6 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
-    loader, sampler = make_loader(data, 4, seed=0, shuffle=True)
     if layer_groups:  # as with layer decay (a lower layer at lr_scale 0.5), plus one group above the base lr
         groups = [{"params": list(model[0].parameters()), "lr_scale": 0.5},
                   {"params": list(model[2].parameters()), "lr_scale": 1.0},
@@ -107,7 +104,6 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
     else:
         groups = [{"params": list(model.parameters())}]
     optimizer = torch.optim.SGD(groups, lr=0.1)
-    scheduler = WarmupCosine(optimizer, base_lr=0.1, total_steps=8, warmup_steps=2, min_lr=0.01, warmup_lr=0.0)
 
     def step_fn(batch):
         clock.now += step_s
@@ -117,13 +113,13 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
         clock.now += eval_s  # a slow evaluation
         return {"top1": 50.0}
 
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    settings = LoopSettings(output=str(tmp_path), epochs=2, batch_size=4, log_every=2, progress=False)
-    job = Job(step_fn=step_fn, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-              sampler=sampler, deliverable=tmp_path / "results.json", on_epoch_end=on_epoch_end)
-    trainer = Trainer(job=job, settings=settings, info=info, config={})
-    trainer.flops_per_image, trainer.peak = 0.0, 0.0  # skip the FLOP count (it would run step_fn)
-    return trainer, scheduler
+    # 4 steps an epoch: linear warm-up over 2 steps (half an epoch) from 0, then cosine from 0.1 to 0.01
+    run = Run(output=str(tmp_path), epochs=2, batch_size=4, log_every=2, progress=False, warmup_epochs=0.5,
+              lrs={"base_lr": 0.1, "warmup_lr": 0.0, "min_lr": 0.01})
+    job = Job(step_fn=step_fn, model=model, optimizer=optimizer, dataset=data, deliverable=tmp_path / "results.json",
+              on_epoch_end=on_epoch_end)  # no network: no FLOP count, no MFU
+    trainer = Trainer(run, job)
+    return trainer, trainer.scheduler
 
 
 @given(step_s=st.floats(0.01, 10.0), eval_s=st.floats(0.0, 1e4), loader_s=st.floats(0.0, 1e3))
@@ -164,7 +160,7 @@ def test_logged_lr_is_the_base_lr_of_the_schedule(tmp_path):
     assert [r["lr"] for r in records] == pytest.approx([expected(r["step"]) for r in records], rel=1e-9)
     # the other groups follow the published per-group schedule: their own peak 0.1 * lr_scale, the floor
     # and warm-up start shared (fd_ref.optim.schedule); checked in the middle of the cosine
-    sched, groups = trainer.scheduler, trainer.optimizer.param_groups
+    sched, groups = trainer.scheduler, trainer.job.optimizer.param_groups
     sched.load_state_dict({**sched.state_dict(), "step_count": 4})
     t = (4 - 2) / 6
     for group, scale in zip(groups, (0.5, 1.0, 2.0)):

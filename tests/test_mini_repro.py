@@ -42,6 +42,15 @@ def _run(data: Path, out: Path, **env) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def _resolve(command: str) -> dict:
+    """A stage's settings, resolved as its script resolves them."""
+    words = shlex.split(command)
+    script = Path(words[1]).name
+    if script == "train.py":
+        return resolve_config(DEFAULTS[script], words[2:], multi=train.TEACHER_KEYS, aliases=train.ALIASES)
+    return resolve_config(DEFAULTS[script], words[2:])
+
+
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
 def test_every_stage_command_resolves(tmp_path, preset):
     """DRY_RUN prints each stage; every flag of every stage is one its script accepts, with the preset's
@@ -61,19 +70,18 @@ def test_every_stage_command_resolves(tmp_path, preset):
     for name, command in stages.items():
         words = shlex.split(command)
         script = Path(words[1]).name
-        cfg = resolve_config(DEFAULTS[script], words[2:], multi=train.TEACHER_KEYS if script == "train.py" else ())
+        cfg = _resolve(command)
         if script != "analyze.py":
             assert cfg["val_split"] == 5000 and cfg["split_seed"] == 0 and cfg["data_in_memory"] is (preset == "gpu")
             if "--model" in words and cfg["model"].startswith("vit"):  # ViTs the stage builds (not the CNN teacher)
                 assert cfg["num_heads"] == (6 if preset == "gpu" else 2)
-    epochs = {n: resolve_config(DEFAULTS[Path(shlex.split(c)[1]).name], shlex.split(c)[2:],
-                                multi=train.TEACHER_KEYS).get("epochs") for n, c in stages.items()}
+    epochs = {n: _resolve(c).get("epochs") for n, c in stages.items()}
     t, fd, ft = (100, 100, 50) if preset == "gpu" else (12, 12, 4)
     assert (epochs["teacher"], epochs["fd"], epochs["ft_fd_s0"], epochs["scratch_s0"]) == (t, fd, ft, fd + ft)
     assert "--target cls" in stages["fd_target_cls"] and "--pos-embed abs" in stages["fd_abs_pos"]
     # issue #24: the variants' own settings, the CNN teacher trained like the ViT teacher, k-NN on the hold-out
-    cfg = {n: resolve_config(DEFAULTS[Path(shlex.split(c)[1]).name], shlex.split(c)[2:],
-                             multi=train.TEACHER_KEYS) for n, c in stages.items()}
+    cfg = {n: _resolve(c) for n, c in stages.items()}
+    assert cfg["fd_no_whiten"]["target_norm"] == "none"  # --no-whiten, the alias
     assert cfg["fd_phi_s"]["target_norm"] == "phi_s" and cfg["fd_cosine"]["loss"] == "cosine"
     assert cfg["fd"]["target_norm"] == "whiten" and cfg["fd"]["loss"] == "smooth_l1"
     cnn = cfg["teacher_cnn"]

@@ -210,3 +210,14 @@ def test_the_same_teacher_and_file_twice_is_refused_but_one_name_with_two_files_
         teacher_settings(dict(base, teacher=["vit_tiny", "vit_tiny"], teacher_checkpoint=["a.pt", "a.pt"]))
     two = teacher_settings(dict(base, teacher=["vit_tiny", "vit_tiny"], teacher_checkpoint=["a.pt", "b.pt"]))
     assert [t["teacher_checkpoint"] for t in two] == ["a.pt", "b.pt"]
+
+
+def test_one_timm_name_with_two_sets_of_arguments_is_two_teachers():
+    """The same ``timm:<name>`` twice with different ``--teacher-kwargs`` is two teachers; with the same
+    arguments (even written differently) it is refused like any teacher listed twice."""
+    base = dict(teacher=["timm:resnet18", "timm:resnet18"], teacher_checkpoint=None, teacher_weight=1.0)
+    two = teacher_settings(dict(base, teacher_kwargs=["output_stride=8", "output_stride=16"]))
+    assert [t["teacher_kwargs"] for t in two] == ["output_stride=8", "output_stride=16"]
+    for same in (["output_stride=8", "output_stride=8"], ["output_stride=8", "{output_stride: 8}"], "output_stride=8"):
+        with pytest.raises(UserError, match="listed twice"):
+            teacher_settings(dict(base, teacher_kwargs=same))

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fd_ref.errors import UserError
-from fd_ref.optim.groups import build_optimizer, layer_id, no_weight_decay, param_groups, strip_prefix
+from fd_ref.files import strip_prefixes
+from fd_ref.optim.groups import build_optimizer, layer_id, no_weight_decay, param_groups
 
 DIM = 4
 
@@ -90,10 +91,10 @@ def _flatten(groups: list[dict]) -> list[tuple[str, dict]]:
     return [(name, g) for g in groups for name in g["param_names"]]
 
 
-def test_strip_prefix() -> None:
-    assert strip_prefix("module.student.blocks.0.norm1.weight") == "blocks.0.norm1.weight"
-    assert strip_prefix("_orig_mod.module.head.bias") == "head.bias"
-    assert strip_prefix("projection.proj.weight") == "projection.proj.weight"
+def test_strip_prefixes() -> None:
+    assert strip_prefixes("module.student.blocks.0.norm1.weight") == "blocks.0.norm1.weight"
+    assert strip_prefixes("_orig_mod.module.head.bias") == "head.bias"
+    assert strip_prefixes("projection.proj.weight") == "projection.proj.weight"
 
 
 @pytest.mark.parametrize("name,shape,expected", [
@@ -168,7 +169,7 @@ def test_layer_decay_groups(depth: int, decay: float, wd: float, shared_table: b
         layer = layer_id(name, depth)
         assert g["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer))
         assert g["name"].startswith(f"layer{layer}_")
-        short = strip_prefix(name)
+        short = strip_prefixes(name)
         if short.endswith(("bias", "gamma")) or "norm" in short or short in ("cls_token", "pos_embed"):
             assert g["weight_decay"] == 0.0 and g["name"].endswith("_no_decay"), name
         else:

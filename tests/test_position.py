@@ -120,7 +120,7 @@ def test_relative_position_bias_gradient_reaches_the_table():
 
 # ------------------------------------------------------------------------------------------------ resize
 # The published rule (utils.py, remap_pretrained_keys_vit / _swin), written out here by hand and solved another
-# way than fd_ref/position.py: the geometric positions from the bisection as the published loop runs it, then
+# way than fd_ref/method/position.py: the geometric positions from the bisection as the published loop runs it, then
 # SciPy's interp2d(kind="cubic") on a grid, i.e. along each axis the not-a-knot interpolating cubic spline
 # evaluated at the nearest edge outside the data, here solved as ONE linear system in the four polynomial
 # coefficients of every interval (numpy), where the library solves for the second derivatives (torch).

@@ -90,3 +90,29 @@ def test_loader_same_data_with_and_without_workers():
         sampler.set_epoch(2)
         return torch.cat([x for x, _ in loader])
     assert torch.equal(run(0), run(1))
+
+
+@given(n=st.integers(1, 50), b=st.integers(1, 5), world=st.integers(1, 4), drop_last=st.booleans(),
+       shuffle=st.booleans(), seed=st.integers(0, 3), epoch=st.integers(0, 2))
+def test_every_world_size_and_drop_last(n, b, world, drop_last, shuffle, seed, epoch):
+    """World sizes 1-4, both drop_last settings: step s of rank r holds positions [s*N*b + r*b, s*N*b + (r+1)*b)
+    of the epoch's order (randperm seeded with seed * 100_003 + epoch, or 0..n-1 unshuffled). drop_last: only
+    full steps (every rank a full batch); without it: every image exactly once, the last step short."""
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+             if shuffle else list(range(n)))
+    g = b * world
+    steps = n // g if drop_last else -(-n // g)
+    per_rank = []
+    for r in range(world):
+        s = ShardedBatchSampler(n, b, seed=seed, shuffle=shuffle, rank=r, world_size=world, drop_last=drop_last)
+        s.set_epoch(epoch)
+        assert len(s) == steps
+        per_rank.append([[i for e, i in batch if e == epoch] for batch in s])
+    for r in range(world):
+        expected = [order[k * g + r * b:k * g + (r + 1) * b] for k in range(steps)]
+        assert per_rank[r] == [x for x in expected if x]
+    seen = sorted(i for rank in per_rank for batch in rank for i in batch)
+    if drop_last:
+        assert seen == sorted(order[:steps * g]) and all(len(x) == b for rank in per_rank for x in rank)
+    else:
+        assert seen == list(range(n))

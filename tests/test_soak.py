@@ -118,3 +118,27 @@ def test_a_stop_between_the_last_checkpoint_and_the_export_is_not_a_finished_run
     assert rb.load_checkpoint(out / "checkpoint.pt")["finished"]
     r = rb.run(tmp_path, "train.py", *command, "--output", out)
     assert r.rc == 0 and "already finished (step 8 of 8" in r.out
+
+
+def test_a_truncated_shard_attempt_is_refused_and_the_shard_restored(tmp_path: Path) -> None:
+    """The soak's ``truncate_shard`` fault: the attempt on the cut shard stops at start with one line (the
+    soak notes "refused"), and the shard is whole again for the next attempt; an attempt that did not
+    refuse (here: a "cut" at the shard's full length, which leaves it whole) is noted as such."""
+    import random
+
+    from soak import run_args
+    from soak_runs import draw, run_attempt
+
+    from fd_ref.data.make_shards import make_shards
+    shards = tmp_path / "shards"
+    make_shards("synthetic", shards, 8, synthetic_size=32, img_size=32, seed=0)
+    files = tuple(sorted(shards.glob("train-*.tar")))
+    before = {f: f.read_bytes() for f in files}
+    plan = draw("truncate_shard", random.Random(0), 1, 4, 10.0, 1000, files)
+    out = tmp_path / "run"
+    attempt = run_attempt(run_args(1, 1, out, shards), out, 1, plan, tmp_path / "logs")
+    assert attempt.note == "refused" and attempt.rc == 2, attempt
+    assert {f: f.read_bytes() for f in files} == before
+    plan.cut = len(before[Path(plan.shard)])
+    attempt = run_attempt(run_args(1, 1, out, shards) + ["--max-steps", "1"], out, 1, plan, tmp_path / "logs")
+    assert attempt.note.startswith("NOT refused") and attempt.rc == 0, attempt

@@ -51,10 +51,10 @@ def _hand_projection(fd: FeatureDistillation, s: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bnc,oc->bno", s, fd.projection.proj.weight[:, :, 0]) + fd.projection.proj.bias
 
 
-def _fd(target: str, teacher_patch: int = 8, whiten: bool = True) -> FeatureDistillation:
+def _fd(target: str, teacher_patch: int = 8, target_norm: str = "whiten") -> FeatureDistillation:
     teacher_net = _vit(1, 48, 3, patch=teacher_patch)
     fd = FeatureDistillation(_vit(0, 32, 2), Teacher(teacher_net, 48, teacher_net.grid, 1), target=target,
-                             whiten_target=whiten)
+                             target_norm=target_norm)
     return fd.eval()
 
 
@@ -94,9 +94,9 @@ def test_raw_targets_for_each_target():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         t = _fd("full").teacher.model.forward_features(x)
-        assert torch.allclose(_fd("cls", whiten=False).targets(x), t[:, :1])
-        assert torch.allclose(_fd("avg", whiten=False).targets(x), t[:, 1:].mean(1, keepdim=True))
-        assert torch.allclose(_fd("full", whiten=False).targets(x), t)
+        assert torch.allclose(_fd("cls", target_norm="none").targets(x), t[:, :1])
+        assert torch.allclose(_fd("avg", target_norm="none").targets(x), t[:, 1:].mean(1, keepdim=True))
+        assert torch.allclose(_fd("full", target_norm="none").targets(x), t)
 
 
 @settings(max_examples=20, deadline=None)
@@ -113,7 +113,7 @@ def test_projecting_the_mean_equals_averaging_the_projection(b, n, c_s, c_t, see
 
 
 def test_unknown_target_is_refused():
-    with pytest.raises(UserError, match="full, cls, avg"):
+    with pytest.raises(ValueError, match="full, cls, avg"):
         _fd("pooled")
 
 

@@ -248,3 +248,36 @@ def test_train_runs_the_teacher_with_bf16_matrices(tmp_path, monkeypatch):
                 "--img-size", "32", "--epochs", "1", "--num-workers", "0", "--progress", "false",
                 "--output", str(tmp_path / "run")])
     assert calls == [torch.bfloat16]
+
+
+class _LinearThenNorm(nn.Module):
+    """Patches -> Linear -> ``norm``: under autocast the norm receives the Linear's bf16 output."""
+
+    def __init__(self, norm: nn.Module, width: int = 64) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(3 * 8 * 8, width), norm
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        patches = x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        return self.norm(self.proj(patches))
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, timm.layers.RmsNorm], ids=["torch", "timm"])
+def test_bf16_teacher_keeps_rms_norms_in_float32(norm):
+    """``set_precision`` keeps every norm in float32, RMS norms included (torch's ``RMSNorm`` and timm's
+    ``RmsNorm`` are not LayerNorm subclasses): fed a bf16 Linear output, the final norm computes in float32
+    (its output equals the hand-written RMS norm of its input in float64 to float32 precision, where a bf16
+    norm would be off by bf16's rounding, ~4e-3) and keeps float32 weights."""
+    torch.manual_seed(0)
+    model = _LinearThenNorm(norm(64, eps=1e-6))
+    nn.init.normal_(model.norm.weight, 1.0, 0.5)
+    teacher = Teacher(model, 64, (4, 4), 0).set_precision(torch.bfloat16)
+    assert model.norm.weight.dtype == torch.float32 and model.proj.weight.dtype == torch.bfloat16
+    seen = {}
+    model.norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    with torch.no_grad():
+        tokens = teacher(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    x = seen["x"].double()
+    hand = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * model.norm.weight.double()
+    assert tokens.shape == (2, 16, 64) and seen["out"].dtype == torch.float32
+    torch.testing.assert_close(seen["out"].double(), hand, rtol=0, atol=2e-5)

@@ -5,6 +5,7 @@ All models are tiny timm configurations with random weights at 32-64 px."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,9 @@ def test_match_token_grid_rule(ht, wt, hs, ws, pt, ps, seed):
     patches = out[:, ps:]
     if (ht, wt) == (hs, ws):
         assert torch.equal(patches, t[:, pt:])                                # same grid: untouched
+    grid = t[:, pt:].reshape(2, ht, wt, 3).permute(0, 3, 1, 2)               # row-major tokens -> [B, C, H, W]
+    hand = _bilinear(grid, (hs, ws)).permute(0, 2, 3, 1).reshape(2, hs * ws, 3)
+    torch.testing.assert_close(patches, hand, rtol=1e-5, atol=1e-6)
     # bilinear resizing keeps a constant map constant and never leaves the range of the teacher's values
     assert (patches.amin(1) >= t[:, pt:].amin(1) - 1e-5).all() and (patches.amax(1) <= t[:, pt:].amax(1) + 1e-5).all()
     const = torch.full((1, pt + ht * wt, 3), 1.5)
@@ -144,6 +148,23 @@ def _check_fd(student, teacher, img, expected_target):
     assert fd.projection(fd.student_tokens(x)).shape == target.shape
 
 
+def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[B, C, H, W]`` written out: output pixel ``d`` reads the input at
+    ``s = max((d + 0.5) * n_in / n_out - 0.5, 0)`` (pixel centres, no corner alignment, no antialiasing),
+    weighting pixels ``floor(s)`` and ``floor(s) + 1`` (the last one repeated at the edge) by ``1 - f``, ``f``."""
+    def weights(n_in: int, n_out: int) -> torch.Tensor:
+        w = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for d in range(n_out):
+            src = max((d + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(math.floor(src)), n_in - 1)
+            frac = src - i0
+            w[d, i0] += 1 - frac
+            w[d, min(i0 + 1, n_in - 1)] += frac
+        return w
+    rows, cols = weights(x.shape[2], size[0]), weights(x.shape[3], size[1])
+    return torch.einsum("oh,bchw,pw->bcop", rows, x.double(), cols).to(x.dtype)
+
+
 def test_cnn_student_vit_teacher(tmp_path):
     """ResNet student (2x2 map, no class token) + ViT teacher (8x8 grid): the teacher's class token is
     dropped and its patch map resized bilinearly to 2x2."""
@@ -152,7 +173,7 @@ def test_cnn_student_vit_teacher(tmp_path):
 
     def expected(x):
         t = teacher(x)[:, 1:].reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
-        r = F.interpolate(t, size=(2, 2), mode="bilinear", align_corners=False)
+        r = _bilinear(t, (2, 2))
         return _whiten(r.permute(0, 2, 3, 1).reshape(2, 4, -1))
     _check_fd(student, teacher, 64, expected)
 
@@ -169,7 +190,7 @@ def test_vit_student_cnn_teacher(tmp_path):
     def expected(x):
         fmap = reference.forward_features(x)                                # [B, 64, 2, 2], the test's own model
         cls = fmap.mean((2, 3))[:, None]
-        r = F.interpolate(fmap, size=(8, 8), mode="bilinear", align_corners=False)
+        r = _bilinear(fmap, (8, 8))
         return _whiten(torch.cat([cls, r.flatten(2).transpose(1, 2)], 1))
     _check_fd(student, teacher, 64, expected)
 
@@ -193,7 +214,7 @@ def test_swinv2_student_swin_teacher_different_grids(tmp_path):
 
     def expected(x):
         fmap = reference.forward_features(x).permute(0, 3, 1, 2)           # NHWC after norm -> NCHW
-        r = F.interpolate(fmap, size=(4, 4), mode="bilinear", align_corners=False)
+        r = _bilinear(fmap, (4, 4))
         return _whiten(r.flatten(2).transpose(1, 2))
     _check_fd(student, teacher, 32, expected)
 
@@ -214,7 +235,7 @@ def test_convnext_teacher_applies_its_head_norm_per_position(tmp_path):
 
 def test_cls_target_needs_a_class_token():
     teacher = build_teacher("vit_tiny", img_size=32, patch_size=8, depth=1)
-    with pytest.raises(UserError, match="class token"):
+    with pytest.raises(ValueError, match="class token"):
         FeatureDistillation(TimmBackbone(f"timm:{SWIN[0]}", 32, SWIN[1]), teacher, target="cls")
 
 
@@ -346,7 +367,7 @@ def test_esvit_distillation_config():
             cfg["warmup_lr"]) == ("esvit_swin_base", 300, 0.3, 2e-4, 10, 1e-5, 1e-6)
     assert (cfg["img_size"], cfg["weight_decay"], cfg["clip_grad"], cfg["batch_size"], cfg["beta"]) == (
         224, 0.05, 3.0, 128, 2.0)
-    assert cfg["whiten"] is True and cfg["teacher_feat_after_norm"] is True and cfg["target"] == "full"
+    assert cfg["target_norm"] == "whiten" and cfg["teacher_feat_after_norm"] is True and cfg["target"] == "full"
     assert (cfg["crop_min_scale"], cfg["crop_interpolation"]) == (0.08, "bilinear")
     assert cfg["output"] == "out/fd_esvit_swin_base"
     # the student it names is SwinV2-B with window 14: width 1024 on 7 x 7 at 224 px, the teacher's map

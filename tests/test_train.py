@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-import fd_ref.engine.setup
+from fd_ref.engine.trainer import Trainer
 import finetune
 import train
 from fd_ref.config import resolve_config
@@ -119,13 +119,13 @@ def _rank_worker(rank: int, port: int, argv: list[str], save_to: str) -> None:
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
 
-    class RecordingTrainer(fd_ref.engine.setup.Trainer):
+    class RecordingTrainer(Trainer):
         def fit(self):
             history = super().fit()
-            torch.save({k: v.clone() for k, v in self.state_module.state_dict().items()}, save_to)
+            torch.save({k: v.clone() for k, v in self.job.model.state_dict().items()}, save_to)
             return history
 
-    fd_ref.engine.setup.Trainer = RecordingTrainer  # the Trainer train.main builds (through fd_ref.engine.setup.begin)
+    train.Trainer = RecordingTrainer  # the Trainer train.main builds
     try:
         train.main(argv)
     finally:
@@ -229,7 +229,7 @@ def test_distillation_config(name):
     assert cfg["teacher_patch_size"] is None and cfg["teacher_depth"] is None
     assert (cfg["lr"], cfg["min_lr"], cfg["warmup_lr"], cfg["warmup_epochs"]) == (3e-4, 5e-6, 5e-7, 10)
     assert (cfg["weight_decay"], cfg["clip_grad"], cfg["batch_size"], cfg["beta"]) == (0.05, 3.0, 128, 2.0)
-    assert cfg["whiten"] is True and cfg["layer_scale"] == 0.1
+    assert cfg["target_norm"] == "whiten" and cfg["layer_scale"] == 0.1
     # published data/data_fd.py: torchvision's default (bilinear) crop; AUG.MIN_SCALE 0.08 in the 300-epoch
     # configs, the config.py default 0.67 where the config does not set it (CLIP ViT-B 100 epochs)
     assert cfg["crop_min_scale"] == (0.67 if name == "fd_clip_vit_base_100ep" else 0.08)

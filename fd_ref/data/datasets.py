@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fd_ref.data.images import RobustImageFolder, Transform, class_folders
+from fd_ref.data.shards import shard_dataset
 from fd_ref.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,6 +170,9 @@ def build_dataset(
       ``val/``, or no ``train/`` at all, the one folder is returned for both, and the caller should carve a
       validation split with :func:`split_indices`. Folders are :class:`RobustImageFolder`\\ s (``verify``
       and ``in_memory`` are passed on).
+    * shards (:mod:`fd_ref.data.shards`): a folder of ``train-*.tar`` (and ``val-*.tar``), a wids ``.json``
+      description, or a brace pattern / URL of tar files -> a :class:`~fd_ref.data.shards.ShardDataset`
+      (validation: the ``val`` shards, else the training shards, to be split as a folder's).
 
     The names ``synthetic``, ``cifar10``, ``cifar100`` (case-insensitive) win over same-named folders.
     """
@@ -181,10 +185,13 @@ def build_dataset(
     if name in _CIFAR:
         return _build_cifar(name, train, transform, Path(root_cache).expanduser())
 
+    shards = shard_dataset(data, train, transform)
+    if shards is not None:
+        return shards
     root = Path(data).expanduser()
     if not root.is_dir():
         raise UserError(
-            f"--data {data!r} is neither synthetic, cifar10, cifar100 nor an existing folder; pass one of those"
+            f"--data {data!r} is neither synthetic, cifar10, cifar100, an existing folder nor tar shards; pass one of those"
         )
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir():

@@ -8,7 +8,7 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,11 +38,12 @@ class ImageSkipped(Exception):
     """Raised by :func:`load_rgb` for an image we refuse to decode (e.g. too many pixels)."""
 
 
-def _open_unlimited(path: str | os.PathLike[str]) -> Image.Image:
+def _open_unlimited(path: str | os.PathLike[str] | BinaryIO) -> Image.Image:
     """``Image.open`` with PIL's decompression-bomb check switched off; :func:`load_rgb` applies its own.
     Only a regular file is opened: a named pipe (or a device) with an image name would block the open,
-    and so the run, for good; it raises :class:`ImageSkipped`."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    and so the run, for good; it raises :class:`ImageSkipped`. An open binary stream (a member of a
+    shard) is read as it is."""
+    if isinstance(path, (str, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
         raise ImageSkipped("not a regular file (a named pipe, a device or a folder)")
     with _PIL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
@@ -84,9 +85,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(
-    path: str | os.PathLike[str], *, max_pixels: int = 178_956_970, downscale_pixels: int = 4096 * 4096
+    path: str | os.PathLike[str] | BinaryIO, *, max_pixels: int = 178_956_970, downscale_pixels: int = 4096 * 4096
 ) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image.
+    """Decode ``path`` (a file, or an open binary stream) fully into an 8-bit RGB image.
 
     Large images: PIL's own decompression-bomb limit is bypassed and replaced by ours. An image with more
     than ``downscale_pixels`` pixels is shrunk by an integer factor to at most that many: JPEGs cheaply

@@ -6,7 +6,7 @@ fixed-seed hold-out of train and is never trained on, by distillation or fine-tu
     train_subset > 0 keeps a fixed random subset of train: the positions sorted(o[-train_subset:]) of train,
     o = randperm(len(train), split_seed + 1) (the same rule as the hold-out, seeded one further).
 
-An unreadable file of a folder's split is replaced by the next readable file of the same split
+An unreadable file of a folder's (or shards') split is replaced by the next readable file of the same split
 (fd_ref.data.images.FolderSubset): training never sees a held-out image in its place.
 """
 from __future__ import annotations
@@ -18,11 +18,12 @@ from torch.utils.data import Dataset, Subset
 
 from fd_ref.data.datasets import build_dataset, split_indices
 from fd_ref.data.images import FolderSubset, RobustImageFolder
+from fd_ref.data.shards import ShardDataset, has_val_shards
 from fd_ref.errors import UserError
 
 
 def _has_val_folder(data: str) -> bool:
-    return os.path.isdir(data) and os.path.isdir(os.path.join(data, "val"))
+    return (os.path.isdir(data) and os.path.isdir(os.path.join(data, "val"))) or has_val_shards(data)
 
 
 def train_val_datasets(data: str, train_transform, val_transform, *, val_split: int = 0,
@@ -54,5 +55,12 @@ def train_val_datasets(data: str, train_transform, val_transform, *, val_split: 
 
 
 def _subset(dataset: Dataset, indices: list[int]) -> Subset:
-    """A folder's split replaces a bad file from within the split (:class:`FolderSubset`)."""
-    return FolderSubset(dataset, indices) if isinstance(dataset, RobustImageFolder) else Subset(dataset, indices)
+    """A folder's (or shards') split replaces a bad file from within the split (:class:`FolderSubset`)."""
+    robust = isinstance(dataset, (RobustImageFolder, ShardDataset))
+    return FolderSubset(dataset, indices) if robust else Subset(dataset, indices)
+
+
+def class_count(dataset: Dataset) -> int:
+    """The number of classes a (possibly subset) dataset names; 0 when it names none."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return len(getattr(base, "classes", None) or [])

@@ -127,44 +127,10 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     return DistInfo(rank=r, world_size=ws, local_rank=local_rank, device=device, is_main=r == 0)
 
 
-def rank() -> int:
-    """Global rank of this process (0 when not distributed)."""
-    return dist.get_rank() if _active() else 0
-
-
-def world_size() -> int:
-    """Number of processes (1 when not distributed)."""
-    return dist.get_world_size() if _active() else 1
-
-
-def is_main() -> bool:
-    """True on rank 0 only; use it to guard logging, checkpoint writing and progress bars."""
-    return rank() == 0
-
-
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if _active():
         dist.barrier()
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, ``sum_r tensor_r / world_size``, as a new detached tensor on ``tensor.device``.
-
-    The input is not modified. Integer tensors are averaged in float64. Under NCCL a CPU tensor is moved to
-    the current GPU for the reduction and back.
-    """
-    result = tensor.detach().clone()
-    if not result.is_floating_point() and not result.is_complex():
-        result = result.to(torch.float64)
-    if not _active() or dist.get_world_size() == 1:
-        return result
-    comm = result
-    if dist.get_backend() == "nccl" and not result.is_cuda:
-        comm = result.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(comm, op=dist.ReduceOp.SUM)
-    comm /= dist.get_world_size()
-    return comm.to(tensor.device)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -277,9 +243,13 @@ def roll_call(wait_s: float = ROLL_CALL_S) -> Optional[list[int]]:
 
 
 def cleanup() -> None:
-    """Leave the process group, if any (call at the end of a run, also after errors)."""
-    if _active():
-        dist.destroy_process_group()
+    """Leave the process group, if any (call at the end of a run, also after errors: best effort, as a peer
+    may already be gone)."""
+    try:
+        if _active():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - on the way out; nothing left to report to
+        pass
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:

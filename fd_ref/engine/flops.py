@@ -2,24 +2,25 @@
 
     MFU = (FLOPs of one training step per image * images per second) / peak FLOP/s of the device
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real step (forward and
-backward, teacher included), so the count holds for any teacher or student. The peak is a table entry
-for known GPUs, or measured here with a large matmul in the training precision (a CPU has no table).
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward and backward of the
+network the step runs (teacher included), on a copy of it on the meta device: parameters, buffers and
+images are meta tensors of the same shapes, so the count holds for any teacher or student and costs no real
+computation (no step is run for it). The peak is a table entry for known GPUs, or measured here with a
+large matmul in the training precision (a CPU has no table).
 """
 from __future__ import annotations
 
-import random
 import time
 import warnings
-from typing import Any, Callable, ContextManager
-
-import numpy as np
+from copy import deepcopy
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense peak FLOP/s (no sparsity) of common accelerators, by name fragment and dtype.
-_GPU_PEAK = {
+GPU_PEAK = {
     ("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
     ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12,
     ("A100", torch.bfloat16): 312e12, ("A100", torch.float16): 312e12, ("A100", torch.float32): 19.5e12,
@@ -40,9 +41,11 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         n: int = 1024, seconds: float = 0.5) -> float:
-    """Achieved FLOP/s of an n x n x n matmul in ``dtype`` on ``device`` (the best of a few timings)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """Achieved FLOP/s of an n x n x n matmul in ``dtype`` on ``device`` (the best of a few timings), on
+    random matrices drawn from a generator of its own."""
+    generator = torch.Generator(device).manual_seed(0)  # its own: the run's random streams stay untouched
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
     sync()
@@ -61,7 +64,7 @@ def peak_flops(dtype: torch.dtype, device: torch.device) -> float:
     """Peak FLOP/s for MFU: a known GPU's datasheet figure, otherwise a measured matmul."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for (fragment, dt), value in _GPU_PEAK.items():
+        for (fragment, dt), value in GPU_PEAK.items():
             if fragment in name and dt == dtype:
                 return value
         return measure_matmul_peak(dtype, device, n=4096)
@@ -69,30 +72,30 @@ def peak_flops(dtype: torch.dtype, device: torch.device) -> float:
     return measure_matmul_peak(dtype, device, n=512 if dtype != torch.float32 else 1024, seconds=0.3)
 
 
-def measure_step(step_fn: Callable[[Any], torch.Tensor], batch: Any, module: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, autocast: Callable[[], ContextManager], dtype: torch.dtype,
-                 device: torch.device) -> tuple[float, float]:
-    """``(FLOPs per image of one micro-batch's forward + backward, the device's peak FLOP/s)``, leaving no
-    trace: gradients are zeroed and the RNG and buffers (e.g. BatchNorm statistics) restored, so a resumed
-    run stays exact. The count is 0 where it fails (e.g. under torch.compile): MFU is best effort."""
-    def run():
-        with autocast():
-            loss = step_fn(batch)
-        loss.backward()
-    buffers = {k: v.clone() for k, v in module.state_dict().items()
-               if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-    devices = [device] if device.type == "cuda" else []
-    host_rng = random.getstate(), np.random.get_state()  # e.g. timm's Mixup draws from NumPy
-    with torch.random.fork_rng(devices=devices):
-        try:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            flops_per_image = count_flops(run) / len(images)
-        except Exception:  # noqa: BLE001 - MFU is best effort (e.g. under torch.compile)
-            flops_per_image = 0.0
-        peak = peak_flops(dtype, device)  # on CPU a timed randn matmul: keep it in the fork
-    random.setstate(host_rng[0])
-    np.random.set_state(host_rng[1])
-    if buffers:
-        module.load_state_dict(buffers, strict=False)
-    optimizer.zero_grad(set_to_none=True)
-    return flops_per_image, peak
+def step_flops_per_image(network: Optional[torch.nn.Module], images: torch.Tensor) -> float:
+    """FLOPs per image of one training step's forward and backward through ``network`` (a loss, or outputs
+    whose sum stands in for one) on a batch shaped like ``images``, counted on a copy of the network on the
+    meta device (module docstring): the network itself is neither run nor changed. 0 where there is no
+    network or the count fails (MFU is best effort)."""
+    if network is None or len(images) == 0:
+        return 0.0
+
+    def on_meta(t: torch.Tensor) -> torch.Tensor:  # float32 throughout: the count does not depend on dtypes
+        return torch.empty(t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype, device="meta")
+
+    # the copy shares the structure (shared and tied modules stay shared), its tensors are all on meta
+    memo = {id(p): nn.Parameter(on_meta(p), requires_grad=p.requires_grad) for p in network.parameters()}
+    memo.update({id(b): on_meta(b) for b in network.buffers()})
+    try:
+        copy = deepcopy(network, memo)
+        trained = [p for p in copy.parameters() if p.requires_grad]
+        x = torch.empty(images.shape, device="meta")  # float: a loader's uint8 batch is normalised first
+
+        def step() -> None:
+            out = copy(x)
+            if trained and out.requires_grad:
+                torch.autograd.grad(out.float().sum(), trained, allow_unused=True)
+
+        return count_flops(step) / len(images)
+    except Exception:  # noqa: BLE001 - a network the meta device cannot run: no MFU, training goes on
+        return 0.0

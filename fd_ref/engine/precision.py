@@ -20,14 +20,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 matrix products natively on this CPU (AVX512-BF16 / AMX)."""
-    return _ask_onednn()
-
-
-def _ask_onednn() -> bool:
+    """True when the CPU runs bf16 matrix products natively: AVX512-BF16 or AMX (cpuinfo's flags, through
+    ``torch.cpu``). oneDNN's ``_is_mkldnn_bf16_supported`` answers another question (any AVX-512 CPU, where
+    bf16 is emulated and slower than fp32)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without these checks (or another architecture)
         return False
 
 

@@ -8,7 +8,9 @@ keys and both values; ``--allow-config-change`` continues anyway with the new se
 schedule and optimiser settings apply from the resumed step on), and ``log.jsonl`` records the change. A run
 that already finished says so in one line and leaves its files alone.
 
-:func:`begin_run` also takes the output folder's lock (:mod:`fd_ref.engine.runlock`): one run per folder.
+:func:`resume_or_start` also takes the output folder's lock (:mod:`fd_ref.engine.runlock`): one run per
+folder. The loop's state itself is the Trainer's (``state_dict`` / ``load_state_dict``); this module decides
+whether and from which file to restore it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from typing import Any, Mapping, Optional
 from fd_ref.checkpoint.io import load_file
 from fd_ref.config import save_yaml
 from fd_ref.engine.distributed import broadcast_from_main
-from fd_ref.engine.rng import restore_rng, rng_from_safe
 from fd_ref.engine.runlock import lock_output, unlock_output
 from fd_ref.errors import UserError
 
@@ -38,6 +39,14 @@ RUN_CONTROL_KEYS: frozenset[str] = frozenset({
 DERIVED_KEYS: frozenset[str] = frozenset({"lr_scaled"})
 
 _ABSENT = object()
+
+
+def _as_recorded_now(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An older checkpoint's settings as this version records them: ``whiten: false`` (``--no-whiten``) is
+    ``target_norm: none``, the one setting it became."""
+    if saved.get("whiten") is False and saved.get("target_norm", "whiten") == "whiten":
+        return {**saved, "target_norm": "none"}
+    return saved
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -72,16 +81,18 @@ def describe(differences: Mapping[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differences.items())
 
 
-def begin_run(trainer, *, config: Mapping[str, Any], defaults: Mapping[str, Any], deliverable: Path) -> bool:
-    """Lock ``--output``, then resume from the checkpoint if there is one (``config["resume"]`` or
+def resume_or_start(trainer) -> bool:
+    """Lock ``--output``, then resume ``trainer`` from the checkpoint if there is one (``--resume`` or
     ``--output/checkpoint.pt``) after checking it belongs to this run, then write ``config.yaml``.
 
-    ``config``: the command's settings before resolution (``precision: auto``, ...); ``trainer.config`` the
-    resolved ones that checkpoints record. ``deliverable``: the file a finished run leaves (student.pt,
-    results.json). Returns ``False`` when that run already finished (one line printed, nothing written,
-    nothing to do); raises :class:`UserError` when it must not be resumed.
+    The command's settings before resolution (``precision: auto``, ...) are ``trainer.run.cfg``, the resolved
+    ones that checkpoints record ``trainer.run.resolved``. Returns ``False`` when that run already finished
+    (it left ``trainer.job.deliverable``: one line printed, nothing written, nothing to do); raises
+    :class:`UserError` when it must not be resumed.
     """
-    info, out = trainer.info, Path(config["output"])
+    run = trainer.run
+    config, info, out = run.cfg, run.info, Path(run.output)
+    deliverable = Path(trainer.job.deliverable)
     lock = _lock(out, info.is_main)
     try:
         explicit = config.get("resume")
@@ -92,8 +103,8 @@ def begin_run(trainer, *, config: Mapping[str, Any], defaults: Mapping[str, Any]
             saved = blob.get("config") if isinstance(blob, dict) else None
             if isinstance(saved, dict):
                 # checkpoints before the resolved config was recorded hold the command's own settings
-                current = trainer.config if "lr_scaled" in saved else config
-                changes = config_differences(saved, current, defaults)
+                current = run.resolved if "lr_scaled" in saved else config
+                changes = config_differences(_as_recorded_now(saved), current, run.defaults)
             elif info.is_main:
                 print(f"note: {path} records no configuration; resuming without comparing settings", flush=True)
             if changes and not config.get("allow_config_change"):
@@ -104,10 +115,10 @@ def begin_run(trainer, *, config: Mapping[str, Any], defaults: Mapping[str, Any]
             step = blob.get("step", 0) if isinstance(blob, dict) else 0
             # "finished": written after the deliverable (absent in older checkpoints: the file's presence)
             done = blob.get("finished", True) if isinstance(blob, dict) else True
-            if not changes and step >= trainer.total_steps and done and Path(deliverable).exists():
+            if not changes and step >= trainer.total_steps and done and deliverable.exists():
                 if info.is_main:
                     print(f"the run in {out} already finished (step {step} of {trainer.total_steps}, "
-                          f"{Path(deliverable).name} written); nothing to do. To train again pass another "
+                          f"{deliverable.name} written); nothing to do. To train again pass another "
                           f"--output", flush=True)
                 if lock is not None:
                     unlock_output(lock, discard=True)
@@ -122,59 +133,43 @@ def begin_run(trainer, *, config: Mapping[str, Any], defaults: Mapping[str, Any]
         if lock is not None:
             lock.mark_owner()
         out.mkdir(parents=True, exist_ok=True)
-        save_yaml(dict(trainer.config), out / "config.yaml")
+        save_yaml(run.resolved, out / "config.yaml")
         if changes:
             print(f"note: continuing {path} with changed settings (--allow-config-change): {describe(changes)}",
                   flush=True)
-            trainer.out.mkdir(parents=True, exist_ok=True)
-            trainer._log({"step": trainer.step, "epoch": trainer.epoch, "event": "config_change",
-                          "changed": {k: [_plain(a), _plain(b)] for k, (a, b) in changes.items()}})
+            trainer.log({"step": trainer.step, "epoch": trainer.epoch, "event": "config_change",
+                         "changed": {k: [_plain(a), _plain(b)] for k, (a, b) in changes.items()}})
     return True
 
 
 def restore(trainer, path, blob: Optional[dict] = None, keep_settings: bool = False) -> None:
-    """Continue ``trainer`` from a checkpoint written by its ``save`` (model, optimiser, schedule, RNG, position).
+    """Continue ``trainer`` from the checkpoint ``path`` its ``save`` wrote (``Trainer.load_state_dict``),
+    with one line for what does not match and for the random streams it could not restore exactly.
 
     ``blob``: the checkpoint already loaded from ``path``. ``keep_settings``: the run continues with
-    changed settings (``--allow-config-change``), so the schedule's and the optimiser's hyper-parameters
-    stay those of this run; only their state (position, moments) comes from the checkpoint."""
+    changed settings (``--allow-config-change``; see ``Trainer.load_state_dict``)."""
     blob = load_file(path, map_location="cpu") if blob is None else blob
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch") if k not in blob]
     if missing:
         raise UserError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                         f"pass it as pretrained weights instead")
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     try:
-        trainer.state_module.load_state_dict(blob["model"])
-        trainer.optimizer.load_state_dict(blob["optimizer"])
+        trainer.load_state_dict(blob, keep_settings=keep_settings)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} does not match this model/optimiser "
                         f"({str(e).splitlines()[0][:160]}); use another --output or the original "
                         f"flags") from None
-    if keep_settings:
-        for group, own in zip(trainer.optimizer.param_groups, hyper):
-            group.update(own)
-        trainer.scheduler.load_state_dict({**trainer.scheduler.state_dict(),
-                                        "step_count": blob["scheduler"]["step_count"]})
-    else:
-        trainer.scheduler.load_state_dict(blob["scheduler"])
-    if trainer.scaler and blob.get("scaler"):
-        trainer.scaler.load_state_dict(blob["scaler"])
-    trainer.step, trainer.epoch, trainer.micro = blob["step"], blob["epoch"], blob.get("micro", 0)
-    trainer.best, trainer.skipped = blob.get("best", -math.inf), blob.get("skipped", 0)
     trainer.saved_step = trainer.step if Path(path) == trainer.ckpt_path else None
-    rng_ranks = blob.get("rng_ranks")
-    if rng_ranks and len(rng_ranks) == trainer.info.world_size:
-        restore_rng(rng_from_safe(rng_ranks[trainer.info.rank]))
-    elif "rng" in blob:
-        restore_rng(rng_from_safe(blob["rng"]))
+    world_size, rng_ranks = trainer.run.info.world_size, blob.get("rng_ranks")
+    exact = bool(rng_ranks) and len(rng_ranks) == world_size  # every rank resumed its own streams
+    if not exact and "rng" in blob:
         saved_ranks = len(rng_ranks) if rng_ranks else 1
-        if saved_ranks != trainer.info.world_size:
-            trainer._print(f"note: {path} records the random state of {saved_ranks} rank(s), this run has "
-                        f"{trainer.info.world_size}; every rank resumes from rank 0's streams")
-    else:  # an older checkpoint: continue, but the random streams differ from an uninterrupted run
-        trainer._print(f"note: {path} records no random state; resuming with fresh random streams")
-    trainer._print(f"resumed from {path} at step {trainer.step} (epoch {trainer.epoch})")
+        if saved_ranks != world_size:
+            trainer.say(f"note: {path} records the random state of {saved_ranks} rank(s), this run has "
+                        f"{world_size}; every rank resumes from rank 0's streams")
+    elif not exact:  # an older checkpoint: the random streams differ from an uninterrupted run
+        trainer.say(f"note: {path} records no random state; resuming with fresh random streams")
+    trainer.say(f"resumed from {path} at step {trainer.step} (epoch {trainer.epoch})")
 
 
 def _lock(out: Path, is_main: bool):
@@ -195,4 +190,4 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
 
 
-__all__ = ["RUN_CONTROL_KEYS", "config_differences", "describe", "begin_run", "restore"]
+__all__ = ["RUN_CONTROL_KEYS", "config_differences", "describe", "resume_or_start", "restore"]

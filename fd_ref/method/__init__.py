@@ -7,6 +7,9 @@
 - :mod:`~fd_ref.method.drop_path`: the student's linearly growing drop-path rates (asymmetric drop path);
 - :mod:`~fd_ref.method.distill`: the FD objective that puts them together.
 
+fd-ref's own options over it: :mod:`~fd_ref.method.target_norm` (whiten, none, PHI-S),
+:mod:`~fd_ref.method.loss_options` (smooth-L1, MSE, cosine), :mod:`~fd_ref.method.multi_teacher`.
+
 This layer imports nothing from fd_ref but its errors: the teacher it needs is any module with the
 :class:`~fd_ref.method.distill.TeacherLike` surface.
 """

@@ -3,10 +3,10 @@
 For a batch of augmented images ``x`` (the same crop for both networks):
 
     t      = teacher(x)                 # [B, T, C_t], frozen, eval mode (no drop path), no_grad
-    target = whiten(t)                  # per-token LayerNorm without affine (--target-norm, fd_ref.method.target_norm)
+    target = whiten(t)                  # per-token LayerNorm without affine (target_norm, fd_ref.method.target_norm)
     s      = student.forward_features(x) # [B, N + 1, C_s], train mode (drop path on)
     pred   = projection(s)              # 1x1 conv g: C_s -> C_t
-    loss   = smooth_l1(pred, target, beta)   # beta = 2.0, mean over all elements (--loss, fd_ref.method.losses)
+    loss   = smooth_l1(pred, target, beta)   # beta = 2.0, mean over all elements (loss, fd_ref.method.loss_options)
 
 Student and teacher meet on one token layout. Either side may be fd_ref's ViT, a timm ViT, a CNN or a
 Swin (``fd_ref.models.timm_backbone``): every last feature map is read as tokens [B, P + H*W, C], P prefix
@@ -45,6 +45,7 @@ Whether the teacher's tokens are taken after or before its final norm is the tea
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal, Protocol
 
 import torch
@@ -52,8 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from fd_ref.errors import UserError
-from fd_ref.method.losses import LOSSES, distill_loss
+from fd_ref.method.loss_options import LOSSES, distill_loss
 from fd_ref.method.projection import Projection
 from fd_ref.method.target_norm import TARGET_NORMS, build_target_norm
 
@@ -79,7 +79,7 @@ def match_token_grid(t: torch.Tensor, teacher_grid: tuple[int, int], num_prefix_
     ``student_prefix_tokens`` 1 the class token first (the teacher's, or the mean of its patch tokens), with
     0 the resized patch tokens only."""
     if student_prefix_tokens not in (0, 1):
-        raise UserError(f"a student with {student_prefix_tokens} prefix tokens is not supported (0 or 1)")
+        raise ValueError(f"a student with {student_prefix_tokens} prefix tokens is not supported (0 or 1)")
     patches = t[:, num_prefix_tokens:]
     if tuple(teacher_grid) != tuple(student_grid):
         h, w = teacher_grid
@@ -95,31 +95,27 @@ def match_token_grid(t: torch.Tensor, teacher_grid: tuple[int, int], num_prefix_
 class FeatureDistillation(nn.Module):
     """Student + projection trained to predict the whitened feature map of a frozen teacher.
 
-    ``whiten_target=False`` regresses the raw teacher features instead (the paper's ablation), as does
-    ``target_norm="none"``; ``target_norm`` and ``loss`` choose among fd_ref.method.target_norm's normalisations and
-    fd_ref.method.losses' losses (defaults: whitening and smooth-L1, the paper's);
-    ``target`` chooses the full feature map (default), the class token or the average-pooled feature
-    (module docstring). The teacher is a registered submodule (so ``.to(device)`` moves it) but stays
-    frozen and in eval mode; checkpoints keep only ``student`` and ``projection`` (and ``target_norm``, whose
-    only state is PHI-S's statistics).
+    ``target_norm`` and ``loss`` choose among fd_ref.method.target_norm's normalisations (``none`` regresses
+    the raw teacher features, the paper's ablation) and fd_ref.method.loss_options' losses (defaults:
+    whitening and smooth-L1, the paper's); ``target`` chooses the full feature map (default), the class token
+    or the average-pooled feature (module docstring). The teacher is a registered submodule (so
+    ``.to(device)`` moves it) but stays frozen and in eval mode; checkpoints keep only ``student`` and
+    ``projection`` (and ``target_norm``, whose only state is PHI-S's statistics). A setting out of range is a
+    ``ValueError`` in plain words (the scripts name their flags).
     """
 
-    def __init__(self, student: nn.Module, teacher: TeacherLike, beta: float = 2.0,
-                 whiten_target: bool = True, target: Target = "full", target_norm: str | None = None,
-                 loss: str = "smooth_l1") -> None:
+    def __init__(self, student: nn.Module, teacher: TeacherLike, beta: float = 2.0, target: Target = "full",
+                 target_norm: str = "whiten", loss: str = "smooth_l1") -> None:
         super().__init__()
-        if target_norm is None:
-            target_norm = "whiten" if whiten_target else "none"
-        if target_norm not in TARGET_NORMS or loss not in LOSSES:
-            raise UserError(f"--target-norm must be one of {', '.join(TARGET_NORMS)} and --loss one of "
-                            f"{', '.join(LOSSES)}, got {target_norm!r} and {loss!r}")
-        if not whiten_target and target_norm != "none":
-            raise UserError(f"--no-whiten means --target-norm none; it contradicts --target-norm {target_norm}")
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"the target normalisation must be one of {', '.join(TARGET_NORMS)}, got {target_norm!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"the loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if target not in TARGETS:
-            raise UserError(f"distillation target must be one of {', '.join(TARGETS)}, got {target!r}")
+            raise ValueError(f"the distillation target must be one of {', '.join(TARGETS)}, got {target!r}")
         if target == "cls" and getattr(student, "num_prefix_tokens", 1) == 0:
-            raise UserError("distillation target cls needs a student with a class token; this student (a CNN "
-                            "or Swin) has none: use --target full or avg")
+            raise ValueError("the distillation target cls needs a student with a class token; this student "
+                             "(a CNN or Swin) has none: distil the full map or the average instead")
         self.student, self.teacher = student, teacher
         self.projection = Projection(student.embed_dim, teacher.embed_dim)
         self.beta, self.target, self.loss = beta, target, loss
@@ -130,22 +126,18 @@ class FeatureDistillation(nn.Module):
         try:
             self.target_norm = build_target_norm(name, self.teacher.embed_dim)
         except ValueError as e:
-            name = getattr(self.teacher, "name", "") or "teacher"
-            raise UserError(f"{name} ({self.teacher.embed_dim} channels): {e}") from None
+            teacher = getattr(self.teacher, "name", "") or "teacher"
+            raise ValueError(f"{teacher} ({self.teacher.embed_dim} channels): {e}") from None
         self.norm_name = name
-
-    @property
-    def whiten_target(self) -> bool:
-        """Whether the target is whitened (``target_norm`` whiten); setting it chooses whiten or none."""
-        return self.norm_name == "whiten"
-
-    @whiten_target.setter
-    def whiten_target(self, value: bool) -> None:
-        self.set_target_norm("whiten" if value else "none")
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        return self.target_norm(self.teacher_tokens(images))
+        """The normalised teacher tokens, in float32 even in a bf16 / fp16 run: a regression target carries
+        no low-precision rounding (the normalisation runs outside autocast; whitening computes in float32)."""
+        t = self.teacher_tokens(images)
+        device = t.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            return self.target_norm(t)
 
     @torch.no_grad()
     def teacher_tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Several teachers at once (``train.py --teacher A B ...``; issue #24): a thin layer over the paper's
+"""Several teachers at once (``train.py --teacher A B ...``): a thin layer over the paper's
 single-teacher objective (:class:`fd_ref.method.distill.FeatureDistillation`), not a new one.
 
 One student, K frozen teachers. Each teacher k keeps everything the single-teacher objective gives it: its
@@ -11,6 +11,7 @@ The student runs once per batch; the loss is the weighted sum
 so with one teacher of weight 1 it is FD's loss exactly. Teachers of different widths, grids and families
 (ViT, CNN, Swin) mix freely: nothing is shared between them but the student's tokens. The RADIO family of
 models (Ranzinger et al. 2024) trains a student on several teachers this way, with per-teacher heads.
+A setting out of range is a ``ValueError`` in plain words (the scripts name their flags).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from fd_ref.errors import UserError
 from fd_ref.method.distill import FeatureDistillation, TeacherLike
 
 
@@ -39,10 +39,10 @@ class MultiTeacherDistillation(nn.Module):
         super().__init__()
         weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
         if len(weights) != len(teachers):
-            raise UserError(f"{len(teachers)} teachers but {len(weights)} --teacher-weight values: give one per "
-                            f"teacher, in the same order")
+            raise ValueError(f"{len(teachers)} teachers but {len(weights)} weights: give one weight per "
+                             f"teacher, in the same order")
         if not teachers or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise UserError(f"teacher weights must be >= 0 with a positive sum, got {weights}")
+            raise ValueError(f"teacher weights must be >= 0 with a positive sum, got {weights}")
         self.student = student
         self.branches = nn.ModuleList(FeatureDistillation(student, t, **options) for t in teachers)
         self.weights = weights

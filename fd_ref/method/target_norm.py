@@ -1,4 +1,4 @@
-"""The normalisation of the distillation target, as a setting (``--target-norm``; issue #24).
+"""The normalisation of the distillation target, as a setting (``target_norm``; train.py's ``--target-norm``).
 
 The teacher's tokens ``t`` [..., C] (after grid matching, ``fd_ref.method.distill``) are normalised before the
 student regresses them. Three choices:
@@ -89,7 +89,7 @@ def hadamard(n: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ the three choices
 class Whiten(nn.Module):
-    """``whiten``: per-token LayerNorm without affine (fd_ref.whitening). No state."""
+    """``whiten``: per-token LayerNorm without affine (fd_ref.method.whitening). No state."""
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return whiten(t)

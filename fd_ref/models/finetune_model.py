@@ -22,7 +22,7 @@ from fd_ref.checkpoint.io import load_file, load_weights, model_state
 from fd_ref.checkpoint.keys import expand_shared_rpb, infer_vit_options, to_fd_ref_keys
 from fd_ref.errors import UserError
 from fd_ref.method.position import resize_relative_position_bias_table
-from fd_ref.models.from_file import ModelFile, read_model_file
+from fd_ref.models.from_file import ModelFile, read_model_file, vit_arguments
 from fd_ref.models.probe import LinearProbe
 from fd_ref.models.swinv2_init import is_swinv2
 from fd_ref.models.swinv2_keys import load_published_swinv2
@@ -54,6 +54,11 @@ def adapt_state(state: dict, model: VisionTransformer, source_config: dict | Non
             img = F.interpolate(img, size=model.grid, mode="bicubic", align_corners=False)
             state[key] = torch.cat([cls, img.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
     return state
+
+
+# what fine-tuning sets itself, whatever the distilled model recorded: resolution, drop path, position
+# embedding, head and pooling
+RUN_ARGUMENTS = ("img_size", "drop_path_rate", "pos_embed", "num_classes", "global_pool")
 
 
 def shape_flags(cfg: dict) -> dict:
@@ -102,9 +107,7 @@ def build_finetune_model(cfg: dict) -> tuple[nn.Module, str]:
     elif is_timm_name(cfg["model"]):
         return build_published_swinv2(cfg, blob, path)
     if source:  # an older model_config may lack some keys: those take the constructor's defaults
-        arch = {k: source[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                                       "layer_scale_init", "act_layer", "pre_norm", "ln_eps", "patch_bias")
-                if k in source}
+        arch = {k: v for k, v in vit_arguments(source).items() if k not in RUN_ARGUMENTS}
         pos = source.get("pos_embed", "shared_rpb")
     else:
         arch = {**preset_arguments(cfg["model"], **shape_flags(cfg)), **infer_vit_options(model_state(blob))}

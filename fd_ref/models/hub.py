@@ -3,7 +3,7 @@
 ``HF_ENDPOINT`` (a mirror), ``HF_HUB_OFFLINE``, the proxy variables (``HTTPS_PROXY``, ...) and the token are
 all huggingface_hub's: fd-ref never opens its own connection. :func:`hub_unreachable` asks the hub once for
 one file's metadata, with a short timeout and no retries, so an offline machine is recognised at once
-instead of after huggingface_hub's back-off (about 25-50 s); :func:`set_offline` then makes every later
+instead of after huggingface_hub's retries with back-off; :func:`set_offline` then makes every later
 call use the local cache only.
 """
 from __future__ import annotations

@@ -57,9 +57,11 @@ import torch.nn as nn
 import re
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.layers import RmsNorm, RmsNorm2d
 
 from fd_ref.checkpoint.io import load_file, load_weights, model_state
 from fd_ref.errors import UserError
+from fd_ref.files import strip_prefixes
 from fd_ref.method.position import Grid
 from fd_ref.models import hub
 from fd_ref.models.from_file import build_model, read_model_file
@@ -77,7 +79,8 @@ PAPER_TEACHERS = {
 
 
 MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# every norm a teacher may hold: torch's, and timm's RMS norms (plain modules, not LayerNorm subclasses)
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, RmsNorm, RmsNorm2d)
 
 
 def _inputs_to_float32(module: nn.Module, args: tuple) -> tuple:
@@ -137,8 +140,11 @@ class Teacher(nn.Module):
         return self
 
     def _precision(self, device: torch.device):
+        """Autocast to ``compute_dtype`` (none on a device without autocast, e.g. meta for a FLOP count)."""
         dtype = self.compute_dtype
-        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+        if dtype is None or not torch.amp.is_autocast_available(device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens [B, T, C] in float32 (the features the whitening reads)."""
@@ -267,12 +273,7 @@ def esvit_to_timm(blob, num_stages: int = 4) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in ("module.", "backbone."):
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+        key = strip_prefixes(key, ("module.", "backbone."))
         if key.endswith(("relative_position_index", "attn_mask")) or not key.startswith(
                 ("patch_embed.", "layers.", "norm.", "absolute_pos_embed")):
             continue

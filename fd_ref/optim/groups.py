@@ -41,27 +41,16 @@ import torch
 from torch import nn
 
 from fd_ref.errors import UserError
-from fd_ref.files import WRAPPER_PREFIXES, strip_prefixes
+from fd_ref.files import strip_prefixes
 
-__all__ = ["strip_prefix", "no_weight_decay", "declared_no_weight_decay", "layer_id", "swin_layer_id",
+__all__ = ["no_weight_decay", "declared_no_weight_decay", "layer_id", "swin_layer_id",
            "is_timm_swin", "param_groups", "build_optimizer"]
 
 
-# Exact (prefix-stripped) names that never get weight decay even though they are not 1-D (published
-# ``no_weight_decay``: pos_embed, cls_token; mask_token for models that have one).
-_NO_DECAY_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token"})
-
-# Exact (prefix-stripped) names that belong to layer 0 (before the first block).
-_LAYER0_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token"})
-
-
-def strip_prefix(name: str) -> str:
-    """Remove any leading wrapper prefixes (``module.``, ``_orig_mod.``, ``student.``), repeatedly.
-
-    >>> strip_prefix("module.student.blocks.0.attn.qkv.weight")
-    'blocks.0.attn.qkv.weight'
-    """
-    return strip_prefixes(name, WRAPPER_PREFIXES)
+# Exact names (after fd_ref.files.strip_prefixes) of the token embeddings: never weight-decayed though not 1-D
+# (published ``no_weight_decay``: pos_embed, cls_token; mask_token for models that have one), and in layer 0
+# (before the first block) for layer decay.
+EMBEDDING_NAMES: frozenset[str] = frozenset({"cls_token", "pos_embed", "mask_token"})
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -71,8 +60,8 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     ``q_bias`` / ``v_bias``, norm weights, layer-scale ``gamma``), names ending in ``.bias``, ``cls_token``,
     ``pos_embed`` (and ``mask_token``). Relative position bias tables are 2-D and decayed.
     """
-    short = strip_prefix(name)
-    return param.ndim <= 1 or short.endswith(".bias") or short in _NO_DECAY_NAMES
+    short = strip_prefixes(name)
+    return param.ndim <= 1 or short.endswith(".bias") or short in EMBEDDING_NAMES
 
 
 # Published SwinV2 ``no_weight_decay_keywords`` (``rpe_wd`` False: every published config), matched as substrings
@@ -126,8 +115,8 @@ def layer_id(name: str, num_layers: int) -> int:
     (the shared ``rel_pos_bias.table``, ``norm``, ``fc_norm``, ``head``, ``projection``) -> ``num_layers + 1``
     (published ``get_vit_layer``: ``rel_pos_bias`` and the rest go to the top group).
     """
-    short = strip_prefix(name)
-    if short in _LAYER0_NAMES or short.startswith("patch_embed."):
+    short = strip_prefixes(name)
+    if short in EMBEDDING_NAMES or short.startswith("patch_embed."):
         return 0
     if short.startswith("blocks."):
         index_text = short.split(".", 2)[1]
@@ -156,7 +145,7 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
 
     ``lr_scale = layer_decay ** (sum(depths) + 1 - layer)`` (published ``scales[layer_id]``).
     """
-    short = strip_prefix(name)
+    short = strip_prefixes(name)
     if short.startswith("patch_embed."):
         return 0
     parts = short.split(".")
@@ -176,7 +165,7 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
 def _infer_num_layers(model: nn.Module) -> int:
     """Depth of the ViT: one more than the largest ``blocks.{i}`` index among all parameter names."""
     indices = [int(parts[1]) for name, _ in model.named_parameters()
-               if (parts := strip_prefix(name).split(".", 2))[0] == "blocks" and len(parts) > 1
+               if (parts := strip_prefixes(name).split(".", 2))[0] == "blocks" and len(parts) > 1
                and parts[1].isdigit()]
     if not indices:
         raise UserError("layer_decay needs num_layers but the model has no 'blocks.{i}' parameters; "
@@ -240,37 +229,38 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [groups[key] for key in sorted(groups)]
 
 
-def _fused_kernel_fits(params: Iterable[torch.Tensor]) -> bool:
-    """True when torch has a fused AdamW kernel for every parameter (floating point, on CUDA or the CPU)."""
-    return all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
+def adamw(groups: list[dict], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter) over ``groups``, each starting at ``lr * lr_scale`` (``lr_scale`` 1 where a
+    group has none; read later by :class:`fd_ref.optim.schedule.WarmupCosine`, which drives the lr).
+
+    ``fused=None`` picks the fused kernel when every parameter is floating point on CUDA or the CPU (on the
+    CPU it also avoids the parameter-sized temporaries of the multi-tensor ``foreach`` implementation, see
+    bench/README.md) and ``foreach`` otherwise."""
+    if lr <= 0:
+        raise UserError(f"lr must be > 0, got {lr}; pass a positive learning rate")
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+        group["lr"] = lr * group["lr_scale"]
+    if fused is None:
+        fused = all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                     layer_decay: float | None = None, num_layers: int | None = None,
                     fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter) over :func:`param_groups`; each group starts at ``lr * lr_scale``.
-
-    ``fused=None`` picks the fused kernel when every trainable parameter is on CUDA or the CPU (on the CPU it
-    also avoids the parameter-sized temporaries of the multi-tensor ``foreach`` implementation, see
-    bench/README.md) and ``foreach`` otherwise. The learning rate is normally driven afterwards by
-    :class:`fd_ref.optim.schedule.WarmupCosine`.
-    """
-    if lr <= 0:
-        raise UserError(f"lr must be > 0, got {lr}; pass a positive learning rate")
+    """:func:`adamw` over :func:`param_groups` (fd_ref's ViT and any module named like it)."""
     groups = param_groups(model, weight_decay, layer_decay=layer_decay, num_layers=num_layers)
-    for group in groups:
-        group["lr"] = lr * group["lr_scale"]
-    if fused is None:
-        fused = _fused_kernel_fits(p for group in groups for p in group["params"])
-    kernel = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
+    return adamw(groups, lr, weight_decay, betas, eps, fused)
 
 
 def build_timm_optimizer(model: nn.Module, lr: float, weight_decay: float,
                          layer_decay: Optional[float] = None,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the parameter groups of the model's family (fine-tuning, Sec. 4):
+    """:func:`adamw` over the parameter groups of the model's family (fine-tuning, Sec. 4):
 
     - weight decay: none for 1-D parameters, for names ending in ``.bias`` and for the parameters the model
       exempts (:func:`declared_no_weight_decay`: its ``no_weight_decay()`` resolved to
@@ -279,16 +269,11 @@ def build_timm_optimizer(model: nn.Module, lr: float, weight_decay: float,
       (``lr_scale`` 1): a Swin / SwinV2 by the published rule (:func:`swin_layer_id`: blocks
       numbered across stages, each patch merging with the last block of the stage before it, the final
       norm and the head on top); any other family by timm's ``param_groups_layer_decay`` with the model's
-      ``group_matcher`` (stem = layer 0, then each block / stage in order, head last).
-
-    Every group carries ``lr_scale`` (read by :class:`fd_ref.optim.schedule.WarmupCosine`) and starts at
-    ``lr * lr_scale``."""
+      ``group_matcher`` (stem = layer 0, then each block / stage in order, head last)."""
     from functools import partial
 
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-    if lr <= 0:
-        raise UserError(f"lr must be > 0, got {lr}; pass a positive learning rate")
     net = model.model
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise UserError(f"layer_decay must be in (0, 1], got {layer_decay}; e.g. 0.8 for Swin-B")
@@ -305,9 +290,4 @@ def build_timm_optimizer(model: nn.Module, lr: float, weight_decay: float,
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters; unfreeze something before building an optimizer")
-    for group in groups:
-        group.setdefault("lr_scale", 1.0)
-        group["lr"] = lr * group["lr_scale"]
-    params = [p for g in groups for p in g["params"]]
-    kernel = {"fused": True} if _fused_kernel_fits(params) else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
+    return adamw(groups, lr, weight_decay, betas, eps)

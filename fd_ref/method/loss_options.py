@@ -1,4 +1,4 @@
-"""The distillation loss as a setting (``--loss``; issue #24). ``pred`` and ``target`` are [..., C] token
+"""The distillation loss as a setting (``loss``; train.py's ``--loss``). ``pred`` and ``target`` are [..., C] token
 maps of the same shape (the projected student tokens and the normalised teacher tokens), d = pred - target:
 
     smooth_l1  mean over every element of  0.5 d^2 / beta  (|d| <= beta),  |d| - 0.5 beta  (otherwise)

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fd_ref.data.images import skipped_images
+from fd_ref.data.sampler import make_loader
+from fd_ref.engine.job import Run
 
 
 @torch.no_grad()
@@ -40,3 +42,10 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     if totals[4].item():
         metrics["skipped_val_images"] = int(totals[4].item())
     return metrics
+
+
+def eval_loader(dataset, run: Run):
+    """The evaluation loader of a run (in order, sharded over its ranks, every image kept) and its sampler."""
+    info = run.info
+    return make_loader(dataset, run.batch_size, seed=run.seed, shuffle=False, rank=info.rank,
+                       world_size=info.world_size, num_workers=run.num_workers, drop_last=False)

@@ -1,5 +1,5 @@
 """Weighted k-nearest-neighbour classification of frozen features, as DINO evaluates a backbone without
-training anything (Caron et al. 2021, Sec. 4.1 and its ``eval_knn.py``; issue #24).
+training anything (Caron et al. 2021, Sec. 4.1 and its ``eval_knn.py``).
 
     f        = features / |features|                      every train and query feature L2-normalised
     sim      = f_query @ f_train^T                        cosine similarity
@@ -7,8 +7,8 @@ training anything (Caron et al. 2021, Sec. 4.1 and its ``eval_knn.py``; issue #2
     score[c] = sum_{j in N_k, label_j = c} exp(sim_j / T)             (T = 0.07: one vote per neighbour)
     top-1    = argmax_c score[c];   top-5: the label is among the 5 best scores
 
-The query set is processed in chunks so that the similarity matrix of 10,000 queries against 50,000 train
-images never has to exist at once. Imports torch only.
+The query set is processed in chunks so that the whole similarity matrix of every query against every
+train image never has to exist at once. Imports torch only.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Spec tests of --loss (fd_ref.method.losses): each loss against its formula written out, the gradients at the
+"""Spec tests of --loss (fd_ref.method.loss_options): each loss against its formula written out, the gradients at the
 kinks of smooth-L1 (|d| = beta and d = 0), MSE's gradient 2d/n, and the cosine loss's invariance to positive
 rescaling of either side, its range, its minimum and its gradient perpendicular to the prediction."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fd_ref.method.losses import LOSSES, cosine, distill_loss, mse
+from fd_ref.method.loss_options import LOSSES, cosine, distill_loss, mse
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(2, 24))
 

@@ -1,10 +1,9 @@
-"""``finetune.py --knn``: the weighted k-NN accuracy (fd_ref.engine.knn) of a frozen backbone on --data.
+"""``finetune.py --knn``: the weighted k-NN accuracy (fd_ref.eval.knn) of a frozen backbone on --data.
 
     features = the pooled feature the linear probe uses (fd_ref.models.probe.LinearProbe.features: the mean patch
                token + a LayerNorm without affine, or the normed class token with --probe-pool cls)
                of every training and every validation image, with the evaluation transform (resize, centre
-               crop), in fp32 like every evaluation, in batches (only the [N, C] features are kept: 50,000 CIFAR images at width 384 are
-               77 MB)
+               crop), in fp32 like every evaluation, in batches (only the [N, C] features are kept)
     k-NN     = each validation image classified by its k nearest training images (k 20, T 0.07)
 
 Top-1 / top-5 go to OUTPUT/results.json and, as JSON, to the last line printed. One process does the work
@@ -22,7 +21,7 @@ import torch.nn as nn
 from fd_ref.data import EVAL_NORMS, DeviceNormalize, eval_transform
 from fd_ref.data.sampler import make_loader
 from fd_ref.data.splits import train_val_datasets
-from fd_ref.engine.knn import knn_accuracy
+from fd_ref.eval.knn import knn_accuracy
 from fd_ref.files import write_text_atomic
 
 
