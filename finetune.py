@@ -21,7 +21,8 @@ import torch
 
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
-from fd_ref.data import build_criterion, build_mixup, eval_transform, finetune_transform, probe_transform
+from fd_ref.data import (EVAL_NORMS, DeviceNormalize, build_criterion, build_mixup, eval_transform,
+                         finetune_transform, probe_transform)
 from fd_ref.data.splits import class_count, train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.job import Job, Run
@@ -92,6 +93,7 @@ DEFAULTS = dict(
     precision="auto",            # training: auto (bf16 on GPU and CPUs with native bf16, else fp32) | fp32 | bf16 | fp16; evaluation: fp32
     grad_checkpointing=False,
     compile=False,
+    attention="auto",            # attention kernel: auto (FlexAttention on a CUDA GPU; SDPA, or the explicit formula where faster, on the CPU) | flex | sdpa | explicit
     nan_policy="stop",
     # run
     output="out/quickstart_ft",
@@ -119,7 +121,7 @@ def evaluate_only(cfg: dict, run: Run) -> dict[str, float]:
                         f"fine-tuned model: pass --pretrained OUT/best.pt or OUT/checkpoint.pt of finetune.py")
     model = build_model(model_file)  # a linear probe too: backbone, BatchNorm and head as recorded
     img_size = int(model_file.config.get("img_size", cfg["img_size"]))
-    transform = eval_transform(img_size, cfg["crop_pct"], norm=cfg["eval_norm"])
+    transform = eval_transform(img_size, cfg["crop_pct"], norm=cfg["eval_norm"], uint8=True)
     _, val_set = train_val_datasets(cfg["data"], transform, transform, val_split=cfg["val_split"],
                                     split_seed=cfg["split_seed"], synthetic_size=cfg["synthetic_size"],
                                     img_size=img_size, seed=cfg["seed"])
@@ -129,7 +131,7 @@ def evaluate_only(cfg: dict, run: Run) -> dict[str, float]:
                         f"{data_classes}; evaluate it on the data it was fine-tuned for")
     loader, _ = eval_loader(val_set, run)
     info = run.info
-    metrics = evaluate(model.to(info.device), loader, info.device)
+    metrics = evaluate(model.to(info.device), loader, info.device, DeviceNormalize(*EVAL_NORMS[cfg["eval_norm"]]))
     if info.is_main:
         print(f"evaluated {path} ({model_file.num_classes} classes, {img_size} px) on {len(val_set)} images of "
               f"{cfg['data']}", flush=True)
@@ -152,12 +154,17 @@ def main(argv=None) -> dict:
     if not cfg["linear_probe"] and (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}; "
                         "pass an even one or --mixup 0 --cutmix 0")
+    # The loaders yield uint8 images; the DeviceNormalize objects finish them on the device (conversion,
+    # normalisation, and fine-tuning's random erasing after the normalisation).
     if cfg["linear_probe"]:  # the published linear probe: crop + flip only
-        train_tf = probe_transform(cfg["img_size"])
+        train_tf, normalize = probe_transform(cfg["img_size"], uint8=True), DeviceNormalize()
     else:
         train_tf = finetune_transform(cfg["img_size"], auto_augment=cfg["auto_augment"],
-                                      color_jitter=cfg["color_jitter"], random_erasing=cfg["random_erasing"])
-    val_tf = eval_transform(cfg["img_size"], cfg["crop_pct"], norm=cfg["eval_norm"])
+                                      color_jitter=cfg["color_jitter"], random_erasing=cfg["random_erasing"],
+                                      uint8=True)
+        normalize = DeviceNormalize(random_erasing=cfg["random_erasing"])
+    val_tf = eval_transform(cfg["img_size"], cfg["crop_pct"], norm=cfg["eval_norm"], uint8=True)
+    val_normalize = DeviceNormalize(*EVAL_NORMS[cfg["eval_norm"]])
     train_set, val_set = train_val_datasets(
         cfg["data"], train_tf, val_tf, val_split=cfg["val_split"],
         split_seed=cfg["split_seed"], train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"],
@@ -192,18 +199,17 @@ def main(argv=None) -> dict:
     criterion = build_criterion(mix is not None, 0.0 if cfg["linear_probe"] else cfg["label_smoothing"])
 
     def step_fn(batch) -> torch.Tensor:
-        images = batch[0].to(info.device, non_blocking=True)
+        images = normalize(batch[0].to(info.device, non_blocking=True))  # uint8 -> a new tensor: mixing in place
+        # leaves the loader's batch intact
         targets = batch[1].to(info.device, non_blocking=True)
         if mix is not None:
-            if images.data_ptr() == batch[0].data_ptr():  # timm mixes in place: keep the loader's batch intact
-                images = images.clone()
             images, targets = mix(images, targets)
         return criterion(forward(images).float(), targets)
 
     def on_epoch_end(epoch: int) -> dict:
         if (epoch + 1) % max(1, cfg["eval_every"]) and epoch + 1 != cfg["epochs"]:
             return {}
-        return evaluate(model, val_loader, info.device)
+        return evaluate(model, val_loader, info.device, val_normalize)
 
     results_path = Path(cfg["output"]) / "results.json"
     trainer = Trainer(run, Job(step_fn, model, optimizer, train_set, deliverable=results_path, network=model,
@@ -217,7 +223,7 @@ def main(argv=None) -> dict:
     history = trainer.fit()
     evals = [h for h in history if "top1" in h]
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
-        model, val_loader, info.device)
+        model, val_loader, info.device, val_normalize)
     best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
     results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]

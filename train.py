@@ -20,7 +20,7 @@ import torch.nn as nn
 from fd_ref.checkpoint.io import save_atomic
 from fd_ref.cli import run_main
 from fd_ref.config import help_from_source, resolve_config
-from fd_ref.data import pretrain_transform
+from fd_ref.data import DeviceNormalize, pretrain_transform
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.engine import setup
 from fd_ref.engine.job import Job
@@ -91,6 +91,7 @@ DEFAULTS = dict(
     precision="auto",            # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     grad_checkpointing=False,
     compile=False,
+    attention="auto",            # attention kernel: auto (FlexAttention on a CUDA GPU; SDPA, or the explicit formula where faster, on the CPU) | flex | sdpa | explicit
     nan_policy="stop",           # stop | skip
     # run
     output="out/quickstart",
@@ -136,8 +137,10 @@ def main(argv=None) -> None:
         raise UserError(f"--mask-style must be one of {', '.join(MASK_STYLES)} and --mask-loss one of "
                         f"{', '.join(MASK_LOSSES)}, got {cfg['mask_style']!r} and {cfg['mask_loss']!r}")
 
+    # the loader yields uint8 images; DeviceNormalize converts and normalises them on the device in the step
     transform = pretrain_transform(cfg["img_size"], min_scale=cfg["crop_min_scale"],
-                                   interpolation=cfg["crop_interpolation"])
+                                   interpolation=cfg["crop_interpolation"], uint8=True)
+    normalize = DeviceNormalize()
     dataset, _ = train_val_datasets(cfg["data"], transform, None,
                                     val_split=cfg["val_split"], split_seed=cfg["split_seed"],
                                     train_subset=cfg["train_subset"], need_val=False,
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
     optimizer = build_optimizer(trainable, lr=lr, weight_decay=cfg["weight_decay"])
 
     def step_fn(batch) -> torch.Tensor:
-        images = batch[0].to(info.device, non_blocking=True)
+        images = normalize(batch[0].to(info.device, non_blocking=True))
         if masking is None:
             return forward(images)
         return forward(images, masking.draw(images.shape[0]).to(info.device, non_blocking=True))
@@ -201,7 +204,7 @@ def main(argv=None) -> None:
     if not resume_or_start(trainer):
         return  # that run already finished
     fitted = fit_phi_s(branches, dataset, cfg["phi_s_images"], cfg["batch_size"], cfg["seed"], info.device,
-                       run.precision)  # nothing on a resume: the statistics are in checkpoint.pt
+                       run.precision, normalize)  # nothing on a resume: the statistics are in checkpoint.pt
     if info.is_main and fitted:
         print(f"PHI-S: teacher mean and covariance estimated on {fitted} training images", flush=True)
     if info.is_main:

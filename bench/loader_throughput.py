@@ -12,7 +12,9 @@ normalise), one pass after a warm-up of ``--warmup`` batches; img/s and img/s pe
 (source, workers) and the last line is a JSON summary.
 
 A *mode* is one way of producing the batch from the dataset (``MODES``); add one by adding a function that
-takes the dataset and the run's settings and returns a loader. The default mode is what train.py does today.
+takes the dataset and the run's settings and returns a loader. The default mode reads float batches (workers
+convert and normalise); train.py's loader now stops at uint8 images, normalised on the device, and
+bench/loader_uint8.py compares the two pipelines per worker.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def make_images(root: Path, n: int, seed: int = 0) -> None:
 
 
 def standard_loader(dataset, a: argparse.Namespace, workers: int):
-    """What train.py does: the seeded, sharded batch sampler over the dataset, float images."""
+    """train.py's seeded, sharded batch sampler over the dataset, float images."""
     loader, _ = make_loader(dataset, a.batch, seed=0, shuffle=True, num_workers=workers)
     return loader
 

@@ -35,6 +35,14 @@ under ``torch.compile``, next to the eager one. ``--timm`` adds *timm*: the same
 own ``Beit`` student (shared relative position bias, layer scale 0.1, the student preset's width and depth)
 and timm's ``VisionTransformer`` as teacher (the teacher preset's shape), with the same projection, whitened
 target, smooth-L1 and optimiser; every row's ``vs timm`` is timm's step time / its own, in the same round.
+``--kernels flex sdpa explicit`` runs fd_ref's optimised step once per attention kernel
+(``fd_ref.models.attention``; rows ``optimised <kernel>``, compiled ``compiled <kernel>``, for the kernels of
+``--compile-kernels``, default all), and ``--finetune`` adds the fine-tuning step (the student preset as a
+1000-class classifier with one position bias table per block, cross-entropy, AdamW; rows ``finetune
+<kernel>``, ``finetune compiled <kernel>``, with ``--timm`` beside timm's Beit as the same classifier, ``timm
+finetune``); with ``--timm --compile`` timm's steps are compiled too (``timm compiled``; ``--compile-tasks``
+picks the steps that get compiled rows), and every row's
+``vs timm`` compares it with timm's step of the same task, eager with eager and compiled with compiled.
 ``--levers`` adds one configuration per single lever applied to the baseline. ``--precision fp32 bf16``
 runs every configuration in each precision, in one run; each row's ``% peak`` is against the matmul rate of
 its own precision, and on CUDA ``MFU`` against the GPU's datasheet peak.
@@ -44,6 +52,7 @@ its own precision, and on CUDA ``MFU`` against the GPU's datasheet peak.
     python bench/throughput.py --levers --steps 3 --warmup 1
     python bench/throughput.py --device cuda --student vit_base --teacher vit_base --batch 128 --precision bf16 \
         --compile --no-baseline
+    python bench/throughput.py --device cuda ... --no-baseline --timm --compile --finetune --kernels flex sdpa explicit
 
 The configurations live in throughput_configs.py, the measurement helpers (memory, matmul peaks) in
 throughput_measure.py, ``--micro`` in throughput_micro.py; this file times the configurations and reports.
@@ -68,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fd_ref.engine.flops import count_flops  # noqa: E402
 from throughput_configs import (BASELINE, BF16_LEVERS, DTYPES, LEVERS, Config, Knobs,  # noqa: E402
-                                build_base, build_config, build_timm_base, optimised_knobs, timm_knobs)
+                                build_bases, build_config, optimised_knobs, timm_knobs)
 from throughput_measure import (CpuPeakMemory, CudaPeakMemory, cpu_flags, datasheet_peak,  # noqa: E402
                                 default_peak_n, matmul_rate, process_peak_rss, tensor_peak_bytes)
 from throughput_micro import micro_levers, print_micro  # noqa: E402
@@ -98,6 +107,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                    help="add 'compiled': the optimised configuration under torch.compile, next to the eager one")
     p.add_argument("--timm", action="store_true",
                    help="add 'timm': the same FD step with timm's Beit student and ViT teacher")
+    p.add_argument("--kernels", nargs="+", default=None, choices=["flex", "sdpa", "explicit"],
+                   help="one optimised row per attention kernel instead of the default (auto) one")
+    p.add_argument("--compile-kernels", nargs="*", default=None,
+                   help="with --compile and --kernels: the kernels compiled rows are added for (default: all)")
+    p.add_argument("--compile-tasks", nargs="*", default=["fd", "finetune"], choices=["fd", "finetune"],
+                   help="with --compile and --kernels: the steps compiled rows are added for (fd_ref's and timm's)")
+    p.add_argument("--finetune", action="store_true",
+                   help="add the fine-tuning step (per-block bias tables, 1000 classes) beside the FD step")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the optimised config")
     p.add_argument("--levers", action="store_true", help="also run the baseline with each single lever")
     p.add_argument("--only", nargs="*", default=None, help="run only these configurations (names as printed)")
@@ -147,11 +164,24 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if not args.no_baseline:
             configs_wanted.append(("baseline" + suffix(prec), replace(BASELINE, precision=prec)))
         optimised = optimised_knobs(args, prec)
-        configs_wanted.append(("optimised" + suffix(prec), optimised))
-        if args.compile:
-            configs_wanted.append(("compiled" + suffix(prec), replace(optimised, compile=True)))
-        if args.timm:
-            configs_wanted.append(("timm" + suffix(prec), timm_knobs(prec)))
+        tasks = ["fd"] + (["finetune"] if args.finetune else [])
+        kernels = args.kernels or ["auto"]
+        compiled = args.compile_kernels if args.compile_kernels is not None else kernels
+        for task in tasks:
+            eager, comp = {"fd": ("optimised", "compiled"), "finetune": ("finetune", "finetune compiled")}[task]
+            for kernel in kernels:
+                name = "" if kernel == "auto" else f" {kernel}"
+                knobs = replace(optimised, attention=kernel, task=task,
+                                student_fused_attn=optimised.student_fused_attn and kernel != "explicit")
+                configs_wanted.append((eager + name + suffix(prec), knobs))
+                if args.compile and kernel in compiled and (not args.kernels or task in args.compile_tasks):
+                    configs_wanted.append((comp + name + suffix(prec), replace(knobs, compile=True)))
+            if args.timm:
+                timm_name = "timm" + (" finetune" if task == "finetune" else "")
+                configs_wanted.append((timm_name + suffix(prec), replace(timm_knobs(prec), task=task)))
+                if args.compile and args.kernels and task in args.compile_tasks:
+                    configs_wanted.append((timm_name + " compiled" + suffix(prec),
+                                           replace(timm_knobs(prec), task=task, compile=True)))
         if args.levers:
             levers = {**LEVERS, **(BF16_LEVERS if prec != "fp32" else {})}
             configs_wanted += [(name + suffix(prec), replace(BASELINE, precision=prec, **delta))
@@ -163,12 +193,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             raise SystemExit(f"--only matched nothing; names: {', '.join(names)}")
 
     load_before = os.getloadavg()
-    bases: dict[str, nn.Module] = {"fd_ref": build_base(args, device)}
-    if any(k.impl == "timm" for _, k in configs_wanted):
-        bases["timm"] = build_timm_base(args, device)
+    bases = build_bases({(k.impl, k.task) for _, k in configs_wanted}, args, device)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device)
-    configs = [build_config(n, k, bases[k.impl], images, args, device) for n, k in configs_wanted]
+    configs = [build_config(n, k, bases[k.impl, k.task], images, args, device) for n, k in configs_wanted]
     memory = CudaPeakMemory(device) if cuda else CpuPeakMemory()
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
@@ -179,12 +207,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     # softmax) so that the counter sees every matmul (the CPU flash kernel is not counted). Every
     # configuration of one implementation does the same arithmetic; no recomputation from gradient
     # checkpointing is counted (MFU convention).
-    for impl in {c.knobs.impl for c in configs}:
-        knobs = replace(BASELINE, precision=precisions[0], impl=impl, optimizer="library")
-        counter = build_config("flops", knobs, bases[impl], images, args, device)
+    for impl, task in {(c.knobs.impl, c.knobs.task) for c in configs}:
+        knobs = replace(BASELINE, precision=precisions[0], impl=impl, task=task, optimizer="library")
+        counter = build_config("flops", knobs, bases[impl, task], images, args, device)
         model_flops = count_flops(counter.eager_step)
         for c in configs:
-            if c.knobs.impl == impl:
+            if (c.knobs.impl, c.knobs.task) == (impl, task):
                 c.flops = model_flops
         del counter
     del bases
@@ -249,10 +277,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         t = statistics.median(c.times)
         mem = max(m for m in c.mems) if c.mems and c.mems[0] is not None else None
         speedup, speedup_min = ratio_to(first("baseline", prec), c)
-        vs_timm, vs_timm_min = ratio_to(first("timm", prec), c)
+        timm_ref = "timm" + (" finetune" if c.knobs.task == "finetune" else "")
+        timm_ref += " compiled" if c.knobs.compile and first(timm_ref + " compiled", prec) else ""
+        vs_timm, vs_timm_min = ratio_to(first(timm_ref, prec), c)
         sheet = datasheet_peak(DTYPES[prec], device)
         records.append(dict(
-            config=c.name, impl=c.knobs.impl, student=args.student, teacher=args.teacher,
+            config=c.name, impl=c.knobs.impl, task=c.knobs.task, attention=c.knobs.attention, student=args.student, teacher=args.teacher,
             img_size=args.img_size, batch=args.batch, precision=prec, device=str(device),
             device_name=torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
             cpu_flags=flags, threads=c.knobs.threads or threads, step_s_median=t, step_s_all=c.times,

@@ -1,5 +1,6 @@
 """bench/throughput.py's configurations: the knobs (baseline, optimised, single levers), the FD step built
-from fd_ref and from timm's Beit + ViT, and one timed configuration (:class:`Config`)."""
+from fd_ref and from timm's Beit + ViT, the fine-tuning step (a classifier with per-block position bias
+tables) built from both, and one timed configuration (:class:`Config`)."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,8 @@ class Knobs:
     compile: bool = False                # torch.compile the whole distillation module
     grad_checkpointing: bool = False     # recompute student blocks in the backward pass
     impl: str = "fd_ref"                 # whose student and teacher: fd_ref | timm (Beit student, ViT teacher)
+    attention: str = "auto"              # fd_ref's attention kernel when fused: auto | flex | sdpa (models.attention)
+    task: str = "fd"                     # fd: the distillation step | finetune: the fine-tuning step
     precision: str = ""                  # fp32 | bf16 (autocast); "" until the run sets it
 
 
@@ -89,6 +92,58 @@ def build_base(args: argparse.Namespace, device: torch.device) -> FeatureDistill
     student = create_vit(args.student, img_size=args.img_size)
     teacher = build_teacher(args.teacher, img_size=args.img_size)
     return FeatureDistillation(student, teacher).to(device)
+
+
+FINETUNE_CLASSES = 1000
+
+
+class FinetuneStep(nn.Module):
+    """The fine-tuning step's model: ``cross_entropy(student(x), labels)`` for a classifier ``student``
+    (fixed random labels; speed does not depend on them). Mixing and label smoothing cost next to nothing
+    and are left out."""
+
+    def __init__(self, student: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.student = student
+        self.register_buffer("labels", torch.randint(0, FINETUNE_CLASSES, (batch,),
+                                                     generator=torch.Generator().manual_seed(2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.student(x).float(), self.labels)
+
+
+def build_finetune_base(args: argparse.Namespace, device: torch.device) -> FinetuneStep:
+    """The fine-tuning network FD students become: the student preset with one position bias table per
+    block (``pos_embed="rpb"``), mean-pooled patch tokens, ``fc_norm``, a 1000-class head, drop path 0.1."""
+    torch.manual_seed(0)
+    student = create_vit(args.student, img_size=args.img_size, pos_embed="rpb", global_pool="avg",
+                         num_classes=FINETUNE_CLASSES, drop_path_rate=0.1)
+    return FinetuneStep(student, args.batch).to(device)
+
+
+def build_timm_finetune_base(args: argparse.Namespace, device: torch.device) -> FinetuneStep:
+    """timm's Beit of the student preset's shape as the same fine-tuning network (per-block tables, mean
+    pooling, fc_norm, 1000 classes, layer scale 0.1, drop path 0.1)."""
+    from timm.models.beit import Beit
+
+    from fd_ref.models.vit import PRESETS
+    if args.student not in PRESETS:
+        raise SystemExit(f"--timm needs an fd_ref preset name for --student ({', '.join(PRESETS)})")
+    s = PRESETS[args.student]
+    torch.manual_seed(0)
+    student = Beit(img_size=args.img_size, patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=s["depth"],
+                   num_heads=s["num_heads"], mlp_ratio=4.0, qkv_bias=True, num_classes=FINETUNE_CLASSES,
+                   use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False, init_values=0.1,
+                   global_pool="avg", drop_path_rate=0.1)
+    return FinetuneStep(student, args.batch).to(device)
+
+
+def build_bases(impls_tasks: set[tuple[str, str]], args: argparse.Namespace,
+                device: torch.device) -> dict[tuple[str, str], nn.Module]:
+    """One model per (implementation, task) the configurations need, each configuration a copy of it."""
+    builders = {("fd_ref", "fd"): build_base, ("timm", "fd"): build_timm_base,
+                ("fd_ref", "finetune"): build_finetune_base, ("timm", "finetune"): build_timm_finetune_base}
+    return {key: builders[key](args, device) for key in sorted(impls_tasks)}
 
 
 class TimmDistillation(nn.Module):
@@ -144,7 +199,8 @@ def set_timm_fused_attn(model: nn.Module, enabled: bool) -> None:
 
 
 def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
-    trainable = nn.ModuleDict({"student": model.student, "projection": model.projection})
+    trainable = nn.ModuleDict({"student": model.student, **({"projection": model.projection}
+                                                            if hasattr(model, "projection") else {})})
     lr, wd = 1.5e-4, 0.05
     if kind == "library":
         return build_optimizer(trainable, lr=lr, weight_decay=wd)
@@ -156,10 +212,15 @@ def build_config(name: str, knobs: Knobs, base: nn.Module, images: torch.Tensor,
                  args: argparse.Namespace, device: torch.device) -> Config:
     if knobs.impl == "timm":
         return build_timm_config(name, knobs, base, images, device)
+    if knobs.task == "finetune":
+        return build_finetune_config(name, knobs, base, images, device)
     model = copy.deepcopy(base)
     model.student.set_fused_attn(knobs.student_fused_attn)
     if hasattr(model.teacher.model, "set_fused_attn"):
         model.teacher.model.set_fused_attn(knobs.teacher_fused_attn)
+    for vit, fused in ((model.student, knobs.student_fused_attn), (model.teacher.model, knobs.teacher_fused_attn)):
+        if fused and knobs.attention != "auto" and hasattr(vit, "set_attention_kernel"):
+            vit.set_attention_kernel(knobs.attention)
     if knobs.force_sdpa:
         for module in model.modules():
             if hasattr(module, "explicit_on_cpu_training"):
@@ -207,14 +268,32 @@ def training_step(fn: Callable, arg, opt: torch.optim.Optimizer, autocast: Calla
     return step
 
 
-def build_timm_config(name: str, knobs: Knobs, base: TimmDistillation, images: torch.Tensor,
+def build_finetune_config(name: str, knobs: Knobs, base: FinetuneStep, images: torch.Tensor,
+                          device: torch.device) -> Config:
+    """fd_ref's fine-tuning step: the classifier with ``knobs``' attention kernel, autocast, AdamW."""
+    model = copy.deepcopy(base)
+    model.student.set_fused_attn(knobs.student_fused_attn)
+    if knobs.student_fused_attn and knobs.attention != "auto":
+        model.student.set_attention_kernel(knobs.attention)
+    model.train()
+    opt = make_optimizer(model, knobs.optimizer)
+    dtype = DTYPES[knobs.precision]
+    autocast = (contextlib.nullcontext if dtype == torch.float32
+                else lambda: torch.autocast(device.type, dtype=dtype))
+    forward = torch.compile(model) if knobs.compile else model
+    return Config(name, knobs, step=training_step(forward, images, opt, autocast),
+                  eager_step=training_step(model, images, opt, autocast))
+
+
+def build_timm_config(name: str, knobs: Knobs, base: nn.Module, images: torch.Tensor,
                       device: torch.device) -> Config:
     model = copy.deepcopy(base)
     set_timm_fused_attn(model.student, knobs.student_fused_attn)
-    set_timm_fused_attn(model.teacher, knobs.teacher_fused_attn)
     dtype = DTYPES[knobs.precision]
-    if knobs.teacher_cast and dtype != torch.float32:
-        model.teacher.to(dtype)
+    if hasattr(model, "teacher"):  # the FD step (the fine-tuning step has none)
+        set_timm_fused_attn(model.teacher, knobs.teacher_fused_attn)
+        if knobs.teacher_cast and dtype != torch.float32:
+            model.teacher.to(dtype)
     model.train()
     opt = make_optimizer(model, knobs.optimizer)
     autocast = (contextlib.nullcontext if dtype == torch.float32

@@ -1,7 +1,8 @@
 """The GPU paths (issue #15, item 4): run by ``bench/gpu_check.sh`` on a CUDA machine, skipped elsewhere.
 
-- fused attention (SDPA with the relative position bias as an additive mask) equals the explicit formula
-  ``softmax(q k^T * scale + bias) v`` on CUDA, forward and gradients, in fp32 and in bf16;
+- fused attention (SDPA with the relative position bias as an additive mask, and FlexAttention gathering
+  the bias from its table inside the kernel) equals the explicit formula ``softmax(q k^T * scale + bias) v``
+  on CUDA, forward and gradients (q, k, v and the tables), in fp32 and in bf16;
 - one bf16-autocast FD step (teacher in bf16 as train.py sets it) against the same step in fp32;
 - train.py in fp16 (a GradScaler), with ``--compile``, and stopped then resumed, on the GPU;
 - a 1-process NCCL job under torchrun: train.py end to end, and one DDP step equal to the plain step.
@@ -77,13 +78,16 @@ def _tiny_student(pos_embed: str = "shared_rpb"):
 
 
 # -- fused attention with the position bias ---------------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 @pytest.mark.parametrize("pos_embed", ["shared_rpb", "rpb"])
-def test_fused_attention_equals_explicit_formula_on_cuda(pos_embed):
+def test_fused_attention_equals_explicit_formula_on_cuda(pos_embed, kernel):
+    """SDPA with the dense bias, and FlexAttention gathering the shared table (distillation) or each block's
+    table (fine-tuning) inside the kernel, grid 4 x 4: forward and every gradient, the tables' included."""
     model = _tiny_student(pos_embed)
     x = torch.randn(4, 3, 32, 32, device="cuda")
 
     def run(fused: bool, dtype):
-        model.set_fused_attn(fused)
+        model.set_attention_kernel(kernel if fused else "explicit")
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model.forward_features(x)
@@ -102,6 +106,41 @@ def test_fused_attention_equals_explicit_formula_on_cuda(pos_embed):
     out16_f, g16_f = run(True, torch.bfloat16)
     assert float((out16_f - out32_e).abs().max()) <= 2 * float((out16_e - out32_e).abs().max()) + 1e-2
     _assert_close_to(g32_e, g16_f, g16_e)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (5, 7)])
+def test_flex_attention_gradients_equal_explicit_formula_on_cuda(grid):
+    """FlexAttention with table[index[q, k], h]: the output and the gradients of q, k, v and the table equal
+    the explicit formula's, in fp32 and (within bf16 rounding) in bf16; the ViT-B/16 grid and a rectangular one."""
+    from fd_ref.method.position import RelativePositionBias, bias_score_mod, gather_bias
+    from fd_ref.models.attention import flex_attention
+
+    torch.manual_seed(0)
+    heads, dim = 4, 64
+    rpb = RelativePositionBias(grid, heads).cuda()
+    with torch.no_grad():
+        rpb.table.normal_(std=1.0)
+    n = grid[0] * grid[1] + 1
+    inputs = [torch.randn(2, heads, n, dim, device="cuda") for _ in range(3)]
+    weight = torch.randn(2, heads, n, dim, device="cuda")
+
+    def run(flex: bool, dtype):
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        rpb.zero_grad(set_to_none=True)
+        if flex:
+            out = flex_attention(q, k, v, bias_score_mod((rpb.table, rpb.index)), scale=dim ** -0.5)
+        else:
+            logits = (q.float() @ k.float().transpose(-2, -1)) * dim ** -0.5 + gather_bias(rpb.table, rpb.index)
+            out = (logits.softmax(-1).to(dtype) @ v)
+        (out.float() * weight).sum().backward()
+        grads = {"q": q.grad.float(), "k": k.grad.float(), "v": v.grad.float(), "table": rpb.table.grad.float()}
+        return {"out": out.detach().float(), **grads}
+
+    e32, f32 = run(False, torch.float32), run(True, torch.float32)
+    for name, ref in e32.items():
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(f32[name], ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+    _assert_close_to(e32, run(True, torch.bfloat16), run(False, torch.bfloat16))
 
 
 # -- bf16 autocast FD step ------------------------------------------------------------------------------------

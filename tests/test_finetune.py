@@ -20,7 +20,7 @@ from fd_ref.engine.trainer import Trainer
 import finetune
 import train
 from fd_ref.config import resolve_config
-from fd_ref.data import SingleDrawResizedCrop, build_mixup
+from fd_ref.data import IMAGENET_MEAN, IMAGENET_STD, SingleDrawResizedCrop, build_mixup
 from fd_ref.errors import UserError
 from fd_ref.optim.lars import Lars
 from fd_ref.models.probe import LinearProbe
@@ -236,8 +236,11 @@ def _recording_trainer(monkeypatch):
 
 
 def _fixed_batch(n=8):
+    """(uint8 images as the loader yields them, the same images normalised by hand, labels)."""
     g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return images, (images.double() / 255 - mean) / std, torch.randint(0, 10, (n,), generator=g)
 
 
 def test_linear_probe_training(student, tmp_path, monkeypatch):
@@ -264,11 +267,11 @@ def test_linear_probe_training(student, tmp_path, monkeypatch):
     hook = model.backbone.patch_embed.register_forward_pre_hook(
         lambda *_: modes.append((model.backbone.training, any(m.training for m in model.backbone.modules()))))
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    images, labels = _fixed_batch()
+    images, normalised, labels = _fixed_batch()
     loss = trainer.job.step_fn((images, labels))
     hook.remove()
     assert modes == [(False, False)] and model.bn.training
-    logits = model.head(torch.nn.functional.batch_norm(model.features(images), None, None, training=True,
+    logits = model.head(torch.nn.functional.batch_norm(model.features(normalised.float()), None, None, training=True,
                                                        eps=1e-6))
     log_p = logits.double().log_softmax(1)
     assert loss.item() == pytest.approx(-log_p[torch.arange(8), labels].mean().item(), rel=1e-5)
@@ -287,7 +290,7 @@ def test_finetune_loss_and_augmentation_wiring(student, tmp_path, monkeypatch):
     norms = []
     real_eval = finetune.eval_transform
     monkeypatch.setattr(finetune, "eval_transform", lambda *a, **k: norms.append(k["norm"]) or real_eval(*a, **k))
-    common = FT + ["--pretrained", str(student), "--max-steps", "1", "--drop-path", "0"]
+    common = FT + ["--pretrained", str(student), "--max-steps", "1", "--drop-path", "0", "--random-erasing", "0"]
     finetune.main(common + ["--eval-norm", "published", "--output", str(tmp_path / "mix")])
     finetune.main(common + ["--mixup", "0", "--cutmix", "0", "--label-smoothing", "0.2",
                             "--output", str(tmp_path / "smooth")])
@@ -298,21 +301,21 @@ def test_finetune_loss_and_augmentation_wiring(student, tmp_path, monkeypatch):
     assert any(isinstance(s, RandAugment) for s in steps)
     assert mixed.run.clip_grad == 5.0
 
-    images, labels = _fixed_batch()
+    images, normalised, labels = _fixed_batch()
     for trainer in trainers:
         trainer.job.model.eval()
     np.random.seed(7)
     loss = mixed.job.step_fn((images, labels))
     np.random.seed(7)
-    mixed_images, targets = build_mixup(10, 0.8, 1.0, 0.5, 0.1)(images.clone(), labels)
+    mixed_images, targets = build_mixup(10, 0.8, 1.0, 0.5, 0.1)(normalised.float(), labels)
     with torch.no_grad():
         log_p = mixed.job.model(mixed_images).double().log_softmax(1)
     assert loss.item() == pytest.approx(-(targets.double() * log_p).sum(1).mean().item(), rel=1e-5)
-    assert not torch.equal(mixed_images, images)
+    assert not torch.equal(mixed_images, normalised.float())
 
     loss = smooth.job.step_fn((images, labels))
     with torch.no_grad():
-        log_p = smooth.job.model(images).double().log_softmax(1)
+        log_p = smooth.job.model(normalised.float()).double().log_softmax(1)
     hand = 0.8 * -log_p[torch.arange(8), labels] + 0.2 * -log_p.mean(1)
     assert loss.item() == pytest.approx(hand.mean().item(), rel=1e-5)
 
@@ -430,10 +433,10 @@ def test_bf16_fine_tuning_evaluates_in_float32(student, tmp_path, monkeypatch):
     seen = {"eval": [], "train": []}
     real = finetune.evaluate
 
-    def spy(model, loader, device):
+    def spy(model, loader, device, *normalize):
         hook = model.register_forward_pre_hook(lambda m, a: seen["eval"].append(torch.is_autocast_enabled("cpu")))
         try:
-            return real(model, loader, device)
+            return real(model, loader, device, *normalize)
         finally:
             hook.remove()
 

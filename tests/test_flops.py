@@ -66,6 +66,16 @@ def test_the_count_runs_nothing_real_and_changes_nothing():
     assert step_flops_per_image(None, torch.randn(2, 3, 32, 32)) == 0.0
 
 
+
+def test_a_uint8_batch_counts_as_the_float_images_the_network_sees():
+    """The loader's batch is uint8 (normalised on the device inside the step): counted as float images of its
+    shape, the same FLOPs as a float batch, where the uint8 tensor itself would fail the count (0)."""
+    torch.manual_seed(0)
+    fd = _fd(create_vit("vit_tiny", img_size=32, patch_size=8, depth=2, num_classes=0), 32)
+    floats = step_flops_per_image(fd, torch.randn(2, 3, 32, 32))
+    assert floats > 0
+    assert step_flops_per_image(fd, torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)) == floats
+
 def test_train_runs_step_fn_once_per_micro_batch_before_the_first_step(tmp_path, monkeypatch):
     """No hidden extra step: until the first optimiser step the objective's forward runs once per
     micro-batch on real images (the FLOP count's pass is on the meta device)."""

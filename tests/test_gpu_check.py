@@ -46,9 +46,9 @@ def _write_check(out: Path, steps: list, cases: dict, losses: list) -> None:
         for i, loss in enumerate(losses)) + json.dumps({"event": "end"}) + "\n")
 
 
-STEPS_OK = [{"name": "wheels", "rc": 0}, {"name": "env", "rc": 0}, {"name": "throughput", "rc": 0},
-            {"name": "cuda_tests", "rc": 0}, {"name": "train", "rc": 0}, {"name": "compiled", "rc": 0},
-            {"name": "profile", "rc": 0}]
+STEPS_OK = [{"name": "wheels", "rc": 0}, {"name": "env", "rc": 0}, {"name": "jpegs", "rc": 0},
+            {"name": "cuda_tests", "rc": 0}, {"name": "train", "rc": 0}, {"name": "profile", "rc": 0},
+            {"name": "throughput", "rc": 0}]
 
 
 def test_report_counts_tests_and_summarises_the_steady_half_of_the_train_log(tmp_path):
@@ -64,8 +64,22 @@ def test_report_counts_tests_and_summarises_the_steady_half_of_the_train_log(tmp
     assert abs(train["mfu_steady"] - (0.2 + 0.3) / 2) < 1e-12
 
 
+def test_report_sets_the_train_run_against_the_model_step_auto_picks(tmp_path):
+    """train.py's steady img/s over the eager FD step with the kernel train.py runs (flex on a GPU)."""
+    _write_check(tmp_path, STEPS_OK, {"a": "passed"}, losses=[1.0, 0.8, 0.6, 0.5])
+    rows = [{"config": "optimised sdpa", "device": "cuda", "img_per_s": 150.0},
+            {"config": "optimised flex", "device": "cuda", "img_per_s": 125.0},
+            {"config": "compiled flex", "device": "cuda", "img_per_s": 200.0}]
+    (tmp_path / "throughput.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = gpu_report.build_report(tmp_path)["train"]
+    assert train["model_step_config"] == "optimised flex"
+    assert train["fraction_of_model_step"] == (102.0 + 103.0) / 2 / 125.0
+    (tmp_path / "throughput.jsonl").write_text(json.dumps(dict(rows[0], device="cpu")) + "\n")
+    assert gpu_report.build_report(tmp_path)["train"]["model_step_config"] == "optimised sdpa"
+
+
 def test_report_is_not_ok_when_a_step_failed_timed_out_or_never_ran(tmp_path):
-    for steps in ([dict(s, rc=124) if s["name"] == "compiled" else s for s in STEPS_OK],
+    for steps in ([dict(s, rc=124) if s["name"] == "throughput" else s for s in STEPS_OK],
                   [s for s in STEPS_OK if s["name"] != "train"],
                   [dict(s, rc=1) if s["name"] == "wheels" else s for s in STEPS_OK]):
         _write_check(tmp_path, steps, {"a": "passed"}, losses=[1.0])
@@ -80,7 +94,7 @@ def test_report_main_writes_the_json_and_a_one_line_verdict(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH / "gpu_report.py"), str(tmp_path)], capture_output=True,
                             text=True, check=True)
     verdict = json.loads(result.stdout.strip().splitlines()[-1])
-    assert verdict["ok"] is True and verdict["steps"]["compiled"] == 0
+    assert verdict["ok"] is True and verdict["steps"]["throughput"] == 0
     assert json.loads((tmp_path / "gpu_check.json").read_text())["cuda_tests_passed"] == 1
 
 

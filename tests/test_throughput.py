@@ -16,6 +16,7 @@ from fd_ref.method.whitening import whiten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import throughput  # noqa: E402
+import throughput_configs  # noqa: E402
 
 TINY = ["--student", "vit_tiny", "--teacher", "vit_tiny", "--img-size", "32", "--batch", "2",
         "--threads", "1"]
@@ -122,7 +123,7 @@ def test_timm_side_is_the_same_fd_step():
     smooth_l1(projection(student(x)), whiten(teacher(x))) with beta 2."""
     import argparse
     args = argparse.Namespace(student="vit_tiny", teacher="vit_tiny", img_size=32)
-    timm_side = throughput.build_timm_base(args, torch.device("cpu")).train()
+    timm_side = throughput_configs.build_timm_base(args, torch.device("cpu")).train()
     torch.manual_seed(3)
     ours = create_vit("vit_tiny", img_size=32, patch_size=16).train()
     for p in ours.parameters():

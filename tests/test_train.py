@@ -307,7 +307,7 @@ def test_train_builds_its_crop_from_the_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "pretrain_transform", recording)
     train.main(TINY + ["--max-steps", "1", "--batch-size", "8", "--crop-min-scale", "0.67",
                        "--crop-interpolation", "bicubic", "--output", str(tmp_path)])
-    assert seen == [(32, {"min_scale": 0.67, "interpolation": "bicubic"})]
+    assert seen == [(32, {"min_scale": 0.67, "interpolation": "bicubic", "uint8": True})]  # normalised on the device
     assert (train.DEFAULTS["crop_min_scale"], train.DEFAULTS["crop_interpolation"]) == (0.08, "bilinear")
 
 
@@ -328,3 +328,18 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, capsys, caplog):
     assert "1 unreadable image" in capsys.readouterr().out  # and the run reports the count
     assert (out / "student.pt").is_file()
     assert [r["step"] for r in read_log(out)] == [1, 2]
+
+
+def test_uint8_batches_normalised_on_the_device_train_exactly_like_float_batches(tmp_path, monkeypatch):
+    """The loader's uint8 images normalised at the start of the step give the fp32 run of the per-image float
+    pipeline (torchvision's ToDtype + Normalize in the workers) to the last bit: same losses, grad norms and
+    weights."""
+    args = RUN + ["--precision", "fp32", "--epochs", "1", "--num-workers", "1"]
+    train.main(args + ["--output", str(tmp_path / "uint8")])
+    float_pipeline = train.pretrain_transform
+    monkeypatch.setattr(train, "pretrain_transform", lambda *a, uint8, **k: float_pipeline(*a, uint8=False, **k))
+    train.main(args + ["--output", str(tmp_path / "float")])
+    new, old = read_log(tmp_path / "uint8"), read_log(tmp_path / "float")
+    assert [(r["loss"], r["grad_norm"]) for r in new] == [(r["loss"], r["grad_norm"]) for r in old]
+    a, b = student_state(tmp_path / "uint8"), student_state(tmp_path / "float")
+    assert all(torch.equal(a[k], b[k]) for k in a)

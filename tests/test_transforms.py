@@ -3,6 +3,8 @@ distillation crop, timm's fine-tuning pipeline (RandAugment, random erasing), th
 transforms, the single-draw crop."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,58 @@ def test_single_draw_crop_box_distribution() -> None:
     assert ks_uniform(log_ratios, np.log(3 / 4), np.log(4 / 3)) < 0.04
     assert ks_uniform(corners, 0.0, 1.0) < 0.04
     assert ks_uniform(fractions, 0.1, 0.6) > 0.1  # the check can tell another range
+
+
+# -- uint8 from the loader, normalised on the device --------------------------------------------------------
+def _photo(seed: int, size=(61, 47)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def _both(build, image: Image.Image, seed: int, normalize: data.DeviceNormalize) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the float pipeline's image, the uint8 pipeline's image normalised as a batch), same random draws."""
+    old_tf, new_tf = build(False), build(True)
+    for generator in (torch.manual_seed, random.seed, np.random.seed):  # timm's ops draw from all three
+        generator(seed)
+    old = old_tf(image)
+    for generator in (torch.manual_seed, random.seed, np.random.seed):
+        generator(seed)
+    small = new_tf(image)
+    assert small.dtype == torch.uint8 and type(small) is torch.Tensor
+    return old, normalize(torch.stack([small, small]))[1]
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_uint8_pipelines_normalised_on_the_device_are_bit_identical(seed: int) -> None:
+    """Distillation, probing and evaluation (both normalisations): the crop as uint8, then DeviceNormalize on
+    the batch = torchvision's ToDtype + Normalize per image, to the bit."""
+    image = _photo(seed)
+    cases = [(lambda u: pretrain_transform(16, uint8=u), data.DeviceNormalize()),
+             (lambda u: probe_transform(16, uint8=u), data.DeviceNormalize()),
+             (lambda u: eval_transform(16, uint8=u), data.DeviceNormalize()),
+             (lambda u: eval_transform(16, norm="published", uint8=u), data.DeviceNormalize(*data.EVAL_NORMS["published"]))]
+    for build, normalize in cases:
+        old, new = _both(build, image, seed, normalize)
+        assert old.dtype == new.dtype == torch.float32
+        assert torch.equal(old, new)
+
+
+def test_uint8_finetune_pipeline_then_device_erasing() -> None:
+    """Fine-tuning: without erasing, the uint8 pipeline + DeviceNormalize = timm's float pipeline (up to the
+    last bit of ToTensor's division); with erasing, DeviceNormalize erases after normalising: erased pixels are
+    N(0, 1) noise, the rest the normalised image, and about the asked share of images is erased."""
+    image = _photo(3, size=(80, 64))
+    old, new = _both(lambda u: finetune_transform(32, random_erasing=0.0, uint8=u), image, 5, data.DeviceNormalize())
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-6)
+    torch.manual_seed(5)
+    batch = torch.stack([finetune_transform(32, random_erasing=0.25, uint8=True)(image) for _ in range(64)])
+    plain = data.DeviceNormalize()(batch)
+    erased = data.DeviceNormalize(random_erasing=0.25)(batch)
+    changed = (erased != plain).flatten(1).any(1)
+    assert 4 <= int(changed.sum()) <= 32  # 16 expected
+    assert torch.equal(erased[~changed], plain[~changed])
+    noise = erased[changed][erased[changed] != plain[changed]]
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
+    with pytest.raises(UserError, match="random erasing probability"):
+        data.DeviceNormalize(random_erasing=1.5)

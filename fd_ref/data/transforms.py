@@ -1,7 +1,14 @@
 """The transform pipelines, each as the published code builds it: distillation (Sec. 3 / App. A:
 RandomResizedCrop + flip + normalisation), fine-tuning (timm's ``create_transform`` with the BEiT/FD recipe:
 RandAugment "rand-m9-mstd0.5-inc1", random erasing 0.25), linear probing (single-draw crop + flip) and
-evaluation (resize + centre crop), and the normalisation statistics (ImageNet's, OpenAI CLIP's)."""
+evaluation (resize + centre crop), and the normalisation statistics (ImageNet's, OpenAI CLIP's).
+
+Each pipeline ends either in float32 normalised images (the default) or, with ``uint8=True``, in the
+8-bit images before the conversion: the training scripts load those (4x fewer bytes through the loader
+workers' shared memory and the copy to the GPU, less work per worker) and finish the pipeline on the device
+at the start of the step with :class:`DeviceNormalize` (conversion, normalisation and, for fine-tuning,
+random erasing), as timm's prefetching loader and FFCV do. The conversion and normalisation are the same
+arithmetic in the same order, so the images are bit-identical either way."""
 from __future__ import annotations
 
 import math
@@ -49,11 +56,50 @@ def _interpolation(name: str) -> v2.InterpolationMode:
 
 
 def _to_normalized_tensor(mean: tuple[float, ...] = IMAGENET_MEAN,
-                          std: tuple[float, ...] = IMAGENET_STD) -> list[Any]:
+                          std: tuple[float, ...] = IMAGENET_STD, uint8: bool = False) -> list[Any]:
+    if uint8:  # DeviceNormalize does the rest, a batch at a time
+        return [v2.ToImage(), v2.ToPureTensor()]
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def pretrain_transform(size: int, *, min_scale: float = 0.08, interpolation: str = "bilinear") -> v2.Compose:
+class DeviceNormalize:
+    """The end of a pipeline built with ``uint8=True``, applied to a whole batch on its device:
+
+        images = (uint8 / 255 - mean) / std        computed as  x.float() * (1/255), then (x - mean) / std
+
+    (torchvision's ``ToDtype(float32, scale=True)`` and ``Normalize``, the same operations in the same order,
+    so the result is bit-identical to the per-image pipeline), then, when ``random_erasing`` > 0, timm's
+    ``RandomErasing`` on the normalised batch (as in the fine-tuning pipeline: each image erased with that
+    probability, ``erasing_mode`` "pixel" = per-pixel normal noise; drawn from Python's ``random`` and the
+    device's generator, which checkpoints keep). A float batch is taken as already normalised and only erased.
+    The mean and std live on the device once, so a step copies nothing from the host for them."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 random_erasing: float = 0.0, erasing_mode: str = "pixel", erasing_count: int = 1) -> None:
+        if not 0 <= random_erasing <= 1:
+            raise UserError(f"random erasing probability must be in [0, 1], got {random_erasing}")
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.random_erasing, self.erasing_mode, self.erasing_count = random_erasing, erasing_mode, erasing_count
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, Any]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        if device not in self._on:
+            from timm.data.random_erasing import RandomErasing
+            erase = (RandomErasing(self.random_erasing, mode=self.erasing_mode, max_count=self.erasing_count,
+                                   device=device) if self.random_erasing > 0 else None)
+            self._on[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+                                torch.tensor(self.std, dtype=torch.float32, device=device).view(-1, 1, 1), erase)
+        return self._on[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std, erase = self._constants(images.device)
+        if images.dtype == torch.uint8:
+            images = images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+        return erase(images) if erase is not None else images
+
+
+def pretrain_transform(size: int, *, min_scale: float = 0.08, interpolation: str = "bilinear",
+                       uint8: bool = False) -> v2.Compose:
     """Pre-training (distillation) augmentation: RandomResizedCrop + flip + ImageNet normalisation.
 
     FD uses only this light augmentation (Sec. 3, App. A). The crop covers a fraction of the image area drawn
@@ -61,7 +107,7 @@ def pretrain_transform(size: int, *, min_scale: float = 0.08, interpolation: str
     code (``data/data_fd.py``) uses torchvision's default interpolation (bilinear) and ``min_scale`` = 0.08 in
     its 300-epoch configs, 0.67 (its ``config.py`` default) in the CLIP ViT-B 100-epoch one. The dataset
     yields one crop per image and the training loop feeds *the same tensor* to teacher and student.
-    Output: float32 ``[3, size, size]``.
+    Output: float32 ``[3, size, size]`` (``uint8=True``: uint8, normalised later by :class:`DeviceNormalize`).
     """
     if not 0 < min_scale <= 1:
         raise UserError(f"crop min scale must be in (0, 1], got {min_scale}; the published values are 0.08 and 0.67")
@@ -69,7 +115,7 @@ def pretrain_transform(size: int, *, min_scale: float = 0.08, interpolation: str
         v2.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3),
                              interpolation=_interpolation(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
-        *_to_normalized_tensor(),
+        *_to_normalized_tensor(uint8=uint8),
     ])
 
 
@@ -81,6 +127,7 @@ def finetune_transform(
     random_erasing: float = 0.25,
     erasing_mode: str = "pixel",
     erasing_count: int = 1,
+    uint8: bool = False,
 ) -> Callable[[Any], torch.Tensor]:
     """Fine-tuning augmentation: timm's ``create_transform`` with the BEiT/FD settings (App. A), as the
     published ``data/data_finetune.py`` builds it.
@@ -93,7 +140,9 @@ def finetune_transform(
     off (``auto_augment="none"``): timm drops colour jitter whenever RandAugment is on, so the published
     configuration (jitter 0.4 with RandAugment) applies none. 0 / "none" disables a piece.
     Takes PIL images (timm's RandAugment ops are PIL operations); randomness comes from Python's ``random``,
-    NumPy and torch, which :class:`fd_ref.data.sampler.SeededDataset` seeds per sample.
+    NumPy and torch, which :class:`fd_ref.data.sampler.SeededDataset` seeds per sample. ``uint8=True`` stops
+    after RandAugment with the uint8 image (timm's prefetcher layout): normalisation and random erasing are
+    then :class:`DeviceNormalize`'s, with the same settings.
     """
     from timm.data import create_transform
 
@@ -107,7 +156,7 @@ def finetune_transform(
         transform = create_transform(
             size, is_training=True, color_jitter=color_jitter if color_jitter > 0 else None, auto_augment=aa,
             re_prob=random_erasing, re_mode=erasing_mode, re_count=erasing_count, interpolation="bicubic",
-            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, use_prefetcher=uint8)
     except (AssertionError, ValueError, KeyError) as err:
         raise UserError(f"timm could not build the fine-tuning transform from auto_augment={auto_augment!r} "
                         f"({type(err).__name__}: {err}); check the string") from err
@@ -172,13 +221,13 @@ class SingleDrawResizedCrop(torch.nn.Module):
         return f"size={self.size}, scale={self.scale}, ratio={self.ratio}, interpolation={self.interpolation.value}"
 
 
-def probe_transform(size: int) -> v2.Compose:
+def probe_transform(size: int, uint8: bool = False) -> v2.Compose:
     """Linear-probe augmentation (published ``data/data_linear.py``): :class:`SingleDrawResizedCrop`
     (0.08-1, bicubic) + flip + ImageNet normalisation. No RandAugment, colour jitter, erasing or mixing."""
-    return v2.Compose([SingleDrawResizedCrop(size), v2.RandomHorizontalFlip(), *_to_normalized_tensor()])
+    return v2.Compose([SingleDrawResizedCrop(size), v2.RandomHorizontalFlip(), *_to_normalized_tensor(uint8=uint8)])
 
 
-def eval_transform(size: int, crop_pct: float = 0.875, norm: str = "imagenet") -> v2.Compose:
+def eval_transform(size: int, crop_pct: float = 0.875, norm: str = "imagenet", uint8: bool = False) -> v2.Compose:
     """Evaluation: resize the short side to ``int(size / crop_pct)`` (bicubic; 256 for 224), centre-crop
     ``size``, normalise.
 
@@ -194,5 +243,5 @@ def eval_transform(size: int, crop_pct: float = 0.875, norm: str = "imagenet") -
     return v2.Compose([
         v2.Resize(int(size / crop_pct), interpolation=_BICUBIC, antialias=True),
         v2.CenterCrop(size),
-        *_to_normalized_tensor(*EVAL_NORMS[norm]),
+        *_to_normalized_tensor(*EVAL_NORMS[norm], uint8=uint8),
     ])

@@ -89,7 +89,7 @@ def step_flops_per_image(network: Optional[torch.nn.Module], images: torch.Tenso
     try:
         copy = deepcopy(network, memo)
         trained = [p for p in copy.parameters() if p.requires_grad]
-        x = on_meta(images)
+        x = torch.empty(images.shape, device="meta")  # float: a loader's uint8 batch is normalised first
 
         def step() -> None:
             out = copy(x)

@@ -31,6 +31,7 @@ RUN_CONTROL_KEYS: frozenset[str] = frozenset({
     "eval_only", "num_workers", "progress",                    # loading and display
     "nan_policy",                                              # what to do about a non-finite step
     "compile", "grad_checkpointing", "data_in_memory",         # the same computation, run another way
+    "attention",
     "tensorboard",                                             # an extra view of the same log
 })
 

@@ -17,6 +17,8 @@ from fd_ref.engine.distributed import init_distributed, seed_everything
 from fd_ref.engine.job import Run
 from fd_ref.engine.precision import resolve_precision
 from fd_ref.engine.tensorboard import require_tensorboard
+from fd_ref.models.attention import resolve_kernel
+from fd_ref.models.vit import VisionTransformer
 from fd_ref.optim.schedule import scale_lrs
 
 
@@ -44,6 +46,10 @@ def wrap_model(model: nn.Module, run: Run, broadcast_buffers: bool = True) -> tu
     """``(ddp, forward)``: the DistributedDataParallel wrapper when there are several ranks (else ``None``),
     and what the step calls (the wrapper or the model, under ``torch.compile`` with ``--compile``)."""
     info, ddp, forward = run.info, None, model
+    resolve_kernel(run.cfg["attention"], info.device, 64, needs_grad=True)  # a kernel that cannot train: fail now
+    for module in model.modules():  # every fd_ref ViT (student, teachers): --attention's kernel
+        if isinstance(module, VisionTransformer):
+            module.set_attention_kernel(run.cfg["attention"])
     if info.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,

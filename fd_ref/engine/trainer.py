@@ -39,7 +39,7 @@ from fd_ref.data.images import skipped_images
 from fd_ref.data.sampler import make_loader
 from fd_ref.engine.distributed import (all_reduce_ints, all_reduce_ints_start, all_reduce_sum, barrier, gather_to_main,
                                        is_peer_failure)
-from fd_ref.engine.faults import installed_fault_hook
+from fd_ref.engine.faults import NoFaults, installed_fault_hook
 from fd_ref.engine.flops import peak_flops, step_flops_per_image
 from fd_ref.engine.job import Job, Run
 from fd_ref.engine.precision import DTYPES, autocast
@@ -80,6 +80,15 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.skipped, self.best = 0, 0, 0, 0, -math.inf
         self.finished = False  # the last checkpoint is written after the deliverable (see _run)
         self.bad_in_row = 0  # consecutive non-finite steps (nan_policy="skip" stops at max_skipped)
+        # No host-device synchronisation on a step that does not log: each step's loss and gradient norm stay
+        # on the device in ``_pending`` until ``_settle`` reads them back in one transfer (logging steps,
+        # checkpoints). Meanwhile a non-finite step changes nothing: fused AdamW skips its whole update where
+        # ``found_inf`` is 1 (a GradScaler does the same for fp16), and ``_settle`` then takes the step back off
+        # the step count and the schedule, as if it had been skipped at once. An optimiser that cannot skip on
+        # the device (LARS, foreach AdamW) is read back every step, before its update, as always.
+        self._pending: list[torch.Tensor] = []
+        self._skips_on_device = any(g.get("fused") for g in job.optimizer.param_groups)
+        self._last_grad_norm = math.nan
         self.faults = installed_fault_hook()
         self.out = Path(run.output)
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -156,11 +165,13 @@ class Trainer:
                     continue
                 step_loss = loss_sum.clone()
                 loss_sum.zero_()
-                before = self.step
-                grad_norm = self._optimizer_step(params, step_loss)
-                if self.step == before:  # a non-finite step was skipped: nothing to log or save
+                skipped = self._optimizer_step(params, step_loss)
+                if self._pending and self._settle_due():
+                    skipped = self._settle()
+                if skipped:  # a non-finite step was skipped: nothing to log or save
                     self._check_stop()
                     continue
+                grad_norm = self._last_grad_norm
                 steps_since += 1
                 if self.step % run.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
@@ -197,41 +208,84 @@ class Trainer:
         self._report_skips()
         barrier()
 
-    def _optimizer_step(self, params: list[torch.Tensor], step_loss: torch.Tensor) -> float:
+    def _optimizer_step(self, params: list[torch.Tensor], step_loss: torch.Tensor) -> bool:
+        """Clip, step, schedule. True when the step is known to be skipped now (an optimiser read back every
+        step); on the device path the step counts until ``_settle`` says otherwise."""
         run, optimizer = self.run, self.job.optimizer
         if self.scaler:
             self.scaler.unscale_(optimizer)
         max_norm = run.clip_grad if run.clip_grad > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss_value = float(step_loss)
-        if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            if run.nan_policy == "skip" and self.bad_in_row < run.max_skipped:
-                self.skipped += 1
-                self.bad_in_row += 1
-                self.say(f"step {self.step + 1}: loss {loss_value} / grad norm {grad_norm} not finite, "
-                            f"step skipped ({self.skipped} so far)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # on the device: no read-back here
+        values = torch.stack([step_loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+        self._pending.append(values)
+        if not self._skips_on_device:
+            if self._settle():
+                optimizer.zero_grad(set_to_none=True)
                 if self.scaler:
                     self.scaler.update()
-                return grad_norm
-            where = self.last_checkpoint()
-            if run.nan_policy == "skip":
-                raise UserError(f"loss/grad norm not finite for {self.bad_in_row + 1} steps in a row (loss "
-                                f"{loss_value}, grad norm {grad_norm}) at step {self.step + 1}; training stopped, "
-                                f"last good checkpoint: {where}; lower --lr or try --precision fp32")
-            raise UserError(f"loss became {loss_value} (grad norm {grad_norm}) at step {self.step + 1}; "
-                            f"training stopped, last good checkpoint: {where}; lower --lr, try "
-                            f"--precision fp32, or --nan-policy skip")
-        self.bad_in_row = 0
+                return True
+        elif self.scaler is None:  # the fused kernel skips the update where found_inf is 1
+            optimizer.found_inf = (~torch.isfinite(values).all()).float()
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return grad_norm
+        return False
+
+    def _settle_due(self) -> bool:
+        """Whether the host needs the pending steps' values now: a step that logs, saves or may stop (and every
+        step under a test's fault hook, whose step numbers must be exact)."""
+        run = self.run
+        return (self.step % run.log_every == 0 or self.step >= self.total_steps
+                or not isinstance(self.faults, NoFaults)
+                or bool(run.save_every and self.step % run.save_every == 0) or bool(self._stop_signal))
+
+    def _settle(self) -> bool:
+        """Read the pending steps' losses and gradient norms back (one transfer) and apply ``nan_policy`` to
+        the non-finite ones in order, exactly as if each had been read at its own step: a skipped step is
+        counted, reported and taken off the step count and the schedule (its update never happened); a step
+        that must stop the run raises. Returns whether the latest step was skipped."""
+        if not self._pending:
+            return False
+        run = self.run
+        rows = torch.stack(self._pending).tolist()  # the one read-back
+        self._pending = []
+        counted = self._skips_on_device  # the rows' steps are already on the step count and the schedule
+        applied = self.step - len(rows) if counted else self.step
+        skipped_now, last_skipped = 0, False
+        for loss_value, grad_norm in rows:
+            last_skipped = not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(grad_norm))
+            if not last_skipped:
+                applied += 1
+                self.bad_in_row = 0
+                continue
+            if run.nan_policy == "skip" and self.bad_in_row < run.max_skipped:
+                self.skipped += 1
+                self.bad_in_row += 1
+                skipped_now += 1
+                self.say(f"step {applied + 1}: loss {loss_value} / grad norm {grad_norm} not finite, "
+                         f"step skipped ({self.skipped} so far)")
+                continue
+            where = self.last_checkpoint()
+            if run.nan_policy == "skip":
+                raise UserError(f"loss/grad norm not finite for {self.bad_in_row + 1} steps in a row (loss "
+                                f"{loss_value}, grad norm {grad_norm}) at step {applied + 1}; training stopped, "
+                                f"last good checkpoint: {where}; lower --lr or try --precision fp32")
+            raise UserError(f"loss became {loss_value} (grad norm {grad_norm}) at step {applied + 1}; "
+                            f"training stopped, last good checkpoint: {where}; lower --lr, try "
+                            f"--precision fp32, or --nan-policy skip")
+        self._last_grad_norm = rows[-1][1]
+        if counted and skipped_now:
+            self.step = applied
+            schedule = self.scheduler.state_dict()
+            self.scheduler.load_state_dict({**schedule, "step_count": schedule["step_count"] - skipped_now})
+        return last_skipped
 
     def _end_epoch(self) -> None:
         job = self.job
@@ -296,6 +350,7 @@ class Trainer:
     def save(self) -> None:
         """Write checkpoint.pt (rank 0) holding every rank's random state. A collective: every rank calls
         it at the same step, and returns only once the file is complete (or raises the same error)."""
+        self._settle()  # a checkpoint holds settled steps only
         rng_ranks = gather_to_main(rng_to_safe(capture_rng()))
         error: Optional[UserError] = None
         if self.run.info.is_main:

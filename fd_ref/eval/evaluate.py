@@ -1,6 +1,8 @@
 """Top-1 / top-5 evaluation over a (sharded) validation loader: fine-tuning's metric (paper Sec. 4)."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,15 +13,18 @@ from fd_ref.engine.job import Run
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device,
+             normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) validation set, computed in float32
     whatever the training precision (published ``main_finetune.py::validate`` runs without autocast); with
-    ``skipped_val_images`` when unreadable validation files were skipped (all ranks)."""
+    ``skipped_val_images`` when unreadable validation files were skipped (all ranks). ``normalize``: applied
+    to each batch on the device (the loader's uint8 images -> normalised floats)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count, skipped
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = normalize(images) if normalize is not None else images
         with torch.autocast(device.type, enabled=False):
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from fd_ref.data import eval_transform
+from fd_ref.data import EVAL_NORMS, DeviceNormalize, eval_transform
 from fd_ref.data.sampler import make_loader
 from fd_ref.data.splits import train_val_datasets
 from fd_ref.eval.knn import knn_accuracy
@@ -28,12 +28,14 @@ from fd_ref.files import write_text_atomic
 @torch.no_grad()
 def extract(probe: nn.Module, dataset, cfg: Mapping[str, Any],
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, C] float32 on the CPU, labels [N]) of every image of ``dataset``, in order."""
+    """(features [N, C] float32 on the CPU, labels [N]) of every image of ``dataset`` (uint8 images,
+    normalised on the device), in order."""
     loader, _ = make_loader(dataset, cfg["batch_size"], seed=0, shuffle=False, rank=0, world_size=1,
                             num_workers=cfg["num_workers"], drop_last=False)
     feats, labels = [], []
+    normalize = DeviceNormalize(*EVAL_NORMS[cfg["eval_norm"]])
     for images, targets in loader:
-        f = probe.features(images.to(device, non_blocking=True))
+        f = probe.features(normalize(images.to(device, non_blocking=True)))
         feats.append(f.float().cpu())
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
@@ -44,7 +46,7 @@ def knn_evaluate(probe: nn.Module, summary: str, cfg: Mapping[str, Any], info) -
     if not info.is_main:
         return {}
     print(summary, flush=True)
-    transform = eval_transform(cfg["img_size"], cfg["crop_pct"], norm=cfg["eval_norm"])
+    transform = eval_transform(cfg["img_size"], cfg["crop_pct"], norm=cfg["eval_norm"], uint8=True)
     train_set, val_set = train_val_datasets(
         cfg["data"], transform, transform, val_split=cfg["val_split"], split_seed=cfg["split_seed"],
         train_subset=cfg["train_subset"], synthetic_size=cfg["synthetic_size"], img_size=cfg["img_size"],

@@ -11,7 +11,7 @@ checkpoint.pt and estimates nothing.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -22,8 +22,10 @@ from fd_ref.method.target_norm import Moments, PhiS
 
 
 def fit_phi_s(branches: Sequence[FeatureDistillation], dataset, num_images: int, batch_size: int, seed: int,
-              device: torch.device, precision: str = "fp32") -> int:
-    """Estimate the PHI-S of every branch that needs it; returns the number of images used (0: none)."""
+              device: torch.device, precision: str = "fp32",
+              normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
+    """Estimate the PHI-S of every branch that needs it; returns the number of images used (0: none).
+    ``normalize``: what the training step applies to the loader's images on the device (uint8 batches)."""
     todo = [b for b in branches if isinstance(b.target_norm, PhiS) and not b.target_norm.fitted]
     if not todo:
         return 0
@@ -35,6 +37,7 @@ def fit_phi_s(branches: Sequence[FeatureDistillation], dataset, num_images: int,
         moments = [Moments(b.teacher.embed_dim) for b in todo]
         for batch in loader:
             images = batch[0].to(device)
+            images = normalize(images) if normalize is not None else images
             with autocast(precision, device):
                 for branch, m in zip(todo, moments):
                     m.add(branch.teacher_tokens(images))

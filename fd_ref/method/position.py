@@ -71,9 +71,37 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("index", relative_position_index(self.grid, cls_token), persistent=False)
 
     def forward(self) -> torch.Tensor:
-        n = self.index.shape[0]
-        bias = self.table[self.index.view(-1)]  # [N*N, heads]
-        return rearrange(bias, "(i j) h -> h i j", i=n, j=n).contiguous()
+        return gather_bias(self.table, self.index)
+
+
+def gather_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The dense bias ``bias[h, i, j] = table[index[i, j], h]``, [heads, N, N]."""
+    n, m = index.shape
+    bias = table[index.reshape(-1)]  # [N*N, heads]
+    return rearrange(bias, "(i j) h -> h i j", i=n, j=m).contiguous()
+
+
+def as_table(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense bias [heads, N, N] as a ``(table, index)`` pair with ``gather_bias(table, index) == bias``:
+    one table row per (i, j), so any additive bias can go through :func:`bias_score_mod`."""
+    heads, n, m = bias.shape
+    index = torch.arange(n * m, device=bias.device).view(n, m)
+    return rearrange(bias, "h i j -> (i j) h"), index
+
+
+def bias_score_mod(*tables: tuple[torch.Tensor, torch.Tensor]):
+    """The bias as FlexAttention's ``score_mod``: for each ``(table, index)`` pair given,
+
+        score[b, h, q_idx, kv_idx] + table[index[q_idx, kv_idx], h]
+
+    (the logits of the module docstring, the sum over pairs when a block has its own table besides a shared
+    one). The kernel gathers the bias inside its tiles instead of reading a dense [heads, N, N] tensor, and
+    its backward accumulates the logits' gradient into ``table``'s rows."""
+    def add_bias(score, b, h, q_idx, kv_idx):  # noqa: ARG001 (the batch index b: the same bias for every image)
+        for table, index in tables:
+            score = score + table[index[q_idx, kv_idx], h]
+        return score
+    return add_bias
 
 
 def geometric_positions(src: int, dst: int) -> torch.Tensor:

@@ -34,17 +34,20 @@ Attention (per head h, tokens i, j)::
     attn[h, i, j] = softmax_j(q[h, i] . k[h, j] * scale + bias[h, i, j]),   scale = head_dim ** -0.5
     out[h, i]     = sum_j attn[h, i, j] v[h, j]
 
-computed by ``scaled_dot_product_attention`` with ``bias`` as an additive mask (fused path), or by
-the explicit formula above (plain path): taken when ``attn`` is returned (the diagnostics), for training with
-a trainable bias on the CPU and for bf16 on the CPU, where it measured faster (:class:`Attention`), and
-everywhere with ``set_fused_attn(False)``. Both paths build the qkv bias ``[q_bias, 0, v_bias]`` per call.
+computed by one of three kernels (:mod:`fd_ref.models.attention`, ``set_attention_kernel``): FlexAttention
+with ``bias[h, i, j] = table[index[i, j], h]`` gathered inside the kernel (the default on a CUDA GPU), or
+``scaled_dot_product_attention`` with ``bias`` as an additive mask (fused path), or the explicit formula
+above (plain path): taken when ``attn`` is returned (the diagnostics), for training with a trainable bias on
+the CPU and for bf16 on the CPU, where it measured faster (:class:`Attention`), and everywhere with
+``set_fused_attn(False)`` or ``set_attention_kernel("explicit")``. Every path builds the qkv bias
+``[q_bias, 0, v_bias]`` per call.
 State-dict keys are clean and stable: ``patch_embed.proj``, ``cls_token``, ``rel_pos_bias.table``,
 ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.q_bias``, ``blocks.{i}.attn.v_bias``, ``blocks.{i}.ls1.gamma``,
 ``blocks.{i}.mlp.fc1``, ``norm``, ``fc_norm``, ``head``.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import math
 
@@ -55,7 +58,11 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from fd_ref.method.drop_path import DropPath, add_branch, drop_path_rates
-from fd_ref.method.position import Grid, RelativePositionBias
+from fd_ref.method.position import Grid, RelativePositionBias, as_table, bias_score_mod, gather_bias
+from fd_ref.models.attention import check_kernel, flex_attention, resolve_kernel
+
+# A shared position bias as handed to the blocks: dense [heads, N, N], or its (table, index) pair.
+SharedBias = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 PosEmbed = Literal["shared_rpb", "rpb", "abs"]
 Activation = Literal["gelu", "quick_gelu"]
@@ -105,7 +112,8 @@ class Attention(nn.Module):
         self.rel_pos_bias = RelativePositionBias(grid, num_heads) if grid is not None else None
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
-        self.fused = True
+        # auto | flex | sdpa | explicit (fd_ref.models.attention); the model sets every block's at once.
+        self.kernel = "auto"
         # On the CPU, SDPA cannot differentiate a mask with its fused kernel and falls back to its math
         # kernel, the explicit formula with extra work. So training with a trainable bias on the CPU takes
         # the explicit formula even when ``fused``; False forces SDPA there too (measurements:
@@ -116,27 +124,50 @@ class Attention(nn.Module):
         # attention on the CPU takes the explicit formula even when ``fused``; False forces SDPA there too.
         self.explicit_on_cpu_bf16 = True
 
+    @property
+    def fused(self) -> bool:
+        """False: the explicit formula (``kernel="explicit"``); True: a fused kernel (``kernel="auto"``)."""
+        return self.kernel != "explicit"
+
+    @fused.setter
+    def fused(self, enabled: bool) -> None:
+        self.kernel = "auto" if enabled else "explicit"
+
     def _qkv_bias(self) -> Optional[torch.Tensor]:
         if self.q_bias is None:
             return None
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
-    def forward(self, x: torch.Tensor, shared_bias: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, shared_bias: Optional[SharedBias] = None,
                 return_attn: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``shared_bias``: the network's shared bias, dense [heads, N, N] or as its ``(table, index)``
+        (what the model hands over when the pass runs FlexAttention); either form works with every kernel."""
         qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        bias = shared_bias
+        drop = self.attn_drop if self.training else 0.0
+        kernel = "explicit" if return_attn else resolve_kernel(self.kernel, q.device, self.head_dim,
+                                                                self.training and torch.is_grad_enabled())
+        if kernel == "flex" and drop > 0:  # FlexAttention has no attention dropout
+            kernel = "sdpa"
+        if kernel == "flex":
+            tables = [] if shared_bias is None else [shared_bias if isinstance(shared_bias, tuple)
+                                                     else as_table(shared_bias)]
+            if self.rel_pos_bias is not None:
+                tables.append((self.rel_pos_bias.table, self.rel_pos_bias.index))
+            out = flex_attention(q, k, v, bias_score_mod(*tables), self.scale)
+            return self.proj(rearrange(out, "b h n d -> b n (h d)")), None
+        bias = gather_bias(*shared_bias) if isinstance(shared_bias, tuple) else shared_bias
         if self.rel_pos_bias is not None:
             own = self.rel_pos_bias()
             bias = own if bias is None else bias + own
         attn = None
-        drop = self.attn_drop if self.training else 0.0
-        fused = self.fused and not return_attn
-        if (fused and self.explicit_on_cpu_training and self.training and q.device.type == "cpu"
-                and bias is not None and bias.requires_grad and torch.is_grad_enabled()):
-            fused = False
-        if fused and self.explicit_on_cpu_bf16 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            fused = False
+        fused = kernel != "explicit"
+        if self.kernel == "auto" and q.device.type == "cpu":  # the CPU rules above (a forced sdpa skips them)
+            if (self.explicit_on_cpu_training and self.training and bias is not None and bias.requires_grad
+                    and torch.is_grad_enabled()):
+                fused = False
+            if self.explicit_on_cpu_bf16 and q.dtype == torch.bfloat16:
+                fused = False
         if fused:
             mask = None if bias is None else bias.to(q.dtype).unsqueeze(0)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
@@ -208,7 +239,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, shared_bias: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, shared_bias: Optional[SharedBias] = None,
                 return_attn: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         y, attn = self.attn(self.norm1(x), shared_bias, return_attn)
         x = add_branch(x, y, _gamma(self.ls1), self.drop_path1.p, self.training)  # x + drop_path1(ls1(y))
@@ -255,6 +286,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=ln_eps) if global_pool == "avg" else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
+        self.attn_kernel = "auto"  # set_attention_kernel
         self._init_weights(head_init_scale)
 
     @torch.no_grad()
@@ -295,8 +327,16 @@ class VisionTransformer(nn.Module):
         With True, the CPU still uses the explicit formula for training with a trainable position bias and
         for bf16 attention, where it measured faster (``Attention.explicit_on_cpu_training``,
         ``Attention.explicit_on_cpu_bf16``)."""
+        self.attn_kernel = "auto" if enabled else "explicit"
         for block in self.blocks:
             block.attn.fused = enabled
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """``auto`` (flex on a CUDA GPU that has it, else SDPA with the CPU rules), ``flex``, ``sdpa`` or
+        ``explicit`` for every block (:mod:`fd_ref.models.attention`)."""
+        self.attn_kernel = check_kernel(kernel)
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -318,7 +358,12 @@ class VisionTransformer(nn.Module):
         """Images [B, 3, H, W] -> every token after the final norm, [B, 1 + N, C] (class token first). With a
         ``mask`` [B, N] (bool), the masked patches enter the blocks as ``mask_token`` [C] instead."""
         x = self._tokens(x, mask, mask_token)
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # built once per pass
+        bias = None
+        if self.rel_pos_bias is not None:  # FlexAttention reads the table itself; else built once per pass
+            kernel = resolve_kernel(self.attn_kernel, x.device, self.embed_dim // self.num_heads,
+                                    self.training and torch.is_grad_enabled())
+            rpb = self.rel_pos_bias
+            bias = (rpb.table, rpb.index) if kernel == "flex" else rpb()
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, _ = checkpoint(block, x, bias, use_reentrant=False)
