@@ -113,7 +113,7 @@ def _free_port() -> int:
 
 
 def _rank_worker(rank: int, port: int, argv: list[str], save_to: str) -> None:
-    """One rank, in a forked child: join the group as torchrun would, run train.main, save this rank's
+    """One rank, in a spawned child: join the group as torchrun would, run train.main, save this rank's
     final (student + projection) state through a recording Trainer (only rank 0 writes files itself)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -134,8 +134,11 @@ def _rank_worker(rank: int, port: int, argv: list[str], save_to: str) -> None:
 
 
 def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
-    common = TINY + ["--epochs", "1", "--drop-path", "0", "--lr", "0.05", "--seed", "1"]
-    ctx = multiprocessing.get_context("fork")  # children inherit the imports: no 15 s interpreter start
+    # fp32 named: spawned children do not inherit conftest's fp32 reading of --precision auto
+    common = TINY + ["--epochs", "1", "--drop-path", "0", "--lr", "0.05", "--seed", "1", "--precision", "fp32"]
+    # spawn, not fork: a forked child cannot run a backward once the parent's autograd engine has started its
+    # threads, which depends on what other tests ran before in this process
+    ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     ddp_out = tmp_path / "ddp"
     procs = [ctx.Process(target=_rank_worker, args=(r, port, common + ["--batch-size", "8", "--output",
