@@ -1,19 +1,21 @@
 """Mutation score of the method, the optimiser and the training loop's step and evaluation (mutmut 2).
 
 mutmut plants one small change at a time (an operator flipped, a constant moved by one, an argument
-dropped) into a module and runs the tests that import it; a mutant the tests let through "survives". The
+dropped) into a module and runs the tests on it; a mutant the tests let through "survives". The
 score is killed / (killed + survived) over the mutants that are not equivalent to the original code;
 docs/testing.md keeps the figure and one line per survivor.
 
-    pip install -r bench/requirements-mutation.txt      # mutmut pins its own click/pony: use a separate venv
-    nohup nice -n 15 python bench/mutation.py > /work/cache/mutation.log 2>&1 &   # long: hours on 2 cores
+    python -m venv /tmp/mutmut && /tmp/mutmut/bin/pip install -r bench/requirements-mutation.txt  # its own venv:
+    pip install coverage==7.17.3                        # mutmut pins click/pony; coverage goes where torch is
+    nohup nice -n 15 python bench/mutation.py --mutmut /tmp/mutmut/bin/mutmut > /tmp/mutation.log 2>&1 &  # hours
     python bench/mutation.py --report                    # the table and every survivor's diff, from the caches
 
 Each target runs in its own copy of the committed tree (``git archive HEAD``) under ``--work``. mutmut makes
-the mutants (its cache lists them; ``mutmut apply`` writes one into the copy); this script runs the target's
-tests on each, restores the file and records the outcome in ``results.json`` after every mutant, so rerunning
-the same command continues where it stopped (killed mutants stay killed; survivors are tried again at a new
-commit). ``--only`` picks targets by substring. The loop's step and ``evaluate()`` are mutated on their own
+the mutants (its cache lists them; ``mutmut apply`` writes one into the copy); this script runs, on each, the
+tests that run the mutated line (coverage.py, once per target, records which test runs which line; a test that
+never runs a line cannot see it changed), restores the file and records the outcome in ``results.json`` after
+every mutant, so rerunning the same command continues where it stopped (killed mutants stay killed; survivors
+are tried again at a new commit). ``--only`` picks targets by substring. The loop's step and ``evaluate()`` are mutated on their own
 lines only. Tests marked ``slow`` (torch.compile) or ``cuda`` are deselected: minutes each on a CPU, and
 compile adds no check of its own that the eager tests lack. A mutant whose tests run past 3x the unmutated
 time (2 minutes at least) counts as killed (a timeout). Not part of CI. To stop a background run, end its
@@ -45,6 +47,7 @@ TARGETS: list[tuple[str, list[str] | None]] = [
     ("fd_ref/method/target_norm.py", None),
     ("fd_ref/method/position.py", None),
     ("fd_ref/method/multi_teacher.py", None),
+    ("fd_ref/method/masking.py", None),
     ("fd_ref/method/distill.py", None),
     ("fd_ref/optim/schedule.py", None),
     ("fd_ref/optim/lars.py", None),
@@ -132,20 +135,64 @@ def _mutants(here: Path, module: str, functions: list[str] | None, mutmut: str) 
     return [(i, f"{n + 1}:{k}:{text.strip()}") for i, n, k, text in rows if wanted is None or n + 1 in wanted]
 
 
+def tests_by_line(here: Path, module: str, tests: list[str], env: dict) -> tuple[dict[int, list[str]], float]:
+    """Run ``tests`` once under coverage.py, each test's lines labelled with its node id (bench/mutation_contexts.py):
+    {line of ``module``: the tests that run it}, and the seconds the run took. A line run at collection (imports,
+    module-level code, ``def`` lines) maps to every file of ``tests``; one run by a fixture's setup or teardown to
+    the whole file of the test it ran for; a line absent from the map is run by no test in this process (a
+    subprocess may run it) and gets every file too. Raises if the tests fail without a mutant."""
+    rc = here / ".coveragerc-mutation"
+    rc.write_text(f"[run]\ninclude = {module}\ndata_file = .coverage-mutation\n")
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "coverage", "run", f"--rcfile={rc}", *PYTEST[1:], "-p",
+                          "mutation_contexts", *tests], cwd=here, env={**env, "PYTHONPATH": str(here / "bench")},
+                         capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if run.returncode != 0:
+        raise RuntimeError(run.stdout[-2000:] + run.stderr[-2000:])
+    from coverage import CoverageData
+    data = CoverageData(basename=str(here / ".coverage-mutation"))
+    data.read()
+    measured = [f for f in data.measured_files() if Path(f).resolve() == (here / module).resolve()]
+    by_line: dict[int, list[str]] = {}
+    for line, contexts in (data.contexts_by_lineno(measured[0]).items() if measured else []):
+        chosen: list[str] = []
+        for context in contexts:
+            node, _, phase = context.partition("@")
+            if not node:
+                chosen = list(tests)
+                break
+            chosen.append(node.split("::")[0] if phase else node.split("[")[0])  # all of a parametrised test
+        by_line[line] = list(dict.fromkeys(chosen))
+    return by_line, seconds
+
+
+def selected(by_line: dict[int, list[str]], line: int, tests: list[str]) -> list[str]:
+    """The tests to run on a mutant of ``line``: those that run it (a file named whole drops its single tests),
+    in the order of ``tests`` (FIRST_TESTS first); every file where coverage saw no test run it."""
+    chosen = by_line.get(line) or tests
+    files = {c for c in chosen if "::" not in c}
+    order = {t: i for i, t in enumerate(tests)}
+    kept = [c for c in chosen if "::" not in c or c.split("::")[0] not in files]
+    return sorted(kept, key=lambda c: (order.get(c.split("::")[0], len(order)), c))
+
+
 def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str) -> None:
-    """Apply each mutant in turn (``mutmut apply``), run the module's tests, restore the file; results in
-    ``results.json`` (written after every mutant: a rerun continues; survivors are tried again at a new commit)."""
+    """Apply each mutant in turn (``mutmut apply``), run the tests that run its line, restore the file; results
+    in ``results.json`` (written after every mutant: a rerun continues; survivors are tried again at a new
+    commit)."""
     here = work_dir(work, module)
     commit = _fresh_copy(here)
     tests = tests_for(module)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     print(f"== {module} {'(' + ', '.join(functions) + ')' if functions else ''} at {commit}\n"
           f"   tests: {' '.join(tests)}", flush=True)
-    t = time.perf_counter()
-    if subprocess.run(PYTEST + tests, cwd=here, env=env, capture_output=True).returncode != 0:
-        print("   the tests fail without a mutant: skipped", flush=True)
+    try:
+        by_line, seconds = tests_by_line(here, module, tests, env)
+    except RuntimeError as failure:
+        print(f"   the tests fail without a mutant: skipped\n{failure}", flush=True)
         return
-    timeout = max(120.0, 3 * (time.perf_counter() - t))
+    timeout = max(120.0, 3 * seconds)
     results_path = here / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     pristine = (here / module).read_text()
@@ -159,21 +206,23 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
         subprocess.run([mutmut, "apply", str(mutant_id)], cwd=here, check=True, capture_output=True)
         diff = subprocess.run(["diff", "-u", "-", module], cwd=here, input=pristine, capture_output=True,
                               text=True).stdout
+        chosen = selected(by_line, int(key.split(":")[0]), tests)
         t = time.perf_counter()
         try:
-            rc = subprocess.run(PYTEST + tests, cwd=here, env=env, capture_output=True, timeout=timeout).returncode
+            rc = subprocess.run(PYTEST + chosen, cwd=here, env=env, capture_output=True, timeout=timeout).returncode
             status = "survived" if rc == 0 else "killed"
         except subprocess.TimeoutExpired:
             status = "timeout"
         finally:
             (here / module).write_text(pristine)
         results[key] = {"status": status, "commit": commit, "seconds": round(time.perf_counter() - t, 1),
+                        "tests": len(chosen),
                         "diff": [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in
                                  ("+++", "---")]}
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(results_path)
-        print(f"   {status:<8} {key[:100]}", flush=True)
+        print(f"   {status:<8} {key[:90]} ({len(chosen)} tests, {time.perf_counter() - t:.0f} s)", flush=True)
 
 
 def report(work: Path) -> None:
