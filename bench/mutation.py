@@ -197,6 +197,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     pristine = (here / module).read_text()
     mutants = _mutants(here, module, functions, mutmut)
+    results = {key: results[key] for _, key in mutants if key in results}  # a moved line is a new mutant
     (here / "mutants.txt").write_text(f"{len(mutants)}\n")
     print(f"   {len(mutants)} mutants, timeout {timeout:.0f} s", flush=True)
     for mutant_id, key in mutants:

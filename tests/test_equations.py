@@ -164,9 +164,9 @@ def test_smooth_l1_mean_over_all_elements():
 
 
 def test_smooth_l1_rejects_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^smooth_l1: pred \(2, 3\) and target \(3, 2\) differ$"):
         smooth_l1(torch.zeros(2, 3), torch.zeros(3, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^smooth_l1: beta must be > 0$"):
         smooth_l1(torch.zeros(2), torch.zeros(2), beta=0.0)
 
 

@@ -82,8 +82,25 @@ def test_cosine_minimum_and_gradient_perpendicular_to_the_prediction(shape, seed
 
 def test_shapes_must_agree_and_names_are_checked():
     for name in LOSSES:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=rf"^{name}: pred \(2, 3\) and target \(2, 4\) differ$"):
             distill_loss(name, torch.zeros(2, 3), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="smooth_l1, mse, cosine"):
+    with pytest.raises(ValueError, match=r"^loss must be one of smooth_l1, mse, cosine, got 'l2'$"):
         distill_loss("l2", torch.zeros(2), torch.zeros(2))
     assert mse(torch.ones(3), torch.zeros(3)).dtype == torch.float32
+
+
+def test_smooth_l1_is_the_default_with_beta_two():
+    """FD's loss (Sec. 3.1): smooth-L1 with beta = 2 when no beta is given; differences on both sides of 2."""
+    pred = torch.tensor([[0.5, -1.5, 2.5, -4.0]])
+    d = pred.double().abs()
+    hand = torch.where(d <= 2.0, 0.5 * d ** 2 / 2.0, d - 1.0).mean()  # beta 2: 0.0625, 0.5625, 1.5, 3.0
+    assert float(distill_loss("smooth_l1", pred, torch.zeros(1, 4))) == pytest.approx(float(hand), rel=1e-6)
+    assert float(hand) == pytest.approx((0.0625 + 0.5625 + 1.5 + 3.0) / 4)
+
+
+def test_cosine_floor_is_one_e_minus_8_per_vector():
+    """Norms are floored at 1e-8 each (F.cosine_similarity's eps): two equal vectors of norm 1.5e-8 still have
+    cosine 1, two of norm 5e-9 have cosine (5e-9)^2 / (1e-8)^2 = 0.25, so the loss is 0.75."""
+    for norm, loss in ((1.5e-8, 0.0), (5e-9, 0.75)):
+        v = torch.tensor([[norm, 0.0]])
+        assert float(cosine(v, v)) == pytest.approx(loss, abs=1e-6)

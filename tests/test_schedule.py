@@ -57,12 +57,26 @@ def test_known_values() -> None:
 
 
 def test_bad_hparams() -> None:
+    """Each check names the setting, the value it got and what to change (the whole message is pinned)."""
     good = {"base_lr": 1.0, "total_steps": 10, "warmup_steps": 2, "min_lr": 0.0}
-    for bad in ({"total_steps": 0}, {"warmup_steps": 11}, {"min_lr": 2.0}, {"warmup_lr": -1.0}):
-        with pytest.raises(UserError):
+    for bad, message in (
+            ({"total_steps": 0}, "total_steps must be >= 1, got 0; check epochs and the data size"),
+            ({"warmup_steps": 11}, "warmup_steps must be in [0, total_steps=10], got 11; "
+                                   "use fewer warm-up epochs than epochs"),
+            ({"min_lr": 2.0}, "need 0 <= min_lr <= base_lr, got min_lr=2.0, base_lr=1.0; fix the lr settings"),
+            ({"warmup_lr": -1.0}, "warmup_lr must be >= 0, got -1.0; fix the lr settings")):
+        with pytest.raises(UserError) as error:
             lr_at(0, **{**good, **bad})
-    with pytest.raises(ValueError):
+        assert str(error.value) == message
+    with pytest.raises(ValueError, match=r"^step must be >= 0, got -1$"):
         lr_at(-1, **good)
+
+
+def test_warm_up_starts_at_zero_by_default() -> None:
+    """Without ``warmup_lr`` the warm-up ramps from 0: lr_at(0) == 0 and lr_at(w / 2) == base_lr / 2."""
+    h = {"base_lr": 1.0, "total_steps": 110, "warmup_steps": 10, "min_lr": 0.1}
+    assert lr_at(0, **h) == 0.0
+    assert lr_at(5, **h) == pytest.approx(0.5)
 
 
 def _published_group_lr(step: int, h: dict, scale: float) -> float:
