@@ -213,11 +213,11 @@ def test_projection_parameters_and_errors():
     p = Projection(6, 10)
     assert dict((k, tuple(v.shape)) for k, v in p.state_dict().items()) == {
         "proj.weight": (10, 6, 1), "proj.bias": (10,)}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^Projection expects 6 channels, got 5$"):  # tokens: the last dim
         p(torch.zeros(2, 3, 5))
-    with pytest.raises(ValueError):
-        p(torch.zeros(2, 5, 3, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^Projection expects 6 channels, got 5$"):  # a map: dim 1
+        p(torch.zeros(2, 5, 3, 4))
+    with pytest.raises(ValueError, match=r"^Projection takes \[B, N, C\] or \[B, C, H, W\], got shape \(2, 6\)$"):
         p(torch.zeros(2, 6))
     # hand-computed: weight = [[1, 2]], bias = [0.5] -> 1*3 + 2*4 + 0.5
     q = Projection(2, 1)
@@ -233,6 +233,8 @@ def test_drop_path_identity_in_eval_and_at_zero_rate():
     m = DropPath(0.5).eval()
     assert torch.equal(m(x), x)
     assert torch.equal(DropPath(0.0).train()(x), x)
+    assert torch.equal(DropPath().train()(x), x)  # the default rate is 0
+    assert repr(DropPath(0.25)) == "DropPath(p=0.25)"
     assert torch.equal(drop_path(x, 0.7, training=False), x)
 
 
@@ -257,10 +259,22 @@ def test_drop_path_keeps_expectation():
 
 
 def test_drop_path_rejects_bad_rate():
-    with pytest.raises(ValueError):
-        DropPath(1.0)
-    with pytest.raises(ValueError):
-        DropPath(-0.1)
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^drop path rate must be in \[0, 1\), got {p}$"):
+            DropPath(p)
+
+
+def test_drop_path_at_rate_zero_draws_nothing():
+    """At rate 0 (the teacher's side, the first block) no mask is drawn in training either, so the global random
+    stream, and with it every later draw of the run, is the same as without the module."""
+    x, branch = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    assert torch.equal(drop_path(x, 0.0, training=True), x)
+    assert torch.equal(add_branch(x, branch, None, 0.0, training=True), x + branch)
+    assert torch.equal(torch.get_rng_state(), before)
+    drop_path(x, 0.5, training=True)  # a positive rate does draw
+    assert not torch.equal(torch.get_rng_state(), before)
 
 
 @given(batch=st.integers(1, 6), n=st.integers(1, 5), c=st.integers(1, 8), p=st.sampled_from([0.0, 0.2, 0.7]),
