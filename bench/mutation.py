@@ -135,6 +135,53 @@ def _mutants(here: Path, module: str, functions: list[str] | None, mutmut: str) 
     return [(i, f"{n + 1}:{k}:{text.strip()}") for i, n, k, text in rows if wanted is None or n + 1 in wanted]
 
 
+def preload() -> None:
+    """Import the third-party libraries the tests use, once, in this process: each mutant's tests then run in a
+    fork of it (:func:`run_forked`) and skip their import (several seconds of the ten or so a mutant takes).
+    fd_ref itself is never imported here: every fork imports the mutated copy afresh."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    import hypothesis  # noqa: F401
+    import numpy  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import pytest  # noqa: F401
+    import timm  # noqa: F401
+    import torch
+    import torchvision  # noqa: F401
+    torch.set_num_threads(1)
+
+
+def run_forked(here: Path, tests: list[str], timeout: float) -> str:
+    """Run pytest on ``tests`` in a fork of this process with ``here`` as the working directory: "killed" (a
+    test failed or the run crashed), "survived" or "timeout" (the fork and everything it started are ended)."""
+    pid = os.fork()
+    if pid == 0:  # the child: its own process group, so that a timeout ends what its tests started too
+        code = 3
+        try:
+            os.setsid()
+            os.chdir(here)
+            sys.path.insert(0, str(here))
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            import pytest
+            code = int(pytest.main([*PYTEST[3:], *tests]))
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, 9)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    return "timeout"
+
+
 def tests_by_line(here: Path, module: str, tests: list[str], env: dict) -> tuple[dict[int, list[str]], float]:
     """Run ``tests`` once under coverage.py, each test's lines labelled with its node id (bench/mutation_contexts.py):
     {line of ``module``: the tests that run it}, and the seconds the run took. A line run at collection (imports,
@@ -210,10 +257,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
         chosen = selected(by_line, int(key.split(":")[0]), tests)
         t = time.perf_counter()
         try:
-            rc = subprocess.run(PYTEST + chosen, cwd=here, env=env, capture_output=True, timeout=timeout).returncode
-            status = "survived" if rc == 0 else "killed"
-        except subprocess.TimeoutExpired:
-            status = "timeout"
+            status = run_forked(here, chosen, timeout)
         finally:
             (here / module).write_text(pristine)
         results[key] = {"status": status, "commit": commit, "seconds": round(time.perf_counter() - t, 1),
@@ -270,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         report(work)
         return
+    preload()
     for module, functions in targets:
         run_target(work, module, functions, args.mutmut)
 
