@@ -240,6 +240,9 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
         print(f"   the tests fail without a mutant: skipped\n{failure}", flush=True)
         return
     timeout = max(120.0, 3 * seconds)
+    if run_forked(here, tests, timeout) != "survived":
+        print("   the tests fail in a forked run without a mutant: skipped", flush=True)
+        return
     results_path = here / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     pristine = (here / module).read_text()
