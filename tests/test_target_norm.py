@@ -27,12 +27,22 @@ def _tokens(seed, shape, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@given(n=st.sampled_from(BUILDABLE))
+@pytest.mark.parametrize("n", BUILDABLE)  # every order, not a sample of them
 def test_hadamard_is_orthonormal_with_entries_of_one_magnitude(n):
     h = hadamard(n)
     assert h.shape == (n, n)
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(h.abs(), torch.full_like(h, 1 / math.sqrt(n)), atol=1e-12)
+
+
+def test_hadamard_of_order_4_is_the_paley_matrix_written_out():
+    """Order 4 = q + 1 for q = 3: H = I + S, S = [[0, 1^T], [-1, Q]], Q[i, j] = chi(j - i) with the squares mod 3
+    = {1}, so chi(1) = 1, chi(2) = -1 (by hand: Q = [[0, 1, -1], [-1, 0, 1], [1, -1, 0]]); scaled by 1/2."""
+    paley = torch.tensor([[1, 1, 1, 1],
+                          [-1, 1, 1, -1],
+                          [-1, -1, 1, 1],
+                          [-1, 1, -1, 1]], dtype=torch.float64)
+    assert torch.equal(hadamard(4), paley / 2)
 
 
 @pytest.mark.parametrize("n", NOT_HADAMARD)
