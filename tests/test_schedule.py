@@ -158,5 +158,29 @@ def test_scheduler_sets_scaled_lr_and_resumes(h: dict, cut: int) -> None:
 def test_scale_lr() -> None:
     assert scale_lr(1.2e-3, 2048) == pytest.approx(4.8e-3)
     assert scale_lr(1e-3, 512) == 1e-3
-    with pytest.raises(UserError):
+    assert scale_lr(1e-3, 1) == pytest.approx(1e-3 / 512)  # one image per step is a valid total batch
+    with pytest.raises(UserError) as error:
         scale_lr(1e-3, 0)
+    assert str(error.value) == "total batch size must be >= 1, got 0; check batch size and GPU count"
+
+
+def test_scheduler_warm_up_starts_at_zero_by_default() -> None:
+    opt = _optimizer()
+    WarmupCosine(opt, base_lr=1.0, total_steps=10, warmup_steps=4, min_lr=0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0, 0.0]
+
+
+def test_a_scheduler_state_without_scale_whole_curve_resumes_scaling_the_whole_curve() -> None:
+    """Checkpoints written before the published per-group curve existed scaled each group's whole curve: a
+    state without the key resumes that way (lr_scale 0.25 -> 0.25 x the head's lr), a newer state as saved."""
+    h = {"base_lr": 1.0, "total_steps": 10, "warmup_steps": 2, "min_lr": 0.1, "warmup_lr": 0.05}
+    state = WarmupCosine(_optimizer(), **h).state_dict()
+    state["step_count"] = 1
+    old = {k: v for k, v in state.items() if k != "scale_whole_curve"}
+    for saved, whole in ((old, True), (state, False)):
+        opt = _optimizer()
+        resumed = WarmupCosine(opt, **h)
+        resumed.load_state_dict(saved)
+        assert resumed.scale_whole_curve is whole
+        expected = 0.25 * lr_at(1, **h) if whole else _published_group_lr(1, h, 0.25)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
