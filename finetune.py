@@ -222,8 +222,10 @@ def main(argv=None) -> dict:
               f"{run.precision}, batch {run.total_batch}, lr {lr:.2e}", flush=True)
     history = trainer.fit()
     evals = [h for h in history if "top1" in h]
-    final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else evaluate(
-        model, val_loader, info.device, val_normalize)
+    # a rerun that resumed after the last evaluation (stopped in the final save) evaluates again: the same
+    # record, step and epoch included, as the uninterrupted run's
+    final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else {
+        "step": trainer.step, "epoch": cfg["epochs"] - 1, **evaluate(model, val_loader, info.device, val_normalize)}
     best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
     results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]

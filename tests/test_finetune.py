@@ -388,6 +388,20 @@ def test_resume_continues_from_the_checkpoint(quickstart, student, tmp_path, cap
     assert results["final"] == ref_results["final"] and results["best_top1"] == ref_results["best_top1"]
 
 
+def test_a_run_stopped_before_its_results_were_written_writes_the_same_results(quickstart, student, tmp_path):
+    """A stop after the last checkpoint but before results.json (the soak's kill in the final save): the rerun
+    resumes at the last step, evaluates again and writes results.json byte for byte as the uninterrupted run
+    (the final record with its step and epoch)."""
+    ref_out, _ = quickstart
+    out = tmp_path / "run"
+    argv = FT + ["--pretrained", str(student), "--output", str(out)]
+    finetune.main(argv)
+    (out / "results.json").unlink()
+    results = finetune.main(argv)
+    assert results["final"]["step"] == 8 and results["final"]["epoch"] == 1
+    assert (out / "results.json").read_text() == (ref_out / "results.json").read_text()
+
+
 def test_best_top1_survives_a_resume(student, tmp_path, monkeypatch):
     """The best validation of the epochs before a resume still counts in results.json (and best.pt)."""
     scores = iter([80.0, 70.0, 60.0])  # end of epoch 0 | final of the stopped run | end of epoch 1
