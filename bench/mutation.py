@@ -214,10 +214,22 @@ def tests_by_line(here: Path, module: str, tests: list[str], env: dict) -> tuple
     return by_line, seconds
 
 
-def selected(by_line: dict[int, list[str]], line: int, tests: list[str]) -> list[str]:
+def body_lines(path: Path) -> set[int]:
+    """The lines inside function bodies of ``path``: only those run when a test calls them. Every other line
+    (imports, constants, class attributes, a ``def`` line with its defaults) runs when the module is imported,
+    which may happen inside whichever test imports it first."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines.update(range(node.body[0].lineno, node.end_lineno + 1))
+    return lines
+
+
+def selected(by_line: dict[int, list[str]], line: int, tests: list[str], in_bodies: set[int]) -> list[str]:
     """The tests to run on a mutant of ``line``: those that run it (a file named whole drops its single tests),
-    in the order of ``tests`` (FIRST_TESTS first); every file where coverage saw no test run it."""
-    chosen = by_line.get(line) or tests
+    in the order of ``tests`` (FIRST_TESTS first); every file for a line outside function bodies, and for one
+    where coverage saw no test run it."""
+    chosen = (by_line.get(line) if line in in_bodies else None) or tests
     files = {c for c in chosen if "::" not in c}
     order = {t: i for i, t in enumerate(tests)}
     kept = [c for c in chosen if "::" not in c or c.split("::")[0] not in files]
@@ -246,6 +258,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
     results_path = here / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     pristine = (here / module).read_text()
+    in_bodies = body_lines(here / module)
     mutants = _mutants(here, module, functions, mutmut)
     results = {key: results[key] for _, key in mutants if key in results}  # a moved line is a new mutant
     (here / "mutants.txt").write_text(f"{len(mutants)}\n")
@@ -257,7 +270,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
         subprocess.run([mutmut, "apply", str(mutant_id)], cwd=here, check=True, capture_output=True)
         diff = subprocess.run(["diff", "-u", "-", module], cwd=here, input=pristine, capture_output=True,
                               text=True).stdout
-        chosen = selected(by_line, int(key.split(":")[0]), tests)
+        chosen = selected(by_line, int(key.split(":")[0]), tests, in_bodies)
         t = time.perf_counter()
         try:
             status = run_forked(here, chosen, timeout)
