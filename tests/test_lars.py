@@ -81,5 +81,20 @@ def test_lars_defaults_are_the_published_ones():
     opt = Lars([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
     (group,) = opt.param_groups
     assert (group["momentum"], group["trust_coefficient"], group["weight_decay"]) == (0.9, 0.001, 0.0)
-    with pytest.raises(UserError):
+    assert Lars([torch.nn.Parameter(torch.zeros(2))]).param_groups[0]["lr"] == 0.0  # the schedule sets it
+    with pytest.raises(UserError) as error:
         Lars([torch.nn.Parameter(torch.zeros(2))], lr=-1.0)
+    assert str(error.value) == ("LARS needs lr >= 0, weight_decay >= 0, momentum in [0, 1) and trust_coefficient > 0; "
+                                "got -1.0, 0.0, 0.9, 0.001")
+
+
+@pytest.mark.parametrize("bad", [{"lr": -1e-9}, {"weight_decay": -1e-9}, {"momentum": -0.1}, {"momentum": 1.0},
+                                 {"momentum": 1.5}, {"trust_coefficient": 0.0}])
+def test_lars_refuses_each_setting_outside_its_range(bad):
+    with pytest.raises(UserError):
+        Lars([torch.nn.Parameter(torch.zeros(2))], **{"lr": 0.1, **bad})
+
+
+def test_lars_accepts_the_edges_of_each_range():
+    """lr 0 (the warm-up's first step), no weight decay, no momentum: all valid."""
+    Lars([torch.nn.Parameter(torch.zeros(2))], lr=0.0, weight_decay=0.0, momentum=0.0, trust_coefficient=1e-9)

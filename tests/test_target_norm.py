@@ -106,6 +106,36 @@ def test_phi_s_is_orthogonal_up_to_its_scale_and_invertible(c, seed):
     assert torch.allclose(back, probe, rtol=1e-4, atol=1e-3 * probe.abs().max().item())
 
 
+def test_hadamard_of_order_28_starts_with_the_paley_two_rows():
+    """28 = 2 (q + 1) for q = 13 (27 is no prime): H = C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]] with the
+    conference matrix's first row 0, 1, ..., 1, so H's first two rows are [1, -1] then 13 x [1, 1], and [-1, -1]
+    then 13 x [1, -1] (times 1/sqrt(28))."""
+    h = hadamard(28) * math.sqrt(28)
+    assert torch.allclose(h[0], torch.tensor([1.0, -1.0] + [1.0, 1.0] * 13, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h[1], torch.tensor([-1.0, -1.0] + [1.0, -1.0] * 13, dtype=torch.float64), atol=1e-12)
+
+
+def test_hadamard_error_messages():
+    with pytest.raises(ValueError, match=r"^a Hadamard matrix needs a positive order, got 0$"):
+        hadamard(0)
+    with pytest.raises(ValueError) as err:
+        hadamard(6)
+    assert str(err.value) == ("no Hadamard matrix of order 6 can be built (fd-ref builds 1, 2 and 2^k * m with m = q + 1 "
+                              "for a prime q = 3 mod 4, or m = 2 (q + 1) for a prime q = 1 mod 4); PHI-S needs one of "
+                              "the teacher's width: use --target-norm whiten or none")
+
+
+def test_phi_s_fitted_from_a_state_of_one_token_and_floored_on_constant_tokens():
+    """A saved state is fitted as soon as it counts one token; tokens all alike have no spread, and the scale
+    a = sqrt(mean eigenvalue) is floored at 1e-12 instead of dividing by zero."""
+    phi = PhiS(4)
+    phi.load_state_dict({**phi.state_dict(), "count": torch.tensor(1)})
+    assert phi.fitted
+    flat = PhiS(4).fit([torch.ones(10, 4)])
+    assert float(flat.scale) == pytest.approx(1e-12, rel=1e-6)
+    assert torch.equal(flat(torch.ones(3, 4)), torch.zeros(3, 4))
+
+
 def test_phi_s_state_is_buffers_and_unfitted_until_estimated():
     phi = PhiS(8)
     assert not phi.fitted and set(phi.state_dict()) == {"mean", "matrix", "scale", "count"}
