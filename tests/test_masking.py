@@ -62,6 +62,65 @@ def test_block_masks_are_rectangles_within_the_limits_then_random_positions(grid
     assert torch.equal(final | phase.flatten(), final) and int(final.sum()) == count
 
 
+def _documented_rectangles(grid, count, g):
+    """The rectangle phase as the module docstring states it, cell by cell (BEiT's 16 patches at least, aspect
+    0.3 to 1 / 0.3, 10 tries per rectangle; a rectangle must add 1 to ``room`` new patches; the phase ends at
+    ``count`` or after 10 failed tries): the masked cells and the rectangles, drawing 4 uniforms per try."""
+    height, width = grid
+    cells, rectangles = set(), []
+    while len(cells) < count:
+        room, placed = count - len(cells), False
+        for _ in range(10):
+            u_area, u_aspect, u_top, u_left = torch.rand(4, generator=g).tolist()
+            area = 16 + u_area * max(0, room - 16)
+            aspect = math.exp(math.log(0.3) + u_aspect * 2 * math.log(1 / 0.3))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h >= height or w >= width or h * w < 16 or not 0.3 <= h / w <= 1 / 0.3:
+                continue
+            top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+            new = {(i, j) for i in range(top, top + h) for j in range(left, left + w)} - cells
+            if 0 < len(new) <= room:
+                cells |= new
+                rectangles.append((top, left, h, w))
+                placed = True
+                break
+        if not placed:
+            break
+    return cells, rectangles
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=st.tuples(st.integers(4, 16), st.integers(4, 16)), ratio=ratios, seed=st.integers(0, 2**31 - 1))
+def test_block_rectangles_follow_the_documented_procedure(grid, ratio, seed):
+    """The same rectangles, mask and random stream (the generator's state afterwards) as the procedure written
+    out cell by cell, at every grid, ratio and seed; and a 4 x 4 block, the smallest BEiT allows, is drawn."""
+    count = mask_count(ratio, grid[0] * grid[1])
+    g, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    mask, rectangles = block_rectangles(grid, count, g)
+    cells, expected = _documented_rectangles(grid, count, g_ref)
+    assert rectangles == expected
+    assert {(i, j) for i, j in mask.nonzero().tolist()} == cells
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_the_smallest_block_is_16_patches():
+    """With exactly 16 patches to mask on a 14 x 14 grid, a 4 x 4 block is the only rectangle that fits, and
+    the rectangle phase finds one for most images (about 9 in 10: an aspect within [0.77, 1.27] in 10 tries)."""
+    g = torch.Generator().manual_seed(0)
+    found = [block_rectangles((14, 14), 16, g)[1] for _ in range(50)]
+    assert all(r == [] or [(h, w) for _, _, h, w in r] == [(4, 4)] for r in found)
+    assert sum(r != [] for r in found) >= 35
+
+
+def test_the_mask_token_starts_as_beit_s_small_normal():
+    """BEiT's initialisation: a truncated normal of std 0.02 (its +-2 cut-off is 100 std away: in effect a
+    normal), so over 16 tokens of width 256 (4,096 entries) the spread is 0.02 within sampling error."""
+    torch.manual_seed(0)
+    student = VisionTransformer(img_size=32, patch_size=8, embed_dim=256, depth=1, num_heads=1)
+    token = torch.cat([PatchMasking(student, 0.5).mask_token.detach() for _ in range(16)])
+    assert token.std().item() == pytest.approx(0.02, rel=0.05) and abs(token.mean().item()) < 0.002
+
+
 def test_block_masks_are_mostly_blocks():
     """At the study's 8x8 grid and 40% (and at ViT-B/16's 14x14), rectangles cover most of the count: the
     top-up is a remainder, not the mask; over many draws every rectangle keeps the limits (rounding h and w

@@ -106,6 +106,10 @@ def test_strip_prefixes() -> None:
     ("blocks.0.ls1.gamma", (4,), True),
     ("cls_token", (1, 1, 4), True),
     ("student.pos_embed", (1, 5, 4), True),
+    ("mask_token", (1, 1, 4), True),
+    ("module.student.mask_token", (1, 1, 4), True),
+    # a name ending in ".bias" is excluded whatever its shape (published rule)
+    ("blocks.0.attn.proj.bias", (4, 1), True),
     # relative position bias tables are 2-D and decayed, as in the published optimizer.py
     ("rel_pos_bias.table", (5, 2), False),
     ("blocks.3.attn.rel_pos_bias.table", (5, 2), False),
@@ -286,3 +290,24 @@ def test_declared_no_weight_decay_resolves_module_names() -> None:
     groups = param_groups(model, 0.05)
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
     assert decayed == {"student.model.mlp2.weight", "student.model.other.weight"}
+
+
+def test_swin_published_keywords_apply_whatever_timm_lists(monkeypatch) -> None:
+    """The published Swin rules exempt their parameters from weight decay even where timm's own
+    ``no_weight_decay()`` lists nothing (timm versions have listed modules, parameters or neither):
+    ``relative_position_bias_table`` (v1), ``cpb_mlp`` and ``logit_scale`` (v2), and ``absolute_pos_embed``."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    from fd_ref.optim.groups import declared_no_weight_decay
+
+    monkeypatch.setattr(SwinTransformer, "no_weight_decay", lambda self: set())
+    monkeypatch.setattr(SwinTransformerV2, "no_weight_decay", lambda self: set())
+    small = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 1),
+                 num_classes=0)
+    v1, v2 = SwinTransformer(**small), SwinTransformerV2(**small)
+    v2.absolute_pos_embed = nn.Parameter(torch.zeros(1, 64, 16))  # the published SwinV2's ape=True
+    tables = {n for n, _ in v1.named_parameters() if n.endswith("attn.relative_position_bias_table")}
+    assert len(tables) == 2 and declared_no_weight_decay(v1) == tables
+    cpb = {n for n, _ in v2.named_parameters() if ".attn.cpb_mlp." in n or n.endswith(".attn.logit_scale")}
+    assert len(cpb) == 2 * 4 and declared_no_weight_decay(v2) == cpb | {"absolute_pos_embed"}
