@@ -33,13 +33,19 @@ def _hand_lars(params, grads_per_step, lr, wd, momentum, trust):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), lr=st.floats(1e-3, 2.0), wd=st.floats(0.0, 0.5),
        momentum=st.floats(0.0, 0.99), trust=st.floats(1e-4, 1.0), steps=st.integers(1, 4),
-       zero_weight=st.booleans())
-def test_lars_matches_the_hand_formula(seed, lr, wd, momentum, trust, steps, zero_weight):
+       zero_weight=st.booleans(), grad_scale=st.sampled_from([1e-3, 0.1, 1.0, 10.0]), zero_grad=st.booleans())
+def test_lars_matches_the_hand_formula(seed, lr, wd, momentum, trust, steps, zero_weight, grad_scale, zero_grad):
+    """Gradients of every size (update norms below and above 1); a zero matrix, and a matrix whose gradient is
+    zero (with no weight decay its update norm is 0: the plain q = 1 step, no division by zero)."""
     rng = np.random.default_rng(seed)
     init = [rng.normal(size=(3, 4)), rng.normal(size=(4,)), rng.normal(size=(2, 2, 2))]
     if zero_weight:  # a zero matrix takes the plain (q = 1) update
         init[0] = np.zeros((3, 4))
-    grads = [[rng.normal(size=p.shape) for p in init] for _ in range(steps)]
+    grads = [[grad_scale * rng.normal(size=p.shape) for p in init] for _ in range(steps)]
+    if zero_grad:
+        wd = 0.0
+        for step in grads:
+            step[2] = np.zeros((2, 2, 2))
     params = [torch.nn.Parameter(torch.tensor(p)) for p in init]
     opt = Lars(params, lr=lr, weight_decay=wd, momentum=momentum, trust_coefficient=trust)
     for step in grads:
@@ -98,3 +104,22 @@ def test_lars_refuses_each_setting_outside_its_range(bad):
 def test_lars_accepts_the_edges_of_each_range():
     """lr 0 (the warm-up's first step), no weight decay, no momentum: all valid."""
     Lars([torch.nn.Parameter(torch.zeros(2))], lr=0.0, weight_decay=0.0, momentum=0.0, trust_coefficient=1e-9)
+
+
+def test_lars_skips_parameters_without_a_gradient_and_returns_the_closure_s_loss():
+    """A parameter without a gradient is left alone and the ones after it still step; ``step(closure)``
+    evaluates the closure with gradients enabled and returns its loss, ``step()`` returns None."""
+    first, second = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+    opt = Lars([first, second], lr=0.5, momentum=0.0)
+    second.grad = torch.ones(3)
+    assert opt.step() is None
+    assert torch.equal(first.detach(), torch.ones(2, 2)) and torch.equal(second.detach(), torch.full((3,), 0.5))
+
+    def closure():
+        opt.zero_grad()
+        loss = (second ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss.detach()) == pytest.approx(0.75)  # 3 x 0.5^2, before this step's update
