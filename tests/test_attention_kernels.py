@@ -123,3 +123,19 @@ def test_train_py_refuses_flex_training_on_the_cpu_in_one_line(tmp_path):
     with pytest.raises(UserError, match="attention kernel must be one of"):
         train.main(["--attention", "fast", "--synthetic-size", "16", "--num-workers", "0", "--output",
                     str(tmp_path / "out")])
+
+
+def test_bias_score_mod_adds_each_table_s_entry_for_its_head():
+    """The score_mod itself, without compiling: score + table[index[q, k], h] summed over the pairs, for
+    every head and position (called as FlexAttention calls it, with 0-d tensors)."""
+    g = torch.Generator().manual_seed(0)
+    shared, own = torch.randn(9, 2, generator=g), torch.randn(5, 2, generator=g)
+    shared_index, own_index = torch.randint(0, 9, (3, 3), generator=g), torch.randint(0, 5, (3, 3), generator=g)
+    mod = bias_score_mod((shared, shared_index), (own, own_index))
+    for h in range(2):
+        for q in range(3):
+            for k in range(3):
+                out = mod(torch.tensor(0.25), torch.tensor(0), torch.tensor(h), torch.tensor(q), torch.tensor(k))
+                assert float(out) == pytest.approx(0.25 + float(shared[shared_index[q, k], h])
+                                                   + float(own[own_index[q, k], h]), abs=1e-6)
+    assert float(bias_score_mod()(torch.tensor(0.25), 0, 0, 0, 0)) == 0.25
