@@ -101,6 +101,17 @@ def test_block_rectangles_follow_the_documented_procedure(grid, ratio, seed):
     assert rectangles == expected
     assert {(i, j) for i, j in mask.nonzero().tolist()} == cells
     assert torch.equal(g.get_state(), g_ref.get_state())
+    # block_mask = that phase, then the missing positions: the first of a random permutation of the free ones
+    # (in row-major order), drawn only when some are missing
+    g = torch.Generator().manual_seed(seed)
+    final = block_mask(1, grid, count, g)[0]
+    expected_final = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+    expected_final[[i * grid[1] + j for i, j in cells]] = True
+    short = count - len(cells)
+    if short > 0:
+        free = (~expected_final).nonzero().squeeze(1)
+        expected_final[free[torch.randperm(free.numel(), generator=g_ref)[:short]]] = True
+    assert torch.equal(final, expected_final) and torch.equal(g.get_state(), g_ref.get_state())
 
 
 def test_the_smallest_block_is_16_patches():
@@ -238,6 +249,14 @@ def test_the_student_sees_the_mask_token_not_the_masked_pixels(pos_embed):
     assert not torch.allclose(a, student.forward_features(z, mask=mask, mask_token=token))
     none = torch.zeros_like(mask)
     assert torch.equal(student.forward_features(x, mask=none, mask_token=token), student.forward_features(x))
+
+
+def test_masked_loss_defaults_to_beta_two_and_names_its_choices():
+    pred, target = torch.tensor([[[0.0], [3.0], [1.0]]]), torch.zeros(1, 3, 1)  # class token, two patches
+    mask = torch.tensor([[True, False]])
+    assert float(masked_distill_loss("smooth_l1", pred, target, mask, "masked")) == pytest.approx(3.0 - 1.0)
+    with pytest.raises(ValueError, match=r"^mask loss must be one of masked, all, got 'some'$"):
+        masked_distill_loss("smooth_l1", pred, target, mask, "some")
 
 
 def test_refusals_in_one_line():

@@ -222,8 +222,54 @@ def test_swin_layer_id_edges() -> None:
     from fd_ref.optim.groups import swin_layer_id
     assert swin_layer_id("layers.1.downsample.weight", (2, 2)) == 2
     for name in ("layers.2.blocks.0.norm1.weight", "layers.x.blocks.0.norm1.weight", "layers.0.blocks"):
-        with pytest.raises(UserError, match=r"is not in a Swin stage layers\.\{i\} of depths \[2, 2\]"):
+        with pytest.raises(UserError) as error:
             swin_layer_id(name, (2, 2))
+        assert str(error.value) == f"parameter {name!r} is not in a Swin stage layers.{{i}} of depths [2, 2]"
+    # stage 0 has no patch merging (timm merges at the start of stages 1+), a block past the stage's depth
+    # does not exist, and a stage holds nothing else
+    for name in ("layers.0.downsample.reduction.weight", "layers.0.blocks.2.norm1.weight", "layers.1.other.0.weight"):
+        with pytest.raises(UserError) as error:
+            swin_layer_id(name, (2, 2))
+        assert str(error.value) == (f"parameter {name!r} is neither a block nor a patch merging of a Swin stage; "
+                                    "the published layer rule (get_swin_layer) has no place for it")
+
+
+def test_user_error_messages_and_edges() -> None:
+    """Each refusal's whole message; layer decay 1 (no decay across layers) is accepted, 0 refused."""
+    model = TinyViT(1)
+    for kwargs, message in (
+            ({"weight_decay": -1.0}, "weight_decay must be >= 0, got -1.0; pass a non-negative value"),
+            ({"weight_decay": 0.05, "layer_decay": 0.0}, "layer_decay must be in (0, 1], got 0.0; e.g. 0.65 for ViT-B"),
+            ({"weight_decay": 0.05, "layer_decay": 0.7, "layer_of": lambda name: 0},
+             "param_groups: a layer rule (layer_of) needs its num_layers")):
+        with pytest.raises(UserError) as error:
+            param_groups(model, **kwargs)
+        assert str(error.value) == message
+    with pytest.raises(UserError) as error:
+        param_groups(nn.Linear(2, 2), 0.05, layer_decay=0.7)
+    assert str(error.value) == ("layer_decay needs num_layers but the model has no 'blocks.{i}' parameters; "
+                                "pass num_layers explicitly or drop layer_decay")
+    assert {g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=1.0, num_layers=1)} == {1.0}
+
+
+def test_depth_is_inferred_from_blocks_i_names_only() -> None:
+    """The depth is one more than the largest i of a ``blocks.{i}`` name (after the wrapper prefixes): a
+    ParameterList ``blocks`` counts, a Sequential elsewhere (``head.3``) and a parameter named ``blocks`` do not."""
+    def scale_of(model: nn.Module, name: str) -> float:
+        groups = param_groups(model, 0.05, layer_decay=0.5)  # lr_scale = 0.5 ** (depth + 1 - layer)
+        return next(g["lr_scale"] for g in groups if name in g["param_names"])
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ParameterList([nn.Parameter(torch.zeros(2, 2)) for _ in range(3)])
+            self.head = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])
+
+    assert scale_of(Model(), "blocks.0") == 0.5 ** 3  # depth 3: block 0 is layer 1
+    wrapped = nn.Module()
+    wrapped.student = TinyViT(2)
+    wrapped.register_parameter("blocks", nn.Parameter(torch.zeros(2, 2)))
+    assert scale_of(wrapped, "student.blocks.0.attn.qkv.weight") == 0.5 ** 2  # depth 2
 
 
 def test_user_errors() -> None:
