@@ -259,6 +259,39 @@ def test_masked_loss_defaults_to_beta_two_and_names_its_choices():
         masked_distill_loss("smooth_l1", pred, target, mask, "some")
 
 
+def test_the_mask_style_picks_the_drawing_and_a_ratio_of_one_masks_every_patch():
+    """``draw`` gives random_mask's masks for "random" and block_mask's for "block" (same generator state);
+    r = 1 is allowed (every patch masked); the module's repr names its settings."""
+    student = _student()
+    for style, draw in (("random", random_mask), ("block", block_mask)):
+        masking = PatchMasking(student, 0.5, style)
+        got = masking.draw(3, torch.Generator().manual_seed(4))
+        assert torch.equal(got, draw(3, masking.grid, masking.count, torch.Generator().manual_seed(4)))
+    full = PatchMasking(student, 1.0, "random")
+    assert full.count == full.grid[0] * full.grid[1] and bool(full.draw(2).all())
+    assert repr(PatchMasking(student, 0.5)).endswith(
+        f"(ratio=0.5, count={full.count // 2}, grid={full.grid}, style=block, loss=masked)")
+
+
+def test_refusal_messages():
+    student = _student()
+    grid = tuple(student.grid)
+    timm_like = torch.nn.Linear(2, 2)
+    timm_like.forward_features = lambda x: x
+    for build, message in (
+            (lambda: PatchMasking(timm_like, 0.4),
+             "masking 0.4 of the patches needs fd-ref's ViT student (its forward_features takes a mask and a mask "
+             "token); Linear has no mask-token interface"),
+            (lambda: PatchMasking(student, 0.4, "grid", "some"),
+             "the mask style must be one of block, random and the mask loss one of masked, all, got 'grid' and "
+             "'some'"),
+            (lambda: PatchMasking(student, 1.5),
+             f"the mask ratio must be in (0, 1] and mask at least one of the {grid[0]}x{grid[1]} patches, got 1.5")):
+        with pytest.raises(ValueError) as error:
+            build()
+        assert str(error.value) == message
+
+
 def test_refusals_in_one_line():
     student = _student()
     timm_like = torch.nn.Linear(2, 2)

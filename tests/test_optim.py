@@ -250,6 +250,14 @@ def test_user_error_messages_and_edges() -> None:
     assert str(error.value) == ("layer_decay needs num_layers but the model has no 'blocks.{i}' parameters; "
                                 "pass num_layers explicitly or drop layer_decay")
     assert {g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=1.0, num_layers=1)} == {1.0}
+    with pytest.raises(UserError) as error:
+        param_groups(model, 0.05, layer_decay=0.7, num_layers=0)
+    assert str(error.value) == "num_layers must be >= 1, got 0; pass the ViT depth"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(UserError) as error:
+        param_groups(model, 0.05)
+    assert str(error.value) == "the model has no trainable parameters; unfreeze something before building an optimizer"
 
 
 def test_depth_is_inferred_from_blocks_i_names_only() -> None:

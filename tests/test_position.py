@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from fd_ref.method.position import (RelativePositionBias, geometric_positions, num_relative_positions,
-                                    relative_position_index, resize_relative_position_bias_table)
+from fd_ref.method.position import (RelativePositionBias, cubic_spline_weights, geometric_positions,
+                                    num_relative_positions, relative_position_index,
+                                    resize_relative_position_bias_table)
 from fd_ref.models.vit import VisionTransformer
 
 grids = st.tuples(st.integers(1, 6), st.integers(1, 6))
@@ -383,3 +384,15 @@ def test_abs_has_no_table_and_a_position_embedding():
     with torch.no_grad():
         model.pos_embed.add_(1.0)
     assert not torch.allclose(before, model.forward_features(x))
+
+
+def test_cubic_spline_weights_with_one_and_two_knots():
+    """The degenerate splines: one knot gives the constant, two give the straight line through them (clamped
+    to the segment outside it), written out by hand."""
+    points = torch.tensor([-1.0, 0.0, 0.5, 2.0, 3.5])
+    z = torch.tensor([4.0, -2.0], dtype=torch.float64)
+    line = cubic_spline_weights(torch.tensor([0.0, 2.0]), points) @ z
+    t = points.double().clamp(0.0, 2.0)
+    assert torch.allclose(line, 4.0 + (t / 2.0) * (-2.0 - 4.0), atol=1e-12)
+    constant = cubic_spline_weights(torch.tensor([1.0]), points) @ torch.tensor([3.0], dtype=torch.float64)
+    assert torch.equal(constant, torch.full((5,), 3.0, dtype=torch.float64))

@@ -229,8 +229,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [groups[key] for key in sorted(groups)]
 
 
-def adamw(groups: list[dict], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-          eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+def adamw(groups: list[dict], lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+          fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter) over ``groups``, each starting at ``lr * lr_scale`` (``lr_scale`` 1 where a
     group has none; read later by :class:`fd_ref.optim.schedule.WarmupCosine`, which drives the lr).
 
