@@ -385,3 +385,27 @@ def test_swin_published_keywords_apply_whatever_timm_lists(monkeypatch) -> None:
     tables = {n for n, _ in v1.named_parameters() if n.endswith("attn.relative_position_bias_table")}
     assert len(tables) == 2 and declared_no_weight_decay(v1) == tables
     assert "absolute_pos_embed" in declared_no_weight_decay(v2)
+
+
+def test_timm_optimizer_without_layer_decay_and_its_checks() -> None:
+    """A timm model outside the Swin family fine-tuned without layer decay: timm's weight-decay split (matrices
+    decayed, 1-D parameters not), every group at the base lr; a layer decay outside (0, 1] and lr 0 refused
+    with their messages; the non-fused kernel when asked for."""
+    from fd_ref.models.timm_backbone import TimmBackbone
+    from fd_ref.optim.groups import build_timm_optimizer
+
+    model = TimmBackbone("timm:resnet18", 32)
+    opt = build_timm_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}
+    assert all(g["lr"] == 1e-3 and g["lr_scale"] == 1.0 for g in opt.param_groups)
+    for g in opt.param_groups:
+        assert all((p.ndim > 1) == (g["weight_decay"] > 0) for p in g["params"])
+    assert build_timm_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=1.0).param_groups
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError) as error:
+            build_timm_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=bad)
+        assert str(error.value) == f"layer_decay must be in (0, 1], got {bad}; e.g. 0.8 for Swin-B"
+    with pytest.raises(UserError) as error:
+        build_optimizer(TinyViT(1), lr=0.0, weight_decay=0.05)
+    assert str(error.value) == "lr must be > 0, got 0.0; pass a positive learning rate"
+    assert build_optimizer(TinyViT(1), lr=1e-3, weight_decay=0.05, fused=False).defaults["foreach"] is True

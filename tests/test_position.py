@@ -396,3 +396,28 @@ def test_cubic_spline_weights_with_one_and_two_knots():
     assert torch.allclose(line, 4.0 + (t / 2.0) * (-2.0 - 4.0), atol=1e-12)
     constant = cubic_spline_weights(torch.tensor([1.0]), points) @ torch.tensor([3.0], dtype=torch.float64)
     assert torch.equal(constant, torch.full((5,), 3.0, dtype=torch.float64))
+
+
+def test_cubic_spline_weights_with_three_knots_is_the_parabola_through_them():
+    """Three knots (a 2-patch axis has 3 offsets): not-a-knot leaves one cubic through three points with equal
+    second derivatives at both ends, i.e. the parabola through them: Lagrange's formula, by hand."""
+    knots = torch.tensor([-1.0, 0.0, 1.5])
+    z = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    points = torch.tensor([-1.0, -0.5, 0.0, 0.7, 1.5, 3.0])  # 3.0 is clamped to 1.5
+    t = points.double().clamp(-1.0, 1.5)
+    x0, x1, x2 = -1.0, 0.0, 1.5
+    parabola = (z[0] * (t - x1) * (t - x2) / ((x0 - x1) * (x0 - x2))
+                + z[1] * (t - x0) * (t - x2) / ((x1 - x0) * (x1 - x2))
+                + z[2] * (t - x0) * (t - x1) / ((x2 - x0) * (x2 - x1)))
+    assert torch.allclose(cubic_spline_weights(knots, points) @ z, parabola, atol=1e-12)
+
+
+def test_resize_without_class_rows_and_its_message():
+    """A table without the 3 class-token rows resizes the same way (no rows kept aside); a table whose row
+    count fits neither is refused with the counts."""
+    t = _random_table((3, 3))
+    bare = t[:num_relative_positions((3, 3), cls_token=False)]
+    out = resize_relative_position_bias_table(bare, (3, 3), (5, 5), cls_token=False)
+    torch.testing.assert_close(out, resize_relative_position_bias_table(t, (3, 3), (5, 5))[:81], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^table has 25 rows, grid \(3, 3\) needs 28$"):
+        resize_relative_position_bias_table(t[:25], (3, 3), (5, 5))
