@@ -185,3 +185,17 @@ def test_tiny_end_to_end_loss_goes_down():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_settings_out_of_range_are_refused_with_their_whole_message():
+    student, teacher = _student(), _teacher()
+    for kwargs, message in (
+            ({"target_norm": "batch"}, "the target normalisation must be one of whiten, none, phi_s, got 'batch'"),
+            ({"loss": "l2"}, "the loss must be one of smooth_l1, mse, cosine, got 'l2'"),
+            ({"target": "all"}, "the distillation target must be one of full, cls, avg, got 'all'")):
+        with pytest.raises(ValueError) as error:
+            FeatureDistillation(student, teacher, **kwargs)
+        assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        match_token_grid(torch.zeros(1, 5, 2), (2, 2), 1, (2, 2), student_prefix_tokens=2)
+    assert str(error.value) == "a student with 2 prefix tokens is not supported (0 or 1)"

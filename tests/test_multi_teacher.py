@@ -88,6 +88,31 @@ def test_the_loss_is_the_weighted_sum_of_each_teachers_fd_loss():
     assert multi.branches[0].projection.teacher_dim == 24 and multi.branches[1].projection.teacher_dim == 32
 
 
+def test_defaults_weights_keys_and_refusals():
+    """Weights default to 1 each (the plain sum); a weight may be 0 if the sum stays positive; the student is
+    one module shared by every branch; a teacher without a name is ``teacher<k>`` in the log keys, and names
+    lose their outer punctuation; wrong weights are refused with their whole message."""
+    x = torch.randn(2, 3, 32, 32)
+    teachers = [_vit_teacher(1, 24), _vit_teacher(2, 32)]
+    student = _student(drop_path=0.0)
+    multi = MultiTeacherDistillation(student, teachers)
+    assert multi.weights == [1.0, 1.0]
+    total = multi(x)
+    assert torch.allclose(total, sum(multi.last_losses.values()), rtol=1e-6)
+    assert multi.student is student and all(b.student is student for b in multi.branches)
+    assert MultiTeacherDistillation(student, teachers, [1.0, 0.0]).weights == [1.0, 0.0]
+    nameless = copy.copy(teachers[0])
+    del nameless.name
+    assert MultiTeacherDistillation(student, [nameless, teachers[1]]).keys == ["loss_0_teacher0", "loss_1_vit32"]
+    assert teacher_keys(["(clip)", "-dino v2-"]) == ["loss_0_clip", "loss_1_dino_v2"]
+    for weights, message in (([1.0], "2 teachers but 1 weights: give one weight per teacher, in the same order"),
+                             ([0.0, 0.0], "teacher weights must be >= 0 with a positive sum, got [0.0, 0.0]"),
+                             ([-1.0, 2.0], "teacher weights must be >= 0 with a positive sum, got [-1.0, 2.0]")):
+        with pytest.raises(ValueError) as error:
+            MultiTeacherDistillation(student, teachers, weights)
+        assert str(error.value) == message
+
+
 def test_vit_cnn_and_swin_teachers_train_one_student(tmp_path):
     """Three families, three widths (24, 64, 32), three grids (4x4 + class token, 2x2, 2x2 without one):
     every projection gets a gradient, the student too, and one SGD step lowers each teacher's loss."""
