@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from fd_ref.method.distill import FeatureDistillation, match_token_grid
+from fd_ref.method.masking import PatchMasking
 from fd_ref.models.teachers import Teacher, build_teacher
 from fd_ref.models.vit import VisionTransformer
 
@@ -199,3 +200,19 @@ def test_settings_out_of_range_are_refused_with_their_whole_message():
     with pytest.raises(ValueError) as error:
         match_token_grid(torch.zeros(1, 5, 2), (2, 2), 1, (2, 2), student_prefix_tokens=2)
     assert str(error.value) == "a student with 2 prefix tokens is not supported (0 or 1)"
+    no_class_token = _student()
+    no_class_token.num_prefix_tokens = 0
+    with pytest.raises(ValueError) as error:
+        FeatureDistillation(no_class_token, teacher, target="cls")
+    assert str(error.value) == ("the distillation target cls needs a student with a class token; this student "
+                                "(a CNN or Swin) has none: distil the full map or the average instead")
+    with pytest.raises(ValueError) as error:
+        FeatureDistillation(student, teacher, target="avg", masking=PatchMasking(student, 0.5))
+    assert str(error.value) == ("masking needs the full feature map as the target (the masked positions' tokens), "
+                                "got the target 'avg'")
+    # PHI-S for a teacher width without a Hadamard matrix: the teacher named (or called "teacher") with its width
+    net = VisionTransformer(img_size=32, patch_size=8, embed_dim=6, depth=1, num_heads=1)
+    for name, shown in (("vit6", "vit6"), ("", "teacher")):
+        with pytest.raises(ValueError) as error:
+            FeatureDistillation(student, Teacher(net, 6, net.grid, 1, name=name), target_norm="phi_s")
+        assert str(error.value).startswith(f"{shown} (6 channels): no Hadamard matrix of order 6 can be built")

@@ -138,7 +138,6 @@ class FeatureDistillation(nn.Module):
         except ValueError as e:
             teacher = getattr(self.teacher, "name", "") or "teacher"
             raise ValueError(f"{teacher} ({self.teacher.embed_dim} channels): {e}") from None
-        self.norm_name = name
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
