@@ -136,6 +136,19 @@ def test_phi_s_fitted_from_a_state_of_one_token_and_floored_on_constant_tokens()
     assert torch.equal(flat(torch.ones(3, 4)), torch.zeros(3, 4))
 
 
+def test_phi_s_estimates_from_two_tokens_and_refuses_one():
+    """Two tokens are the fewest with a covariance (unbiased, n - 1 = 1): the estimate's scale is that of
+    torch.cov; one token is refused with the whole message, as is an unknown normalisation."""
+    x = torch.tensor([[1.0, 2.0, 0.0, -1.0], [3.0, -2.0, 1.0, 1.0]], dtype=torch.float64)
+    phi = PhiS(4).fit([x])
+    assert int(phi.count) == 2
+    assert float(phi.scale) ** 2 == pytest.approx(float(torch.trace(torch.cov(x.T))) / 4, rel=1e-6)
+    with pytest.raises(ValueError, match=r"^PHI-S needs at least two teacher tokens to estimate a covariance$"):
+        PhiS(4).fit([x[:1]])
+    with pytest.raises(ValueError, match=r"^target normalisation must be one of whiten, none, phi_s, got 'batch'$"):
+        build_target_norm("batch", 4)
+
+
 def test_phi_s_state_is_buffers_and_unfitted_until_estimated():
     phi = PhiS(8)
     assert not phi.fitted and set(phi.state_dict()) == {"mean", "matrix", "scale", "count"}
