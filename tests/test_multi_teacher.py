@@ -104,7 +104,7 @@ def test_defaults_weights_keys_and_refusals():
     nameless = copy.copy(teachers[0])
     del nameless.name
     assert MultiTeacherDistillation(student, [nameless, teachers[1]]).keys == ["loss_0_teacher0", "loss_1_vit32"]
-    assert teacher_keys(["(clip)", "-dino v2-"]) == ["loss_0_clip", "loss_1_dino_v2"]
+    assert teacher_keys(["(clip)", "-dino v2-", "Xception_"]) == ["loss_0_clip", "loss_1_dino_v2", "loss_2_Xception"]
     for weights, message in (([1.0], "2 teachers but 1 weights: give one weight per teacher, in the same order"),
                              ([0.0, 0.0], "teacher weights must be >= 0 with a positive sum, got [0.0, 0.0]"),
                              ([-1.0, 2.0], "teacher weights must be >= 0 with a positive sum, got [-1.0, 2.0]")):
