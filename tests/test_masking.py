@@ -114,6 +114,15 @@ def test_block_rectangles_follow_the_documented_procedure(grid, ratio, seed):
     assert torch.equal(final, expected_final) and torch.equal(g.get_state(), g_ref.get_state())
 
 
+@pytest.mark.parametrize("seed,shape", [(143, (3, 10)), (138, (10, 3))])
+def test_rectangles_at_the_aspect_limits_are_kept(seed, shape):
+    """h / w exactly 0.3 or 1 / 0.3 (3 x 10 and 10 x 3, 30 patches) lies within the limits: with these seeds
+    (30 patches on 14 x 14) the procedure draws such a rectangle and keeps it, as the written-out one does."""
+    rectangles = block_rectangles((14, 14), 30, torch.Generator().manual_seed(seed))[1]
+    assert rectangles == _documented_rectangles((14, 14), 30, torch.Generator().manual_seed(seed))[1]
+    assert shape in [(h, w) for _, _, h, w in rectangles]
+
+
 def test_the_smallest_block_is_16_patches():
     """With exactly 16 patches to mask on a 14 x 14 grid, a 4 x 4 block is the only rectangle that fits, and
     the rectangle phase finds one for most images (about 9 in 10: an aspect within [0.77, 1.27] in 10 tries)."""
