@@ -409,3 +409,7 @@ def test_timm_optimizer_without_layer_decay_and_its_checks() -> None:
         build_optimizer(TinyViT(1), lr=0.0, weight_decay=0.05)
     assert str(error.value) == "lr must be > 0, got 0.0; pass a positive learning rate"
     assert build_optimizer(TinyViT(1), lr=1e-3, weight_decay=0.05, fused=False).defaults["foreach"] is True
+    model.requires_grad_(False)
+    with pytest.raises(UserError) as error:
+        build_timm_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert str(error.value) == "the model has no trainable parameters; unfreeze something before building an optimizer"
