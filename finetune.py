@@ -222,10 +222,11 @@ def main(argv=None) -> dict:
               f"{run.precision}, batch {run.total_batch}, lr {lr:.2e}", flush=True)
     history = trainer.fit()
     evals = [h for h in history if "top1" in h]
-    # a rerun that resumed after the last evaluation (stopped in the final save) evaluates again: the same
-    # record, step and epoch included, as the uninterrupted run's
+    # evaluated again when the last evaluation is not in this attempt's history (a --max-steps stop, or a rerun
+    # that resumed after it): the record of the uninterrupted run, with the step and the epoch of that step
     final = evals[-1] if evals and evals[-1]["epoch"] == cfg["epochs"] - 1 else {
-        "step": trainer.step, "epoch": cfg["epochs"] - 1, **evaluate(model, val_loader, info.device, val_normalize)}
+        "step": trainer.step, "epoch": max(trainer.step - 1, 0) // trainer.steps_per_epoch,
+        **evaluate(model, val_loader, info.device, val_normalize)}
     best = max([trainer.best] + [h["top1"] for h in evals])  # trainer.best: also epochs before a resume
     results = {"final": final, "best_top1": best if math.isfinite(best) else final["top1"],
                "epochs": cfg["epochs"], "steps": trainer.step, "pretrained": None if cfg["from_scratch"]

@@ -15,11 +15,11 @@ the mutants (its cache lists them; ``mutmut apply`` writes one into the copy); t
 tests that run the mutated line (coverage.py, once per target, records which test runs which line; a test that
 never runs a line cannot see it changed), restores the file and records the outcome in ``results.json`` after
 every mutant, so rerunning the same command continues where it stopped (killed mutants stay killed; survivors
-are tried again at a new commit). ``--only`` picks targets by substring. The loop's step and ``evaluate()`` are mutated on their own
-lines only. Tests marked ``slow`` (torch.compile) or ``cuda`` are deselected: minutes each on a CPU, and
-compile adds no check of its own that the eager tests lack. A mutant whose tests run past 3x the unmutated
-time (2 minutes at least) counts as killed (a timeout). Not part of CI. To stop a background run, end its
-process group (``kill -- -PGID``).
+are tried again at a new commit). ``--only`` picks targets by substring. The loop's step and ``evaluate()`` are
+mutated on their own lines only. Tests marked ``slow`` (torch.compile) or ``cuda`` are deselected: minutes each
+on a CPU, and compile adds no check of its own that the eager tests lack. A mutant whose tests run past 3x the
+unmutated time (2 minutes at least) counts as killed (a timeout). Not part of CI. To stop a background run, end
+its process group (``kill -- -PGID``).
 """
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def run_target(work: Path, module: str, functions: list[str] | None, mutmut: str
     here = work_dir(work, module)
     commit = _fresh_copy(here)
     tests = tests_for(module)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = dict(os.environ)  # preload() has set one thread and no bytecode files
     print(f"== {module} {'(' + ', '.join(functions) + ')' if functions else ''} at {commit}\n"
           f"   tests: {' '.join(tests)}", flush=True)
     try:
