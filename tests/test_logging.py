@@ -93,7 +93,7 @@ class FakeClock:
 
 
 def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_s: float = 1.0,
-                  eval_s: float = 1000.0) -> tuple[Trainer, WarmupCosine]:
+                  eval_s: float = 1000.0, network: bool = False) -> tuple[Trainer, WarmupCosine]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
@@ -117,7 +117,7 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
     run = Run(output=str(tmp_path), epochs=2, batch_size=4, log_every=2, progress=False, warmup_epochs=0.5,
               lrs={"base_lr": 0.1, "warmup_lr": 0.0, "min_lr": 0.01})
     job = Job(step_fn=step_fn, model=model, optimizer=optimizer, dataset=data, deliverable=tmp_path / "results.json",
-              on_epoch_end=on_epoch_end)  # no network: no FLOP count, no MFU
+              on_epoch_end=on_epoch_end, network=model if network else None)  # no network: no FLOP count, no MFU
     trainer = Trainer(run, job)
     return trainer, trainer.scheduler
 
@@ -141,6 +141,28 @@ def test_img_per_s_counts_training_steps_only(step_s, eval_s, loader_s):
         records = [r for r in read_log(Path(folder)) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]  # step 6 comes right after the first evaluation
     assert [r["img_per_s"] for r in records] == pytest.approx([4 / step_s] * 4, rel=1e-6)
+
+
+def test_mfu_is_the_hand_counted_step_flops_times_img_per_s_over_the_peak(tmp_path, monkeypatch):
+    """MFU = FLOPs per image x img/s / peak FLOP/s. For Linear(4,4) -> Linear(4,4) -> Linear(4,2) a training
+    step costs, per image, 2 x in x out for each forward matmul (2 x (16 + 16 + 8) = 80), as much again for
+    each weight gradient (80), and for the input gradients of the two upper layers (the data needs none):
+    2 x (16 + 8) = 48; 208 in all, counted once on the first batch (the images, not the labels)."""
+    clock, peaks = FakeClock(), []
+
+    def fake_peak(dtype, device):
+        peaks.append((dtype, device.type))
+        return 1000.0
+
+    monkeypatch.setattr(engine, "time", clock)
+    monkeypatch.setattr(engine, "peak_flops", fake_peak)
+    trainer, _ = _tiny_trainer(tmp_path, clock, layer_groups=False, step_s=0.5, network=True)
+    trainer.fit()
+    records = [r for r in read_log(tmp_path) if "loss" in r]
+    assert peaks == [(torch.float32, "cpu")]  # asked once, for the run's precision and device
+    assert trainer.flops_per_image == 208.0
+    assert [r["img_per_s"] for r in records] == pytest.approx([8.0] * 4, rel=1e-9)  # 4 images / 0.5 s
+    assert [r["mfu"] for r in records] == pytest.approx([208.0 * 8.0 / 1000.0] * 4, rel=1e-9)
 
 
 def test_logged_lr_is_the_base_lr_of_the_schedule(tmp_path):
