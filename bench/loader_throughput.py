@@ -7,14 +7,15 @@ The images are made once in ``--work`` (kept for later runs): ``--images`` JPEGs
 median size), quality 90, of smooth random colour fields (so that they compress like photographs, not like
 noise), in 10 class folders, and their shards (``python -m fd_ref.data.make_shards``, ``--shard-size``). Each
 *source* is then read through what training uses: ``fd_ref.data.sampler.make_loader`` over the dataset
-``--data`` builds, shuffled, with the distillation transform (RandomResizedCrop to ``--img-size``, flip,
-normalise), one pass after a warm-up of ``--warmup`` batches; img/s and img/s per worker are printed per
-(source, workers) and the last line is a JSON summary.
+``--data`` builds, shuffled, with the distillation transform (RandomResizedCrop to ``--img-size``, flip), one
+pass after a warm-up of ``--warmup`` batches; img/s and img/s per worker are printed per (source, workers) and
+the last line is a JSON summary.
 
+``--pipeline`` says where the transform stops: ``uint8`` (the default, as train.py: the workers hand over 8-bit
+images and the training step normalises them on the device) or ``float`` (the workers also convert and
+normalise, float32 batches through shared memory). bench/loader_uint8.py compares the two per worker.
 A *mode* is one way of producing the batch from the dataset (``MODES``); add one by adding a function that
-takes the dataset and the run's settings and returns a loader. The default mode reads float batches (workers
-convert and normalise); train.py's loader now stops at uint8 images, normalised on the device, and
-bench/loader_uint8.py compares the two pipelines per worker.
+takes the dataset and the run's settings and returns a loader.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def make_images(root: Path, n: int, seed: int = 0) -> None:
 
 
 def standard_loader(dataset, a: argparse.Namespace, workers: int):
-    """train.py's seeded, sharded batch sampler over the dataset, float images."""
+    """train.py's seeded, sharded batch sampler over the dataset."""
     loader, _ = make_loader(dataset, a.batch, seed=0, shuffle=True, num_workers=workers)
     return loader
 
@@ -60,15 +61,15 @@ def standard_loader(dataset, a: argparse.Namespace, workers: int):
 MODES: dict[str, Callable] = {"standard": standard_loader}
 
 
-def measure(loader, warmup: int) -> tuple[int, float]:
-    """(images, seconds) of one pass after ``warmup`` batches."""
+def measure(loader, warmup: int) -> tuple[int, float, str]:
+    """(images, seconds, the batches' dtype) of one pass after ``warmup`` batches."""
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    count, t0 = 0, time.perf_counter()
+    count, dtype, t0 = 0, "", time.perf_counter()
     for images, _ in it:
-        count += len(images)
-    return count, time.perf_counter() - t0
+        count, dtype = count + len(images), str(images.dtype).removeprefix("torch.")
+    return count, time.perf_counter() - t0, dtype
 
 
 def machine() -> dict:
@@ -92,6 +93,8 @@ def main(argv=None) -> dict:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2, help="batches read before the clock starts")
     p.add_argument("--mode", choices=sorted(MODES), default="standard")
+    p.add_argument("--pipeline", choices=["uint8", "float"], default="uint8",
+                   help="where the workers' transform stops (uint8: as train.py; float: normalised in the workers)")
     p.add_argument("--work", default="/tmp/fd_loader_bench", help="where the images and shards are kept")
     p.add_argument("--json", default=None, help="also append the summary to this JSON-lines file")
     a = p.parse_args(argv)
@@ -105,18 +108,19 @@ def main(argv=None) -> dict:
         os.replace(folder.with_name("folder.partial"), folder)
     if not shards.is_dir():
         make_shards(str(folder), shards, a.shard_size)
-    transform = pretrain_transform(a.img_size)
+    transform = pretrain_transform(a.img_size, uint8=a.pipeline == "uint8")
     rows = []
     for source, path in (("folder", folder), ("shards", shards)):
         dataset = build_dataset(str(path), True, transform)
         for workers in a.workers:
-            count, seconds = measure(MODES[a.mode](dataset, a, workers), a.warmup)
+            count, seconds, dtype = measure(MODES[a.mode](dataset, a, workers), a.warmup)
             rate = count / seconds
-            rows.append({"source": source, "workers": workers, "images": count, "seconds": round(seconds, 2),
+            rows.append({"source": source, "workers": workers, "images": count, "dtype": dtype,
+                         "seconds": round(seconds, 2),
                          "img_per_s": round(rate, 1), "img_per_s_per_worker": round(rate / max(workers, 1), 1)})
             print(f"{source:<7} {workers} worker(s): {rate:7.1f} img/s, {rate / max(workers, 1):7.1f} per worker "
                   f"({count} images in {seconds:.1f} s)", flush=True)
-    summary = {"bench": "loader_throughput", "mode": a.mode, "images": a.images, "shard_size": a.shard_size,
+    summary = {"bench": "loader_throughput", "mode": a.mode, "pipeline": a.pipeline, "images": a.images, "shard_size": a.shard_size,
                "batch": a.batch, "img_size": a.img_size, "rows": rows, "machine": machine()}
     if a.json:
         with open(a.json, "a") as f:

@@ -175,3 +175,16 @@ def test_residual_update_ab_compares_the_same_function(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["residual_update_ab.py", *TINY[:-2], "--rounds", "1", "--precision", "fp32"])
     ab.main()
     assert "paired 3 ops / add_branch:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pipeline, dtype", [("uint8", "uint8"), ("float", "float32")])
+def test_loader_bench_reads_every_image_from_folder_and_shards_in_the_pipeline_named(tmp_path, pipeline, dtype):
+    """bench/loader_throughput.py on 24 small JPEGs in shards of 8: each source gives every image after the
+    warm-up batch, as the batches train.py's loader makes (uint8) or normalised in the workers (float)."""
+    import loader_throughput
+    summary = loader_throughput.main(["--images", "24", "--shard-size", "8", "--workers", "0", "--batch", "4",
+                                      "--img-size", "32", "--warmup", "1", "--work", str(tmp_path),
+                                      "--pipeline", pipeline])
+    assert [(r["source"], r["images"], r["dtype"]) for r in summary["rows"]] == [
+        ("folder", 24 - 4, dtype), ("shards", 24 - 4, dtype)]
+    assert summary["pipeline"] == pipeline
