@@ -58,6 +58,7 @@ TARGETS: list[tuple[str, list[str] | None]] = [
 # tests that exercise a module without importing it by name (run after the importers)
 EXTRA_TESTS = {
     "fd_ref/method/distill.py": ["tests/test_timm_backbone.py"],
+    "fd_ref/engine/trainer.py": ["tests/test_host_sync.py"],  # runs train.py's loop, checks its read-backs
 }
 # tests run first (pytest -x stops at the first failure: a quick, targeted file kills most mutants sooner)
 FIRST_TESTS = {

@@ -1,15 +1,17 @@
 """The training loop and its metrics, pinned down through the scripts' command lines and ``evaluate()``:
 gradient accumulation equals the combined batch, a run stopped inside an accumulation resumes to the same
 weights, clipping hands the optimiser the hand-clipped gradient (and ``--clip-grad 0`` nothing clipped),
-``evaluate()`` matches a hand count on logits with ties, two gloo ranks evaluate an uneven validation set
-exactly as one process does, ``--train-subset`` trains on the subset, and fine-tuning learns a task that
-is easy to separate.
+a skipped step is neither logged nor restarts the loader, gradients are all-reduced on a step's last
+micro-batch only, ``evaluate()`` matches a hand count on logits with ties, two gloo ranks evaluate an uneven
+validation set exactly as one process does, ``--train-subset`` trains on the subset, and fine-tuning learns a
+task that is easy to separate.
 
 Each check fails on the bug it names (docs/testing.md lists the changes tried). Runs are in-process
 (``train.main(argv)`` / ``finetune.main(argv)``), tiny (32 px, one or two blocks, a few steps), in fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -322,6 +324,91 @@ def test_stop_inside_an_accumulation_resumes_to_the_same_weights(batch16, tmp_pa
     train.main(argv)
     assert [r["step"] for r in logged(tmp_path / "stopped")] == [1, 2, 3, 4]
     assert max_difference(student(batch16), student(tmp_path / "stopped")) < 1e-6
+
+
+# -- skipped steps, the loader and gradient sync under accumulation ------------------------------------------
+class _NanAttempts:
+    """A fault hook: NaN losses at the given step attempts (``step + skipped + 1``, 1-based: skipped attempts
+    count); it records the attempt number the loop gives each micro-batch."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad, self.seen = bad, []
+
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
+        self.seen.append(attempt)
+        return loss * float("nan") if attempt in self.bad else loss
+
+    def after_step(self, step: int, rank: int) -> None:
+        pass
+
+
+def test_skipped_steps_are_not_logged_and_do_not_restart_the_loader(tmp_path, monkeypatch, capsys):
+    """--nan-policy skip with 2 micro-batches a step and attempts 2 and 3 made NaN: 2 epochs of 4 attempts
+    give 6 steps. Each micro-batch is given its attempt's number (both micro-batches of attempt a get a), each
+    step is logged once and no skipped one is, the two skips are reported as step 2's, and the loader is
+    started once an epoch: neither a skipped step nor a micro-batch restarts it (the same batches would follow,
+    but each restart starts the workers again)."""
+    starts = []
+    original_iter = torch.utils.data.DataLoader.__iter__
+
+    def counted_iter(loader):
+        starts.append(loader)
+        return original_iter(loader)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", counted_iter)
+    hook = _NanAttempts({2, 3})
+    install_fault_hook(hook)
+    out = tmp_path / "skip"
+    try:
+        train.main(TINY + ["--batch-size", "8", "--accum-steps", "2", "--epochs", "2", "--nan-policy", "skip",
+                           "--output", str(out)])
+    finally:
+        install_fault_hook(None)
+    assert hook.seen == [a for a in range(1, 9) for _ in range(2)]
+    records = [r for r in logged(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 2, 2, 2, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    printed = capsys.readouterr().out
+    assert "step 2: loss nan" in printed and "step skipped (1 so far)" in printed
+    assert "step skipped (2 so far)" in printed and "(3 so far)" not in printed
+    assert len(starts) == 2
+
+
+class _CountingDDP:
+    """Stands in for DistributedDataParallel where only ``no_sync`` matters: says whether it is active."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+
+def test_gradients_are_synchronised_on_the_last_micro_batch_of_a_step_only(tmp_path):
+    """Under accumulation the ranks' gradients are all-reduced once a step: every micro-batch but the last runs
+    inside DDP's ``no_sync`` (the sum is the same either way; the traffic is k times smaller)."""
+    from fd_ref.engine.job import Job, Run
+    from fd_ref.engine.trainer import Trainer
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    ddp, inside = _CountingDDP(), []
+
+    def step_fn(batch):
+        inside.append(ddp.active)
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randint(0, 2, (24,)))
+    run = Run(output=str(tmp_path), epochs=1, batch_size=4, accum_steps=3, log_every=1, progress=False)
+    job = Job(step_fn=step_fn, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dataset=data,
+              deliverable=tmp_path / "done.json", ddp=ddp)
+    Trainer(run, job).fit()
+    assert inside == [True, True, False, True, True, False]
 
 
 # -- --train-subset ----------------------------------------------------------------------------------------
