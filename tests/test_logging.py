@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
@@ -93,7 +94,8 @@ class FakeClock:
 
 
 def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_s: float = 1.0,
-                  eval_s: float = 1000.0, network: bool = False) -> tuple[Trainer, WarmupCosine]:
+                  eval_s: float = 1000.0, network: bool = False, save_every: int = 0,
+                  progress: bool = False) -> tuple[Trainer, WarmupCosine]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
@@ -114,7 +116,8 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
         return {"top1": 50.0}
 
     # 4 steps an epoch: linear warm-up over 2 steps (half an epoch) from 0, then cosine from 0.1 to 0.01
-    run = Run(output=str(tmp_path), epochs=2, batch_size=4, log_every=2, progress=False, warmup_epochs=0.5,
+    run = Run(output=str(tmp_path), epochs=2, batch_size=4, log_every=2, progress=progress, warmup_epochs=0.5,
+              save_every=save_every,
               lrs={"base_lr": 0.1, "warmup_lr": 0.0, "min_lr": 0.01})
     job = Job(step_fn=step_fn, model=model, optimizer=optimizer, dataset=data, deliverable=tmp_path / "results.json",
               on_epoch_end=on_epoch_end, network=model if network else None)  # no network: no FLOP count, no MFU
@@ -122,15 +125,25 @@ def _tiny_trainer(tmp_path: Path, clock: FakeClock, *, layer_groups: bool, step_
     return trainer, trainer.scheduler
 
 
-@given(step_s=st.floats(0.01, 10.0), eval_s=st.floats(0.0, 1e4), loader_s=st.floats(0.0, 1e3))
-def test_img_per_s_counts_training_steps_only(step_s, eval_s, loader_s):
+@given(step_s=st.floats(0.01, 10.0), eval_s=st.floats(0.0, 1e4), loader_s=st.floats(0.0, 1e3),
+       save_s=st.floats(0.0, 1e3))
+@example(step_s=1.0, eval_s=100.0, loader_s=10.0, save_s=5.0)  # every pause at once
+def test_img_per_s_counts_training_steps_only(step_s, eval_s, loader_s, save_s):
     """img/s = images per step x steps / (elapsed - saving - evaluation - loader start), so with every
-    micro-step taking step_s seconds each logged value is batch / step_s, whatever the pauses took."""
+    micro-step taking step_s seconds each logged value is batch / step_s, whatever the pauses took (a save
+    after every step, logging every second one: the pauses of several kinds add up between two logs)."""
     clock = FakeClock()
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "time", clock)
-        trainer, _ = _tiny_trainer(Path(folder), clock, layer_groups=False, step_s=step_s, eval_s=eval_s)
-        set_epoch = trainer.sampler.set_epoch
+        trainer, _ = _tiny_trainer(Path(folder), clock, layer_groups=False, step_s=step_s, eval_s=eval_s,
+                                   save_every=1)
+        set_epoch, save = trainer.sampler.set_epoch, trainer.save
+
+        def slow_save() -> None:
+            clock.now += save_s
+            save()
+
+        trainer.save = slow_save
 
         def slow_loader_start(*args, **kwargs):  # a loader whose workers take loader_s to start each epoch
             clock.now += loader_s
@@ -163,6 +176,23 @@ def test_mfu_is_the_hand_counted_step_flops_times_img_per_s_over_the_peak(tmp_pa
     assert trainer.flops_per_image == 208.0
     assert [r["img_per_s"] for r in records] == pytest.approx([8.0] * 4, rel=1e-9)  # 4 images / 0.5 s
     assert [r["mfu"] for r in records] == pytest.approx([208.0 * 8.0 / 1000.0] * 4, rel=1e-9)
+
+
+def test_save_every_saves_after_each_multiple_and_the_bar_counts_steps(tmp_path, capsys):
+    """--save-every 3 over 2 epochs of 4 steps: a checkpoint after steps 3 and 6, one at each epoch end (4, 8)
+    and the final one (8); the progress bar ends at 8 of 8 steps."""
+    trainer, _ = _tiny_trainer(tmp_path, FakeClock(), layer_groups=False, save_every=3, progress=True)
+    save, saved_at = trainer.save, []
+
+    def recorded_save() -> None:
+        saved_at.append(trainer.step)
+        save()
+
+    trainer.save = recorded_save
+    trainer.fit()
+    assert saved_at == [3, 4, 6, 8, 8]
+    renders = [r for r in re.split(r"[\r\n]", capsys.readouterr().err) if "step" in r]
+    assert renders and " 8/8 [" in renders[-1]  # (past its total, tqdm would print "10step [...")
 
 
 def test_logged_lr_is_the_base_lr_of_the_schedule(tmp_path):

@@ -375,6 +375,40 @@ def test_skipped_steps_are_not_logged_and_do_not_restart_the_loader(tmp_path, mo
     assert len(starts) == 2
 
 
+class _SignalAfterStep:
+    """A fault hook: SIGTERM to this process right after optimiser step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        return loss
+
+    def after_step(self, step: int, rank: int) -> None:  # noqa: ARG002
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("at, stops", [(7, True), (8, False)])
+def test_a_stop_signal_after_the_last_step_lets_the_run_finish(tmp_path, at, stops):
+    """SIGTERM after step 7 of 8 stops the run there (exit code, checkpoint at step 7); after step 8 the work
+    is done: the run ends as an uninterrupted one does (the student written, the checkpoint finished)."""
+    out = tmp_path / "run"
+    install_fault_hook(_SignalAfterStep(at))
+    try:
+        if stops:
+            with pytest.raises(SystemExit) as stop:
+                train.main(TINY + ["--batch-size", "8", "--output", str(out)])
+            assert stop.value.code == STOP_EXIT_CODE
+        else:
+            train.main(TINY + ["--batch-size", "8", "--output", str(out)])
+    finally:
+        install_fault_hook(None)
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["step"] == at and saved["finished"] is (not stops)
+    assert (out / "student.pt").exists() is (not stops)
+
+
 class _CountingDDP:
     """Stands in for DistributedDataParallel where only ``no_sync`` matters: says whether it is active."""
 
