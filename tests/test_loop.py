@@ -445,6 +445,20 @@ def test_gradients_are_synchronised_on_the_last_micro_batch_of_a_step_only(tmp_p
     assert inside == [True, True, False, True, True, False]
 
 
+def test_max_steps_inside_an_epoch_under_accumulation_resumes_to_the_same_weights(batch16, tmp_path):
+    """--max-steps 2 of 4 (2 micro-batches of 8 a step): the run stops half-way through its epoch, the checkpoint
+    says so (epoch 0, micro-batch 4), and the same command without --max-steps continues that epoch to the
+    weights of batch 16."""
+    out = tmp_path / "short"
+    argv = TINY + ["--batch-size", "8", "--accum-steps", "2", "--output", str(out)]
+    train.main(argv + ["--max-steps", "2"])
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["micro"]) == (2, 0, 4)
+    train.main(argv)
+    assert [r["step"] for r in logged(out) if "loss" in r] == [1, 2, 3, 4]
+    assert max_difference(student(batch16), student(out)) < 1e-6
+
+
 # -- --train-subset ----------------------------------------------------------------------------------------
 def test_train_subset_trains_on_the_subset_only(tmp_path):
     """--train-subset 24 of 64 images, batch 8: 3 steps an epoch, not 8; a subset of 16 (2 steps) gives other
