@@ -1,10 +1,11 @@
-"""The training loop and its metrics, pinned down through the scripts' command lines and ``evaluate()``:
-gradient accumulation equals the combined batch, a run stopped inside an accumulation resumes to the same
-weights, clipping hands the optimiser the hand-clipped gradient (and ``--clip-grad 0`` nothing clipped),
-a skipped step is neither logged nor restarts the loader, gradients are all-reduced on a step's last
-micro-batch only, ``evaluate()`` matches a hand count on logits with ties, two gloo ranks evaluate an uneven
-validation set exactly as one process does, ``--train-subset`` trains on the subset, and fine-tuning learns a
-task that is easy to separate.
+"""The training loop and its metrics, pinned down through the scripts' command lines and ``evaluate()``: gradient
+accumulation equals the combined batch, a run stopped inside an accumulation resumes to the same weights,
+clipping hands the optimiser the hand-clipped gradient (and ``--clip-grad 0`` nothing clipped), a skipped step
+is neither logged nor restarts the loader, gradients are all-reduced on a step's last micro-batch only, a
+parameter a step leaves without a gradient is not updated in it, a ``--max-steps`` stop inside an epoch
+resumes exactly, a stop signal after the last step lets the run finish, ``evaluate()`` matches a hand count on
+logits with ties, two gloo ranks evaluate an uneven validation set exactly as one process does,
+``--train-subset`` trains on the subset, and fine-tuning learns a task that is easy to separate.
 
 Each check fails on the bug it names (docs/testing.md lists the changes tried). Runs are in-process
 (``train.main(argv)`` / ``finetune.main(argv)``), tiny (32 px, one or two blocks, a few steps), in fp32.
@@ -407,6 +408,54 @@ def test_a_stop_signal_after_the_last_step_lets_the_run_finish(tmp_path, at, sto
     saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert saved["step"] == at and saved["finished"] is (not stops)
     assert (out / "student.pt").exists() is (not stops)
+
+
+class _WatchParameter:
+    """A fault hook: a NaN loss at the given attempts; after each optimiser step, a copy of ``param``."""
+
+    def __init__(self, param: torch.Tensor, bad: set[int]) -> None:
+        self.param, self.bad, self.after = param, bad, []
+
+    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if attempt in self.bad else loss
+
+    def after_step(self, step: int, rank: int) -> None:  # noqa: ARG002
+        self.after.append(self.param.detach().clone())
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_not_updated(tmp_path):
+    """Gradients are dropped (set to None) after every step, taken or skipped, so a parameter that a step does
+    not use gets no update in it: no weight decay, no momentum (zeroed gradients would give it both). The
+    extra layer is used at attempts 1 and 3 only; attempt 3 is NaN and skipped (SGD: read back at once)."""
+    from fd_ref.engine.job import Job, Run
+    from fd_ref.engine.trainer import Trainer
+    torch.manual_seed(0)
+    model, extra = nn.Linear(4, 2), nn.Linear(2, 2)
+    attempts = []
+
+    def step_fn(batch):
+        attempts.append(len(attempts) + 1)
+        out = model(batch[0])
+        if attempts[-1] in (1, 3):
+            out = extra(out)
+        return nn.functional.cross_entropy(out, batch[1])
+
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    params = list(model.parameters()) + list(extra.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+    run = Run(output=str(tmp_path), epochs=1, batch_size=4, log_every=1, progress=False, nan_policy="skip")
+    job = Job(step_fn=step_fn, model=nn.ModuleList([model, extra]), optimizer=optimizer, dataset=data,
+              deliverable=tmp_path / "done.json")
+    before = extra.weight.detach().clone()
+    hook = _WatchParameter(extra.weight, {3})
+    install_fault_hook(hook)
+    try:
+        Trainer(run, job).fit()
+    finally:
+        install_fault_hook(None)
+    assert attempts == [1, 2, 3, 4] and len(hook.after) == 3  # steps 1, 2 and (after the skip) 3
+    assert not torch.equal(hook.after[0], before)
+    assert torch.equal(hook.after[1], hook.after[0]) and torch.equal(hook.after[2], hook.after[0])
 
 
 class _CountingDDP:
