@@ -508,6 +508,16 @@ def test_max_steps_inside_an_epoch_under_accumulation_resumes_to_the_same_weight
     assert max_difference(student(batch16), student(out)) < 1e-6
 
 
+def test_max_steps_at_an_epoch_boundary_does_not_start_the_next_epoch(tmp_path):
+    """--max-steps 8 with 8 steps an epoch and 2 epochs: the run ends after step 8, its first epoch complete
+    (the checkpoint says epoch 1, micro-batch 0), without a step of the second."""
+    out = tmp_path / "boundary"
+    train.main(TINY + ["--batch-size", "8", "--epochs", "2", "--max-steps", "8", "--output", str(out)])
+    assert [r["step"] for r in logged(out) if "loss" in r] == list(range(1, 9))
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["micro"], saved["finished"]) == (8, 1, 0, True)
+
+
 # -- --train-subset ----------------------------------------------------------------------------------------
 def test_train_subset_trains_on_the_subset_only(tmp_path):
     """--train-subset 24 of 64 images, batch 8: 3 steps an epoch, not 8; a subset of 16 (2 steps) gives other
