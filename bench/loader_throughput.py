@@ -66,10 +66,11 @@ def measure(loader, warmup: int) -> tuple[int, float, str]:
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    count, dtype, t0 = 0, "", time.perf_counter()
+    count, images, t0 = 0, None, time.perf_counter()
     for images, _ in it:
-        count, dtype = count + len(images), str(images.dtype).removeprefix("torch.")
-    return count, time.perf_counter() - t0, dtype
+        count += len(images)
+    seconds = time.perf_counter() - t0
+    return count, seconds, "" if images is None else str(images.dtype).removeprefix("torch.")
 
 
 def machine() -> dict:
@@ -116,12 +117,13 @@ def main(argv=None) -> dict:
             count, seconds, dtype = measure(MODES[a.mode](dataset, a, workers), a.warmup)
             rate = count / seconds
             rows.append({"source": source, "workers": workers, "images": count, "dtype": dtype,
-                         "seconds": round(seconds, 2),
-                         "img_per_s": round(rate, 1), "img_per_s_per_worker": round(rate / max(workers, 1), 1)})
+                         "seconds": round(seconds, 2), "img_per_s": round(rate, 1),
+                         "img_per_s_per_worker": round(rate / max(workers, 1), 1)})
             print(f"{source:<7} {workers} worker(s): {rate:7.1f} img/s, {rate / max(workers, 1):7.1f} per worker "
                   f"({count} images in {seconds:.1f} s)", flush=True)
-    summary = {"bench": "loader_throughput", "mode": a.mode, "pipeline": a.pipeline, "images": a.images, "shard_size": a.shard_size,
-               "batch": a.batch, "img_size": a.img_size, "rows": rows, "machine": machine()}
+    summary = {"bench": "loader_throughput", "mode": a.mode, "pipeline": a.pipeline, "images": a.images,
+               "shard_size": a.shard_size, "batch": a.batch, "img_size": a.img_size, "rows": rows,
+               "machine": machine()}
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(summary) + "\n")

@@ -33,7 +33,10 @@ from fd_ref.data.images import RobustImageFolder
 from fd_ref.data.sampler import make_loader
 from fd_ref.eval.evaluate import evaluate
 from fd_ref.engine.faults import install_fault_hook
+from fd_ref.engine.job import Job, Run
 from fd_ref.engine.stop import STOP_EXIT_CODE
+from fd_ref.engine.trainer import Trainer
+from fault_injection import FaultInjection
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2",
         "--teacher-patch-size", "8", "--teacher-depth", "1", "--synthetic-size", "64", "--num-workers", "0",
@@ -330,17 +333,19 @@ def test_stop_inside_an_accumulation_resumes_to_the_same_weights(batch16, tmp_pa
 # -- skipped steps, the loader and gradient sync under accumulation ------------------------------------------
 class _NanAttempts:
     """A fault hook: NaN losses at the given step attempts (``step + skipped + 1``, 1-based: skipped attempts
-    count); it records the attempt number the loop gives each micro-batch."""
+    count); it records the attempt number the loop gives each micro-batch and, after each optimiser step, a
+    copy of ``watch`` (if given)."""
 
-    def __init__(self, bad: set[int]) -> None:
-        self.bad, self.seen = bad, []
+    def __init__(self, bad: set[int], watch: torch.Tensor | None = None) -> None:
+        self.bad, self.watch, self.seen, self.after = bad, watch, [], []
 
     def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
         self.seen.append(attempt)
         return loss * float("nan") if attempt in self.bad else loss
 
-    def after_step(self, step: int, rank: int) -> None:
-        pass
+    def after_step(self, step: int, rank: int) -> None:  # noqa: ARG002
+        if self.watch is not None:
+            self.after.append(self.watch.detach().clone())
 
 
 def test_skipped_steps_are_not_logged_and_do_not_restart_the_loader(tmp_path, monkeypatch, capsys):
@@ -376,26 +381,12 @@ def test_skipped_steps_are_not_logged_and_do_not_restart_the_loader(tmp_path, mo
     assert len(starts) == 2
 
 
-class _SignalAfterStep:
-    """A fault hook: SIGTERM to this process right after optimiser step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
-        return loss
-
-    def after_step(self, step: int, rank: int) -> None:  # noqa: ARG002
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 @pytest.mark.parametrize("at, stops", [(7, True), (8, False)])
 def test_a_stop_signal_after_the_last_step_lets_the_run_finish(tmp_path, at, stops):
     """SIGTERM after step 7 of 8 stops the run there (exit code, checkpoint at step 7); after step 8 the work
     is done: the run ends as an uninterrupted one does (the student written, the checkpoint finished)."""
     out = tmp_path / "run"
-    install_fault_hook(_SignalAfterStep(at))
+    install_fault_hook(FaultInjection(signal_at_step=at, signal_name="SIGTERM"))
     try:
         if stops:
             with pytest.raises(SystemExit) as stop:
@@ -410,25 +401,10 @@ def test_a_stop_signal_after_the_last_step_lets_the_run_finish(tmp_path, at, sto
     assert (out / "student.pt").exists() is (not stops)
 
 
-class _WatchParameter:
-    """A fault hook: a NaN loss at the given attempts; after each optimiser step, a copy of ``param``."""
-
-    def __init__(self, param: torch.Tensor, bad: set[int]) -> None:
-        self.param, self.bad, self.after = param, bad, []
-
-    def corrupt_loss(self, attempt: int, loss: torch.Tensor) -> torch.Tensor:
-        return loss * float("nan") if attempt in self.bad else loss
-
-    def after_step(self, step: int, rank: int) -> None:  # noqa: ARG002
-        self.after.append(self.param.detach().clone())
-
-
 def test_a_parameter_without_a_gradient_in_a_step_is_not_updated(tmp_path):
     """Gradients are dropped (set to None) after every step, taken or skipped, so a parameter that a step does
     not use gets no update in it: no weight decay, no momentum (zeroed gradients would give it both). The
     extra layer is used at attempts 1 and 3 only; attempt 3 is NaN and skipped (SGD: read back at once)."""
-    from fd_ref.engine.job import Job, Run
-    from fd_ref.engine.trainer import Trainer
     torch.manual_seed(0)
     model, extra = nn.Linear(4, 2), nn.Linear(2, 2)
     attempts = []
@@ -447,7 +423,7 @@ def test_a_parameter_without_a_gradient_in_a_step_is_not_updated(tmp_path):
     job = Job(step_fn=step_fn, model=nn.ModuleList([model, extra]), optimizer=optimizer, dataset=data,
               deliverable=tmp_path / "done.json")
     before = extra.weight.detach().clone()
-    hook = _WatchParameter(extra.weight, {3})
+    hook = _NanAttempts({3}, watch=extra.weight)
     install_fault_hook(hook)
     try:
         Trainer(run, job).fit()
@@ -476,8 +452,6 @@ class _CountingDDP:
 def test_gradients_are_synchronised_on_the_last_micro_batch_of_a_step_only(tmp_path):
     """Under accumulation the ranks' gradients are all-reduced once a step: every micro-batch but the last runs
     inside DDP's ``no_sync`` (the sum is the same either way; the traffic is k times smaller)."""
-    from fd_ref.engine.job import Job, Run
-    from fd_ref.engine.trainer import Trainer
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     ddp, inside = _CountingDDP(), []
